@@ -1,0 +1,111 @@
+"""Every option of deeppcr_fx, in one documented, immutable dataclass.
+
+Options are passed down explicitly (no global state). ``Config.replace(**kw)`` returns
+a copy with some fields changed; unknown names raise ``TypeError`` naming the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+JACOBIAN_MODES = ("auto", "full", "diag", "identity", "zero")
+POLICIES = ("auto", "always", "never")
+
+# Default convergence tolerances per *compute* dtype: |delta_l| <= atol + rtol * |z_l| (max norm).
+# float32 sits ~100 ulp above round-off so expansive chains still converge; float64 ~1e6 ulp.
+_DEFAULT_TOLERANCES = {
+    torch.float64: (1e-12, 1e-10),
+    torch.float32: (1e-6, 1e-5),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Options of the solver (``deeppcr.solve``) and of the compiler (``deeppcr.compile``).
+
+    Solver
+    ------
+    jacobian:
+        How each Newton step linearises a step function ``f``: ``"full"`` (dense
+        per-sample Jacobian, exact Newton, quadratic convergence), ``"diag"`` (its
+        diagonal, quasi-Newton), ``"identity"`` (``J = I``: Picard iteration, a cumulative
+        sum), ``"zero"`` (``J = 0``: Jacobi fixed-point iteration) or ``"auto"``: ``"full"``
+        when the per-sample state has at most ``full_max_state`` elements, otherwise
+        ``"identity"`` (see ``deeppcr_fx.runtime.jacobians.choose_mode``).
+    max_iter:
+        Newton iterations before the solve stops iterating and finishes the remaining
+        steps sequentially (the result is then exact, and ``stats`` says so). ``None``
+        means ``min(L, 64)``.
+    atol, rtol:
+        Per-step convergence test ``|delta_l| <= atol + rtol * |z_l|``; ``None`` takes the
+        default for the compute dtype (float64: 1e-12, 1e-10; float32: 1e-6, 1e-5).
+    batch:
+        Whether dim 0 of every state tensor indexes independent samples (so Jacobians are
+        per sample). ``None``: yes when every state tensor has >= 2 dims and the same
+        size in dim 0. If samples are in fact coupled, the Jacobian is only approximate:
+        convergence slows, the answer stays exact.
+    vectorize:
+        Evaluate all L steps in one ``torch.func.vmap`` call. ``"auto"`` tries vmap and
+        falls back to a per-step loop (recorded in stats) when vmap cannot handle an op;
+        ``True`` raises instead of falling back; ``False`` always loops.
+    full_max_state:
+        The ``jacobian="auto"`` threshold on the per-sample state size.
+    record_stats:
+        Record per-iteration residuals and window positions.
+
+    Compiler
+    --------
+    policy:
+        ``"always"`` rewrites every valid chain, ``"never"`` only traces and reports,
+        ``"auto"`` rewrites where the cost model predicts a speed-up.
+    min_length:
+        Chains shorter than this stay sequential.
+    autotune:
+        Time sequential and parallel variants of each chain on the first call per input
+        signature and keep the faster.
+    """
+
+    # solver
+    jacobian: str = "auto"
+    max_iter: Optional[int] = None
+    atol: Optional[float] = None
+    rtol: Optional[float] = None
+    batch: Optional[bool] = None
+    vectorize: object = "auto"
+    full_max_state: int = 64
+    record_stats: bool = True
+    # compiler
+    policy: str = "auto"
+    min_length: int = 8
+    autotune: bool = False
+
+    def __post_init__(self) -> None:
+        if self.jacobian not in JACOBIAN_MODES:
+            raise ValueError(f"Config.jacobian={self.jacobian!r} is not one of {JACOBIAN_MODES}.")
+        if self.policy not in POLICIES:
+            raise ValueError(f"Config.policy={self.policy!r} is not one of {POLICIES}.")
+        if self.max_iter is not None and self.max_iter < 1:
+            raise ValueError(f"Config.max_iter must be >= 1 (or None), got {self.max_iter}.")
+        if self.vectorize not in ("auto", True, False):
+            raise ValueError(f"Config.vectorize must be 'auto', True or False, got {self.vectorize!r}.")
+        if self.min_length < 1:
+            raise ValueError(f"Config.min_length must be >= 1, got {self.min_length}.")
+
+    def replace(self, **changes) -> "Config":
+        """A copy with ``changes`` applied; unknown option names raise ``TypeError``."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise TypeError(f"unknown deeppcr option(s) {unknown}; known options: {sorted(names)}")
+        return dataclasses.replace(self, **changes)
+
+    def tolerances(self, compute_dtype: torch.dtype) -> tuple[float, float]:
+        """``(atol, rtol)`` for a solve carried out in ``compute_dtype``."""
+        atol, rtol = _DEFAULT_TOLERANCES.get(compute_dtype, _DEFAULT_TOLERANCES[torch.float32])
+        return (atol if self.atol is None else self.atol, rtol if self.rtol is None else self.rtol)
+
+    def iteration_cap(self, length: int) -> int:
+        return min(length, 64) if self.max_iter is None else self.max_iter

@@ -1,0 +1,74 @@
+"""Per-sample step Jacobians for all steps at once, with ``torch.func``.
+
+For a batched step function ``g: Z (R, B, n) -> (R, B, n)`` (R steps, B samples) we need
+``J[r, b] = d g(Z)[r, b] / d Z[r, b]``: one n x n matrix per step and sample. Steps are
+independent by construction (vmap over steps) and samples are assumed independent (see
+``Config.batch``), so one reverse-mode pass per output coordinate i, with the cotangent
+``e_i`` broadcast over all steps and samples, yields row i of every Jacobian at once:
+
+    vals, pullback = vjp(g, Z)                 # one forward pass gives the residual too
+    rows = vmap(pullback)(E)  with  E[i, r, b] = e_i      -> rows[i, r, b, j] = J[r, b, i, j]
+
+Reverse mode is the default because the Jacobians are square (n in, n out: forward and
+reverse need the same n passes) and the reverse pass reuses the forward evaluation that
+the Newton residual needs anyway. ``ad="fwd"`` uses ``jvp`` columns instead, for steps
+whose ops lack reverse-mode batching rules.
+
+If samples are in fact coupled, these are approximate Jacobians: Newton still converges
+to the exact answer (the residual is exact), only more slowly.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.func import jvp, vjp, vmap
+
+MODES_WITH_MATRIX = ("full", "diag")
+
+
+def choose_mode(requested: str, width: int, full_max_state: int) -> str:
+    """Resolve ``jacobian="auto"``.
+
+    ``full`` while the per-sample state has at most ``full_max_state`` elements (default
+    64): there a Newton iteration costs n Jacobian passes plus O(n^3) per step of scan, and
+    quadratic convergence needs few iterations. Above it the dense scan's n^3 and the n
+    passes dominate, so ``identity`` (Picard: no Jacobian, a cumulative sum) is used; it
+    converges fast for residual steps ``z + g(z)`` with small ``g`` and for diffusion
+    samplers, and otherwise falls back sequentially within ``max_iter`` (exact result).
+    The crossover was measured with ``benchmarks/jacobian_modes.py``.
+    """
+    if requested != "auto":
+        return requested
+    return "full" if width <= full_max_state else "identity"
+
+
+def evaluate(g: Callable, Z: torch.Tensor, mode: str, ad: str = "rev") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(g(Z), A)`` where ``A`` is the Jacobian in ``mode``'s structure (None for identity/zero)."""
+    if mode not in MODES_WITH_MATRIX:
+        return g(Z), None
+    if ad == "fwd":
+        basis = _basis(Z)
+        cols = vmap(lambda t: jvp(g, (Z,), (t,))[1])(basis)  # cols[j, r, b, i] = J[r, b, i, j]
+        return g(Z), _structure(cols.movedim(0, -1), mode)
+    vals, pullback = vjp(g, Z)
+    return evaluate_pullback(lambda c: pullback(c)[0], vals, mode)
+
+
+def evaluate_pullback(pullback: Callable, vals: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(vals, A)`` from a state pullback ``cotangent -> d<cotangent, g(Z)>/dZ`` (square Jacobians)."""
+    rows = vmap(pullback)(_basis(vals))  # rows[i, r, b, j] = J[r, b, i, j]
+    return vals, _structure(rows.movedim(0, -2), mode)
+
+
+def _basis(like: torch.Tensor) -> torch.Tensor:
+    """E[i, ...] = e_i broadcast over all leading dims of ``like`` (a stride-0 view)."""
+    n = like.shape[-1]
+    eye = torch.eye(n, dtype=like.dtype, device=like.device)
+    return eye.view(n, *([1] * (like.dim() - 1)), n).expand(n, *like.shape)
+
+
+def _structure(full: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "diag":
+        return torch.diagonal(full, dim1=-2, dim2=-1).contiguous()
+    return full.contiguous()

@@ -1,0 +1,71 @@
+"""The Newton driver: one loop for every triangular system the runtime solves.
+
+Both the forward chain ``z_l = f(z_{l-1})`` and the backward adjoint are *triangular*
+fixed-point systems ``u_l = F_l(u_{l-1})`` over rows l = 0..L-1. One iteration, for the
+window of rows ``start..L-1`` (rows before ``start`` are final):
+
+    vals_l = F_l(u_{l-1})          all window rows in one batched call (+ Jacobians A_l)
+    r_l    = vals_l - u_l          the residual
+    delta  = affine_scan(A, r)     PCR: delta_l = A_l delta_{l-1} + r_l, delta_{start-1} = 0
+    u     += delta                 row ``start`` is set to vals exactly: it is now final
+
+A row is converged when ``|delta_l| <= atol + rtol |u_l|`` (max norm over samples and
+state). The next window starts at the first unconverged row, and at least one row later
+than this one: with ``delta_{start-1} = 0`` the first window row is always exact, so the
+loop ends in at most L iterations whatever the Jacobian approximation (Newton, quasi-Newton,
+Picard and Jacobi alike). It stops earlier and hands the rest to ``finish`` (an exact
+sequential loop) when ``max_iter`` is reached or an iterate is NaN/Inf.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .scan import affine_scan
+from .stats import FinishCause, PassStats
+
+# evaluate(start, U) -> (vals for rows start..L-1, Jacobians in the mode's structure or None)
+Evaluate = Callable[[int, torch.Tensor], "tuple[torch.Tensor, Optional[torch.Tensor]]"]
+# finish(start, U): overwrite rows start..L-1 of U with the exact sequential values
+Finish = Callable[[int, torch.Tensor], None]
+
+
+def triangular_newton(evaluate: Evaluate, finish: Finish, U: torch.Tensor, mode: str,
+                      atol: float, rtol: float, max_iter: int, stats: PassStats,
+                      record: bool = True) -> torch.Tensor:
+    """Solve in place from the initial guess ``U`` (rows, B, n); returns ``U``."""
+    length = U.shape[0]
+    start = 0
+    stats.jacobian = mode
+    while start < length:
+        if stats.iterations >= max_iter:
+            return _finish(finish, start, U, stats, FinishCause.MAX_ITER)
+        vals, A = evaluate(start, U)
+        window = U[start:]
+        delta = affine_scan(A, vals - window, mode)
+        if not bool(torch.isfinite(delta).all()):
+            return _finish(finish, start, U, stats, FinishCause.NON_FINITE)
+        window += delta
+        window[0] = vals[0]
+        ratio = _scaled_norm(delta, window, atol, rtol)
+        stats.iterations += 1
+        if record:
+            stats.window_starts.append(start)
+            stats.residuals.append(float(ratio.max()))
+        unconverged = (ratio[1:] > 1).nonzero()
+        start = length if unconverged.numel() == 0 else start + 1 + int(unconverged[0])
+    stats.converged = True
+    return U
+
+
+def _scaled_norm(delta: torch.Tensor, u: torch.Tensor, atol: float, rtol: float) -> torch.Tensor:
+    """Per row: max over samples and state of |delta| / (atol + rtol |u|)."""
+    return (delta.abs() / (atol + rtol * u.abs())).flatten(1).amax(dim=1)
+
+
+def _finish(finish: Finish, start: int, U: torch.Tensor, stats: PassStats, cause: FinishCause) -> torch.Tensor:
+    stats.sequential_finish = cause
+    stats.sequential_from = start
+    finish(start, U)
+    return U

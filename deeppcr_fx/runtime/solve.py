@@ -1,0 +1,186 @@
+"""``deeppcr.solve``: run a chain of L steps in parallel, with exact parallel gradients.
+
+    z_l = step(z_{l-1}, *per_step[l-1], *shared)   for l = 1..L,   z_0 = x0
+
+The forward pass is Newton (``newton.triangular_newton``) inside a custom
+``torch.autograd.Function`` (no autograd through the iterations); the backward pass is
+the linear adjoint (``adjoint.adjoint``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from ..config import Config
+from . import jacobians
+from .adjoint import adjoint
+from .newton import triangular_newton
+from .state import StateSpec
+from .stats import PassStats, SolveStats
+from .steps import Steps
+
+
+@dataclass
+class SolveResult:
+    """``states``: z_1..z_L stacked, shape (L, *x0.shape) (a tuple of such for tuple states)."""
+
+    states: Any
+    stats: SolveStats
+
+
+def solve(step: Callable, x0, per_step: Sequence[torch.Tensor] = (), shared: Sequence[Any] = (),
+          config: Optional[Config] = None, length: Optional[int] = None, **options) -> SolveResult:
+    """Compute the chain ``z_l = step(z_{l-1}, *per_step[l-1], *shared)`` for l = 1..L in parallel.
+
+    Args:
+        step: ``step(z, *per_step_slices, *shared) -> z_next``, a plain function of one step
+            that returns the state's structure, shape and dtype.
+        x0: the initial state: a floating tensor or a tuple of them.
+        per_step: tensors with a leading dimension L; step l gets slice l.
+        shared: values passed unchanged to every step (tensors are differentiable).
+        config: a ``Config``; keyword ``options`` override its fields.
+        length: L, needed only when there are no per-step tensors (a shared-weight chain).
+
+    Returns:
+        ``SolveResult(states, stats)``; ``states`` is differentiable w.r.t. x0, per-step and
+        shared tensors. If Newton does not converge within ``max_iter`` or meets a
+        non-finite value, the remaining steps run sequentially (exact), and ``stats`` says so.
+    """
+    config = (config or Config()).replace(**options) if options else (config or Config())
+    per_step = tuple(per_step)
+    shared = tuple(shared) if isinstance(shared, (tuple, list)) else (shared,)
+    length = _check_length(per_step, length)
+    spec = StateSpec.of(x0, config.batch)
+    step = _bind_constants(step, len(per_step), shared)
+    shared_tensors = tuple(s for s in shared if isinstance(s, torch.Tensor))
+    steps = Steps(step, spec, per_step, shared_tensors, config.vectorize)
+    with torch.no_grad():
+        spec.check_step_output(steps.step(x0, *(p[0] for p in per_step), *shared_tensors))
+
+    mode = jacobians.choose_mode(config.jacobian, spec.width, config.full_max_state)
+    dtype = spec.dtypes[0]
+    stats = SolveStats(length=length, width=spec.width, batch_size=spec.batch_size,
+                       jacobian_requested=config.jacobian, jacobian=mode, dtype=str(dtype).replace("torch.", ""),
+                       compute_dtype=str(spec.compute_dtype).replace("torch.", ""))
+    x0_parts = x0 if isinstance(x0, tuple) else (x0,)
+    problem = _Problem(steps, spec, config, mode, stats, len(x0_parts))
+    outs = _ChainSolve.apply(problem, *x0_parts, *steps.inputs)
+    stats.vectorized, stats.vmap_error = steps.vectorized, steps.vmap_error
+    return SolveResult(states=outs if spec.is_tuple else outs[0], stats=stats)
+
+
+class _Problem:
+    """Everything the autograd Function needs besides the tensors."""
+
+    def __init__(self, steps: Steps, spec: StateSpec, config: Config, mode: str, stats: SolveStats,
+                 n_x0: int) -> None:
+        self.steps, self.spec, self.config, self.mode, self.stats, self.n_x0 = steps, spec, config, mode, stats, n_x0
+        self.atol, self.rtol = config.tolerances(spec.compute_dtype)
+
+    def forward(self, x0_flat: torch.Tensor, length: int) -> torch.Tensor:
+        steps, mode = self.steps, self.mode
+
+        def prev_states(start: int, U: torch.Tensor) -> torch.Tensor:
+            first = x0_flat if start == 0 else U[start - 1]
+            return torch.cat([first.unsqueeze(0), U[start:-1]])
+
+        def evaluate(start: int, U: torch.Tensor):
+            return jacobians.evaluate(steps.batched(start, length), prev_states(start, U), mode)
+
+        def finish(start: int, U: torch.Tensor) -> None:
+            z = x0_flat if start == 0 else U[start - 1]
+            for l in range(start, length):
+                z = U[l] = steps.single(l, z)
+
+        U = x0_flat.unsqueeze(0).repeat(length, *([1] * x0_flat.dim()))
+        triangular_newton(evaluate, finish, U, mode, self.atol, self.rtol,
+                          self.config.iteration_cap(length), self.stats.forward, self.config.record_stats)
+        return U
+
+
+class _ChainSolve(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, problem: _Problem, *tensors):
+        x0_parts = tensors[:problem.n_x0]
+        spec = problem.spec
+        x0_flat = spec.flatten(x0_parts if spec.is_tuple else x0_parts[0])
+        length = problem.stats.length
+        with torch.no_grad():
+            U = problem.forward(x0_flat, length)
+        ctx.problem = problem
+        ctx.save_for_backward(x0_flat, U, *tensors[problem.n_x0:])
+        states = spec.unflatten(U, lead=1)
+        return states if spec.is_tuple else (states,)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise NotImplementedError(
+                "double backward through deeppcr.solve is not supported (create_graph=True); "
+                "differentiate the sequential model for higher-order gradients."
+            )
+        problem: _Problem = ctx.problem
+        spec, steps, length = problem.spec, problem.steps, problem.stats.length
+        x0_flat, U, *inputs = ctx.saved_tensors
+        G = _stack_grads(spec, grads, U)
+        Zprev = torch.cat([x0_flat.unsqueeze(0), U[:-1]])
+        wrt = [i for i, t in enumerate(inputs)
+               if ctx.needs_input_grad[1 + problem.n_x0 + i] and t.is_floating_point()]
+        backward_steps = Steps(steps.step, spec, inputs[:len(steps.per_step)], inputs[len(steps.per_step):],
+                               False if not steps.vectorized else steps.vectorize)
+        problem.stats.backward = PassStats()
+        cfg = problem.config
+        # torch.func transforms differentiate regardless of the ambient no_grad mode.
+        dZprev, *dinputs = adjoint(backward_steps, Zprev, G, wrt, problem.mode, problem.atol, problem.rtol,
+                                   cfg.iteration_cap(length), problem.stats.backward)
+        dx0 = spec.unflatten(dZprev[0])
+        dx0 = dx0 if spec.is_tuple else (dx0,)
+        input_grads: list = [None] * len(inputs)
+        for i, d in zip(wrt, dinputs):
+            input_grads[i] = d
+        return (None, *dx0, *input_grads)
+
+
+def _stack_grads(spec: StateSpec, grads, U: torch.Tensor) -> torch.Tensor:
+    """Incoming state gradients as (L, B, n); None (unused outputs) counts as zero."""
+    parts = []
+    for i, g in enumerate(grads):
+        if g is None:
+            g = torch.zeros((U.shape[0], *spec.shapes[i]), dtype=U.dtype, device=U.device)
+        parts.append(g)
+    return spec.flatten(tuple(parts) if spec.is_tuple else parts[0], lead=1)
+
+
+def _check_length(per_step: tuple, length: Optional[int]) -> int:
+    for i, p in enumerate(per_step):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"per_step[{i}] must be a tensor with a leading dimension L, got {type(p).__name__}.")
+        if p.dim() == 0:
+            raise ValueError(f"per_step[{i}] is a 0-d tensor; per-step tensors need a leading dimension L.")
+    lengths = [p.shape[0] for p in per_step] + ([] if length is None else [length])
+    if not lengths:
+        raise ValueError("solve needs the chain length: pass per-step tensors with a leading dimension L, "
+                         "or length=L for a chain whose steps share all their inputs.")
+    if len(set(lengths)) != 1:
+        raise ValueError(f"per-step tensors (and length=) must agree on the chain length L; got {lengths}.")
+    if lengths[0] < 1:
+        raise ValueError(f"the chain is empty (L = {lengths[0]}); L must be >= 1.")
+    return lengths[0]
+
+
+def _bind_constants(step: Callable, n_per_step: int, shared: tuple) -> Callable:
+    """Close over non-tensor shared values so only tensors travel through vmap and autograd."""
+    if all(isinstance(s, torch.Tensor) for s in shared):
+        return step
+    tensor_pos = [i for i, s in enumerate(shared) if isinstance(s, torch.Tensor)]
+
+    def bound(z, *args):
+        per, tensors = args[:n_per_step], args[n_per_step:]
+        values = list(shared)
+        for i, t in zip(tensor_pos, tensors):
+            values[i] = t
+        return step(z, *per, *values)
+
+    return bound

@@ -1,0 +1,85 @@
+"""What one solve did: iterations, residuals, windows and sequential finishes, as data."""
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+
+class FinishCause(str, enum.Enum):
+    """Why a solve (or its adjoint) finished its last steps sequentially."""
+
+    MAX_ITER = "max_iter"
+    NON_FINITE = "non_finite"
+
+    @property
+    def remedy(self) -> str:
+        return {
+            FinishCause.MAX_ITER: "Newton did not converge within max_iter: raise Config.max_iter, use "
+                                  "jacobian='full' for exact Newton steps, or keep this chain sequential.",
+            FinishCause.NON_FINITE: "a Newton iterate or residual was NaN/Inf (chaotic or diverging dynamics, "
+                                    "or non-finite inputs); the sequential finish reproduces the plain loop.",
+        }[self]
+
+
+@dataclass
+class PassStats:
+    """One Newton (forward) or adjoint (backward) iteration loop."""
+
+    iterations: int = 0
+    residuals: list = field(default_factory=list)  # max over steps of |delta| / (atol + rtol |z|)
+    window_starts: list = field(default_factory=list)  # first unconverged step before each iteration
+    converged: bool = False  # True when every step met the tolerance without a sequential finish
+    sequential_finish: Optional[FinishCause] = None
+    sequential_from: Optional[int] = None  # first step computed by the sequential finish
+    jacobian: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sequential_finish"] = None if self.sequential_finish is None else self.sequential_finish.value
+        return d
+
+
+@dataclass
+class SolveStats:
+    """Telemetry of one ``deeppcr.solve`` call (the backward fills ``backward`` when it runs)."""
+
+    length: int
+    width: int
+    batch_size: int
+    jacobian_requested: str
+    jacobian: str
+    dtype: str
+    compute_dtype: str
+    vectorized: bool = True
+    vmap_error: Optional[str] = None
+    forward: PassStats = field(default_factory=PassStats)
+    backward: Optional[PassStats] = None
+
+    @property
+    def iterations(self) -> int:
+        return self.forward.iterations
+
+    @property
+    def residuals(self) -> list:
+        return self.forward.residuals
+
+    @property
+    def converged(self) -> bool:
+        return self.forward.converged
+
+    @property
+    def sequential_finish(self) -> Optional[FinishCause]:
+        return self.forward.sequential_finish
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in ("forward", "backward")}
+        d["forward"] = self.forward.to_dict()
+        d["backward"] = None if self.backward is None else self.backward.to_dict()
+        return d
+
+    def __str__(self) -> str:
+        f = self.forward
+        how = "converged" if f.converged else f"sequential finish from step {f.sequential_from} ({f.sequential_finish.value})"
+        return (f"solve L={self.length} n={self.width} B={self.batch_size} jacobian={self.jacobian} "
+                f"{self.dtype}: {f.iterations} iterations, {how}")
