@@ -5,16 +5,19 @@ fixed-point systems ``u_l = F_l(u_{l-1})`` over rows l = 0..L-1. One iteration, 
 window of rows ``start..L-1`` (rows before ``start`` are final):
 
     vals_l = F_l(u_{l-1})          all window rows in one batched call (+ Jacobians A_l)
-    r_l    = vals_l - u_l          the residual
-    delta  = affine_scan(A, r)     PCR: delta_l = A_l delta_{l-1} + r_l, delta_{start-1} = 0
+    r_l    = vals_l - u_l          the residual at the current iterate
+    start  = first row with |r_l| > atol + rtol |u_l|     (rows before it are final)
+    delta  = affine_scan(A, r)     PCR from ``start``: delta_l = A_l delta_{l-1} + r_l, delta_{start-1} = 0
     u     += delta                 row ``start`` is set to vals exactly: it is now final
 
-A row is converged when ``|delta_l| <= atol + rtol |u_l|`` (max norm over samples and
-state). The next window starts at the first unconverged row, and at least one row later
-than this one: with ``delta_{start-1} = 0`` the first window row is always exact, so the
-loop ends in at most L iterations whatever the Jacobian approximation (Newton, quasi-Newton,
-Picard and Jacobi alike). It stops earlier and hands the rest to ``finish`` (an exact
-sequential loop) when ``max_iter`` is reached or an iterate is NaN/Inf.
+A row becomes final once it and every row before it have a small *residual* (max norm over
+samples and state): then its error is the sequential loop's propagation of residuals no
+larger than the tolerance. (A small *update* would not do: with an approximate Jacobian
+a row's update can be small while the row is still off by ``(J - A) delta_{l-1}``.)
+Because ``delta_{start-1} = 0``, the first window row is exact after each update, so the
+loop ends in at most L + 1 evaluations whatever the Jacobian approximation (Newton,
+quasi-Newton, Picard and Jacobi alike). It stops earlier and hands the rest to ``finish``
+(an exact sequential loop) when ``max_iter`` is reached or an iterate is NaN/Inf.
 """
 from __future__ import annotations
 
@@ -38,25 +41,30 @@ def triangular_newton(evaluate: Evaluate, finish: Finish, U: torch.Tensor, mode:
     length = U.shape[0]
     start = 0
     stats.jacobian = mode
-    while start < length:
+    while True:
         if stats.iterations >= max_iter:
             return _finish(finish, start, U, stats, FinishCause.MAX_ITER)
         vals, A = evaluate(start, U)
-        window = U[start:]
-        delta = affine_scan(A, vals - window, mode)
-        if not bool(torch.isfinite(delta).all()):
+        residual = vals - U[start:]
+        if not bool(torch.isfinite(residual).all()):
             return _finish(finish, start, U, stats, FinishCause.NON_FINITE)
-        window += delta
-        window[0] = vals[0]
-        ratio = _scaled_norm(delta, window, atol, rtol)
+        ratio = _scaled_norm(residual, U[start:], atol, rtol)
         stats.iterations += 1
         if record:
             stats.window_starts.append(start)
             stats.residuals.append(float(ratio.max()))
-        unconverged = (ratio[1:] > 1).nonzero()
-        start = length if unconverged.numel() == 0 else start + 1 + int(unconverged[0])
-    stats.converged = True
-    return U
+        unconverged = (ratio > 1).nonzero()
+        skip = ratio.shape[0] if unconverged.numel() == 0 else int(unconverged[0])
+        delta = affine_scan(None if A is None else A[skip:], residual[skip:], mode)
+        if not bool(torch.isfinite(delta).all()):
+            return _finish(finish, start + skip, U, stats, FinishCause.NON_FINITE)
+        window = U[start + skip:]
+        window += delta
+        if unconverged.numel() == 0:  # every residual is small: the last update only polishes
+            stats.converged = True
+            return U
+        window[0] = vals[skip]
+        start += skip
 
 
 def _scaled_norm(delta: torch.Tensor, u: torch.Tensor, atol: float, rtol: float) -> torch.Tensor:

@@ -62,9 +62,9 @@ def _forward_scan(A: Optional[torch.Tensor], r: torch.Tensor, mode: str) -> torc
     length = r.shape[0]
     r = r.clone()
     A = A.clone()
-    s = 1
-    while s < length:
-        last = 2 * s >= length
+    n_rounds = rounds(length)
+    for k in range(n_rounds):
+        s, last = 1 << k, k == n_rounds - 1
         if mode == "full":
             r[s:] += (A[s:] @ r[:-s].unsqueeze(-1)).squeeze(-1)
             if not last:
@@ -73,5 +73,4 @@ def _forward_scan(A: Optional[torch.Tensor], r: torch.Tensor, mode: str) -> torc
             r[s:] += A[s:] * r[:-s]
             if not last:
                 A[s:] = A[s:] * A[:-s]
-        s *= 2
     return r

@@ -80,7 +80,7 @@ class StateSpec:
         lead_shape = flat.shape[:lead]
         chunks = flat.split(list(self.sample_sizes), dim=-1) if len(self.shapes) > 1 else (flat,)
         parts = tuple(
-            c.reshape(*lead_shape, *shape).to(dtype) for c, shape, dtype in zip(chunks, self.shapes, self.dtypes)
+            c.reshape((*lead_shape, *shape)).to(dtype) for c, shape, dtype in zip(chunks, self.shapes, self.dtypes)
         )
         return parts if self.is_tuple else parts[0]
 
