@@ -8,3 +8,10 @@ from .runtime import FinishCause, PassStats, SolveResult, SolveStats, solve
 
 __all__ = ["Config", "FinishCause", "PassStats", "SolveResult", "SolveStats", "solve"]
 __version__ = "0.1.0"
+
+from .api import CompileError, compile, explain  # noqa: E402
+from .inspect import ChainRecord, CompileReport  # noqa: E402
+from .passes.validate import Reason  # noqa: E402
+from .runtime.pcr_solve import PCRSolve  # noqa: E402
+
+__all__ += ["ChainRecord", "CompileError", "CompileReport", "PCRSolve", "Reason", "compile", "explain"]

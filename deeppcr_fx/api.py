@@ -1,0 +1,203 @@
+"""``deeppcr.compile`` / ``explain`` / the ``"deeppcr"`` TorchDynamo backend.
+
+``compile(model)`` returns a ``CompiledModule``: lazy, it traces and rewrites on the
+first call for each input signature (shapes, dtypes, devices, train/eval flags) and
+reuses that specialisation afterwards. It shares the user's Parameters and buffers (no
+copies, same ``state_dict`` keys) and never modifies the user's model.
+
+Front ends, in order (``Config.front_end``): symbolic tracing that inlines every module
+(``passes.trace``); if the model's own forward cannot be traced, a full-graph
+TorchDynamo capture (``passes.dynamo``). If neither can capture the model, the
+original model runs and ``report.failure`` says why (``policy="always"``: an error).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from .config import Config
+from .inspect.report import CompileReport
+from .passes.dynamo import DynamoBackend, make_backend
+from .passes.pipeline import Context, run_pipeline
+from .passes.trace import TraceFailure, trace
+from .passes.validate import Reason
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CompileError", "CompiledModule", "compile", "dynamo_backend", "explain", "make_backend"]
+
+
+class CompileError(RuntimeError):
+    """``policy="always"`` and the model cannot be compiled (the report says why)."""
+
+
+def _signature(args: tuple, model: torch.nn.Module) -> tuple:
+    def one(x):
+        if isinstance(x, torch.Tensor):
+            return ("tensor", tuple(x.shape), x.dtype, x.device)
+        return ("value", type(x).__name__, repr(x))
+
+    return tuple(one(a) for a in args) + (tuple(m.training for m in model.modules()),)
+
+
+def _describe(args: tuple) -> str:
+    return ", ".join(f"{str(a.dtype).replace('torch.', '')}{list(a.shape)}@{a.device}" if isinstance(a, torch.Tensor)
+                     else repr(a) for a in args)
+
+
+class _Specialisation:
+    def __init__(self, runner: Any, report: CompileReport, graph_module: Optional[fx.GraphModule]) -> None:
+        self.runner, self.report, self.graph_module = runner, report, graph_module
+
+
+class CompiledModule(torch.nn.Module):
+    """The compiled model: the user's modules and Parameters, run through rewritten graphs."""
+
+    def __init__(self, model: torch.nn.Module, config: Config) -> None:
+        super().__init__()
+        object.__setattr__(self, "_original", model)  # not a submodule: keeps state_dict keys equal
+        object.__setattr__(self, "_specialisations", {})
+        object.__setattr__(self, "_last", None)
+        self.config = config
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, p in model.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in model.named_buffers(recurse=False):
+            self.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
+        self.training = model.training
+
+    # --- public surface -----------------------------------------------------------------
+    @property
+    def original(self) -> torch.nn.Module:
+        return self._original
+
+    @property
+    def report(self) -> Optional[CompileReport]:
+        """The report of the latest specialisation (``None`` before the first call)."""
+        return None if self._last is None else self._last.report
+
+    @property
+    def graph_module(self) -> Optional[fx.GraphModule]:
+        """The emitted GraphModule of the latest specialisation (``None`` if the model runs unchanged)."""
+        return None if self._last is None else self._last.graph_module
+
+    @property
+    def specialisations(self) -> int:
+        return len(self._specialisations)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._original.train(mode)
+        return self
+
+    def forward(self, *args, **kwargs):
+        if kwargs:
+            raise TypeError("deeppcr.compile: pass inputs positionally (keyword inputs are not traced yet).")
+        spec = self.specialise(args)
+        return spec.runner(*args)
+
+    def specialise(self, args: tuple) -> _Specialisation:
+        key = _signature(args, self._original)
+        spec = self._specialisations.get(key)
+        if spec is None:
+            spec = self._specialisations[key] = self._build(args)
+        object.__setattr__(self, "_last", spec)
+        return spec
+
+    # --- building -----------------------------------------------------------------------
+    def _build(self, args: tuple) -> _Specialisation:
+        model, config = self._original, self.config
+        report = CompileReport(model=type(model).__name__, policy=config.policy, signature=_describe(args))
+        symbolic_error = None
+        if config.front_end in ("auto", "symbolic"):
+            try:
+                traced = trace(model)
+            except TraceFailure as exc:
+                symbolic_error = str(exc)
+            else:
+                report.front_end, report.graphs, report.opaque_modules = "symbolic", 1, traced.opaque
+                ctx = Context(config, args, report, front_end="symbolic")
+                gm = run_pipeline(traced.graph_module, ctx).graph_module
+                return _Specialisation(gm, report, gm)
+        if config.front_end in ("auto", "dynamo"):
+            if symbolic_error:
+                report.notes.append(f"symbolic tracing failed ({symbolic_error}); using TorchDynamo")
+            return self._build_dynamo(args, report, symbolic_error)
+        return self._fail(report, Reason.TRACE_FAILED, f"symbolic tracing: {symbolic_error}")
+
+    def _build_dynamo(self, args: tuple, report: CompileReport, symbolic_error: Optional[str]) -> _Specialisation:
+        backend = DynamoBackend(self.config, model_name=type(self._original).__name__)
+        compiled = torch.compile(self._original, backend=backend, fullgraph=True, dynamic=False)
+
+        def runner(*a):
+            try:
+                out = compiled(*a)
+            except Exception as exc:
+                if backend.graph_modules:
+                    raise
+                detail = f"TorchDynamo (fullgraph) could not capture the model: {type(exc).__name__}: " + \
+                         (str(exc).splitlines()[0] if str(exc) else "")
+                if symbolic_error:
+                    detail = f"symbolic tracing: {symbolic_error}; {detail}"
+                spec.runner = self._fail(report, Reason.TRACE_FAILED, detail).runner
+                return spec.runner(*a)
+            if backend.reports:
+                latest = backend.reports[-1]
+                report.front_end, report.graphs = "dynamo", len(backend.graph_modules)
+                report.chains, report.notes = latest.chains, report.notes + [n for n in latest.notes
+                                                                               if n not in report.notes]
+                spec.graph_module = backend.graph_modules[-1]
+            return out
+
+        spec = _Specialisation(runner, report, None)
+        return spec
+
+    def _fail(self, report: CompileReport, reason: Reason, detail: str) -> _Specialisation:
+        report.failure, report.failure_detail = reason, detail
+        if self.config.policy == "always":
+            raise CompileError(f"deeppcr.compile(policy='always'): {type(self._original).__name__} cannot be "
+                               f"compiled: {detail}. {reason.remedy}")
+        logger.info("deeppcr: %s runs unchanged: %s", type(self._original).__name__, detail)
+        return _Specialisation(self._original, report, None)
+
+
+def _config(config: Optional[Config], options: dict) -> Config:
+    options = {k: v for k, v in options.items() if v is not None}
+    return (config or Config()).replace(**options)
+
+
+def compile(model: torch.nn.Module, example_inputs: Optional[tuple] = None, policy: Optional[str] = None,
+            jacobian: Optional[str] = None, min_length: Optional[int] = None, config: Optional[Config] = None,
+            **options) -> CompiledModule:
+    """Compile ``model``: find its chains and rewrite them into parallel ``PCRSolve`` nodes.
+
+    Lazy: nothing happens until the first call (or now, for ``example_inputs``). Options are
+    ``Config`` fields; ``policy="always"`` rewrites every valid chain, ``"never"`` only reports.
+    """
+    compiled = CompiledModule(model, _config(config, dict(policy=policy, jacobian=jacobian,
+                                                          min_length=min_length, **options)))
+    if example_inputs is not None:
+        compiled.specialise(tuple(example_inputs))
+    return compiled
+
+
+def explain(model: torch.nn.Module, example_inputs: tuple, **options) -> CompileReport:
+    """The ``CompileReport`` for ``model`` on ``example_inputs`` (the model is not run symbolically-traced
+    front ends; the TorchDynamo front end runs it once)."""
+    compiled = compile(model, **options)
+    spec = compiled.specialise(tuple(example_inputs))
+    if spec.graph_module is None and spec.report.front_end is None and spec.report.failure is None:
+        spec.runner(*example_inputs)  # TorchDynamo captures on the first call
+    return spec.report
+
+
+def dynamo_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None):
+    """``torch.compile(model, backend="deeppcr", options={...})``: ``options`` are ``Config`` fields."""
+    backend = make_backend(**(options or {}))
+    out = backend(gm, example_inputs)
+    out.meta["deeppcr_report"] = backend.reports[-1]
+    return out

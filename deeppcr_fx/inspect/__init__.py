@@ -1,0 +1,4 @@
+"""Inspection: compile reports as data, rendered separately."""
+from .report import ChainRecord, CompileReport
+
+__all__ = ["ChainRecord", "CompileReport"]

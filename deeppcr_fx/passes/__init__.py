@@ -1,0 +1,1 @@
+"""The compiler passes: trace, shape_prop, find_chains, validate, rewrite, pipeline, dynamo."""

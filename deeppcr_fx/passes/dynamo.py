@@ -1,0 +1,61 @@
+"""Front end 2: the pass as a TorchDynamo backend.
+
+TorchDynamo follows Python that symbolic tracing cannot (a diffusers scheduler's
+``step`` with its ``step_index`` bookkeeping, Python-int timesteps), unrolls the loop
+and hands over one graph per captured region. Parameters usually arrive as graph
+inputs (placeholders); a chain may start only from the other floating inputs. Random
+draws whose shape is static do not depend on the state, so they stay in the graph in
+their original order and the rewritten graph draws exactly the same numbers.
+
+``make_backend(config, reports)`` returns a backend ``(gm, example_inputs) -> callable``
+that appends one ``CompileReport`` per graph to ``reports``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from ..config import Config
+from ..inspect.report import CompileReport
+from .pipeline import Context, run_pipeline
+
+logger = logging.getLogger(__name__)
+
+
+def _describe_inputs(example_inputs) -> str:
+    return ", ".join(f"{str(x.dtype).replace('torch.', '')}{list(x.shape)}" if isinstance(x, torch.Tensor)
+                     else repr(x) for x in example_inputs if not isinstance(x, torch.nn.Parameter))
+
+
+class DynamoBackend:
+    """A TorchDynamo backend running the deeppcr pipeline on every graph it receives."""
+
+    def __init__(self, config: Config, reports: Optional[list] = None, model_name: str = "dynamo graph") -> None:
+        self.config = config
+        self.reports = [] if reports is None else reports
+        self.model_name = model_name
+        self.graph_modules: list = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs) -> Callable:
+        report = CompileReport(model=self.model_name, policy=self.config.policy,
+                               signature=_describe_inputs(example_inputs), front_end="dynamo", graphs=1)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        sources = [n for n, x in zip(placeholders, example_inputs)
+                   if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter)]
+        ctx = Context(self.config, tuple(example_inputs), report, front_end="dynamo",
+                      graph_index=len(self.graph_modules), sources=sources)
+        result = run_pipeline(gm, ctx)
+        self.graph_modules.append(result.graph_module)
+        self.reports.append(report)
+        if len(self.graph_modules) > 1:
+            report.notes.append(f"TorchDynamo handed over {len(self.graph_modules)} graphs so far (graph breaks or "
+                                "recompilations); chains cannot cross a graph break")
+        return result.graph_module
+
+
+def make_backend(config: Optional[Config] = None, reports: Optional[list] = None, **options) -> DynamoBackend:
+    config = (config or Config()).replace(**options) if options else (config or Config())
+    return DynamoBackend(config, reports)

@@ -1,0 +1,248 @@
+"""Find chains: reroll the unrolled loops of a traced graph.
+
+Summary of the algorithm (DESIGN.md §2):
+
+1. Pick a *source*: a floating tensor placeholder. Its dependents are every node reachable
+   from it; everything else is state-independent (parameters, conditioning, timestep
+   embeddings, pre-sampled noise).
+2. Cut the dependents at single-tensor bottlenecks: walking the graph in order, node ``v``
+   is a cut when no other dependent value is live across it (uses by ``output`` do not
+   count, so returning every hidden state still leaves the cuts in place).
+3. Each piece between consecutive cuts gets a canonical form: ``(op, target, argument
+   structure)`` where arguments are the piece's input state, its own nodes by position,
+   external values by first-use slot, and constants — never node names. Floats are
+   slots too (a per-step constant such as a schedule coefficient may differ per step).
+   A *loose* key leaves shapes out; a *strict* key adds every shape and dtype.
+4. Runs: the longest stretches of pieces that repeat with some period ``p``; greedily
+   keep the runs that cover the most pieces (ties: smaller ``p``, earlier start) without
+   overlap. A loose run with no strict sub-run of >= 2 segments is reported as a chain
+   whose segment shapes differ.
+
+Nothing here mutates the graph; ``validate`` judges the candidates, ``rewrite`` acts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.fx as fx
+
+from .shape_prop import info_of
+
+_LITERALS = (int, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+@dataclass
+class Segment:
+    """One step of a chain: ``p`` consecutive pieces from ``state_in`` to ``state_out``."""
+
+    state_in: fx.Node
+    state_out: fx.Node
+    nodes: list  # the state-dependent nodes, in graph order
+    externals: list  # state-independent values read, in first-use order (slots)
+    floats: list  # float constants, in traversal order (slots)
+
+
+@dataclass
+class Candidate:
+    source: fx.Node
+    period: int
+    segments: list
+    shapes_differ: bool = False
+
+    @property
+    def length(self) -> int:
+        return len(self.segments)
+
+    @property
+    def nodes(self) -> list:
+        return [n for s in self.segments for n in s.nodes]
+
+
+@dataclass
+class _Piece:
+    state_in: fx.Node
+    state_out: fx.Node
+    nodes: list
+    loose: Any = None
+    strict: Any = None
+
+
+def target_key(node: fx.Node, gm: Optional[fx.GraphModule]) -> Any:
+    if node.op == "call_module":  # an opaque module: the very same module object, or nothing matches
+        return ("module", node.target)
+    return (node.op, node.target)
+
+
+class _Form:
+    """Canonical form of a list of nodes read from one input state."""
+
+    def __init__(self, state_in: fx.Node, nodes: list, strict: bool, gm) -> None:
+        self.state_in, self.strict, self.gm = state_in, strict, gm
+        self.local = {n: i for i, n in enumerate(nodes)}
+        self.externals: list = []
+        self._ext_index: dict = {}
+        self.floats: list = []
+        self.key = tuple(self._node(n) for n in nodes)
+
+    def _shape(self, n: fx.Node) -> Any:
+        info = info_of(n)
+        return None if info is None else (info.shape, info.dtype, info.is_tensor,
+                                           None if info.is_tensor else _hashable(info.constant))
+
+    def _node(self, n: fx.Node) -> tuple:
+        entry = (n.op, target_key(n, self.gm), self.form(n.args), self.form(n.kwargs))
+        return entry + ((self._shape(n),) if self.strict else ())
+
+    def form(self, a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            if a is self.state_in:
+                return ("S",)
+            if a in self.local:
+                return ("L", self.local[a])
+            if a not in self._ext_index:
+                self._ext_index[a] = len(self.externals)
+                self.externals.append(a)
+            return ("E", self._ext_index[a], a.op) + ((self._shape(a),) if self.strict else ())
+        if isinstance(a, bool) or a is None:
+            return a
+        if isinstance(a, float):
+            self.floats.append(a)
+            return ("F",)
+        if isinstance(a, _LITERALS):
+            return (type(a).__name__, a)
+        if isinstance(a, (tuple, list)):
+            return (type(a).__name__,) + tuple(self.form(v) for v in a)
+        if isinstance(a, dict):
+            return ("dict",) + tuple((k, self.form(v)) for k, v in a.items())
+        if isinstance(a, slice):
+            return ("slice", self.form(a.start), self.form(a.stop), self.form(a.step))
+        return ("object", id(a))  # unknown objects match only themselves
+
+
+def _hashable(x: Any) -> Any:
+    try:
+        hash(x)
+        return x
+    except TypeError:
+        return repr(x)
+
+
+def canonical(state_in: fx.Node, nodes: list, strict: bool, gm=None) -> _Form:
+    return _Form(state_in, nodes, strict, gm)
+
+
+# --- cuts --------------------------------------------------------------------------------
+def dependents(source: fx.Node) -> set:
+    seen, stack = {source}, [source]
+    while stack:
+        for user in stack.pop().users:
+            if user.op != "output" and user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
+def cuts(graph: fx.Graph, source: fx.Node) -> tuple[list, set]:
+    """Dependent nodes where no other dependent value is live, in graph order."""
+    order = list(graph.nodes)
+    pos = {n: i for i, n in enumerate(order)}
+    dep = dependents(source)
+    delta = [0] * (len(order) + 1)
+    live_until = {}
+    for n in dep:
+        last = max((pos[u] for u in n.users if u.op != "output"), default=pos[n])
+        live_until[n] = last
+        if last > pos[n]:
+            delta[pos[n]] += 1
+            delta[last] -= 1
+    result, live = [], 0
+    for i, n in enumerate(order):
+        live += delta[i]
+        if n in dep and live - (1 if live_until[n] > i else 0) == 0:
+            result.append(n)
+    return result, dep
+
+
+def pieces(graph: fx.Graph, source: fx.Node, gm=None) -> list:
+    cut_nodes, dep = cuts(graph, source)
+    order = list(graph.nodes)
+    pos = {n: i for i, n in enumerate(order)}
+    out = []
+    for a, b in zip(cut_nodes, cut_nodes[1:]):
+        nodes = [n for n in order[pos[a] + 1:pos[b] + 1] if n in dep]
+        piece = _Piece(a, b, nodes)
+        piece.loose = canonical(a, nodes, False, gm).key
+        piece.strict = canonical(a, nodes, True, gm).key
+        out.append(piece)
+    return out
+
+
+# --- runs --------------------------------------------------------------------------------
+def periodic_runs(keys: list, min_count: int = 2) -> list[tuple[int, int, int]]:
+    """Non-overlapping ``(start, period, count)`` runs, biggest coverage first."""
+    ids: dict = {}
+    k = [ids.setdefault(x, len(ids)) for x in keys]
+    n = len(k)
+    found = []
+    for p in range(1, n // min_count + 1):
+        i = 0
+        while i + p < n:
+            if k[i] != k[i + p]:
+                i += 1
+                continue
+            j = i
+            while j + p < n and k[j] == k[j + p]:
+                j += 1
+            count = (j + p - i) // p
+            if count >= min_count:
+                found.append((count * p, p, i, count))
+            i = j + 1
+    found.sort(key=lambda r: (-r[0], r[1], r[2]))
+    taken = [False] * n
+    runs = []
+    for cover, p, start, count in found:
+        if any(taken[start:start + cover]):
+            continue
+        for i in range(start, start + cover):
+            taken[i] = True
+        runs.append((start, p, count))
+    return sorted(runs)
+
+
+def _segments(ps: list, start: int, period: int, count: int, gm) -> list:
+    segs = []
+    for s in range(count):
+        chunk = ps[start + s * period:start + (s + 1) * period]
+        nodes = [n for c in chunk for n in c.nodes]
+        form = canonical(chunk[0].state_in, nodes, True, gm)
+        segs.append(Segment(chunk[0].state_in, chunk[-1].state_out, nodes, form.externals, form.floats))
+    return segs
+
+
+def find_chains(gm: fx.GraphModule, sources: Optional[Iterable[fx.Node]] = None) -> list[Candidate]:
+    """Every repeated run of >= 2 segments, from all sources, without overlap."""
+    graph = gm.graph
+    if sources is None:
+        sources = [n for n in graph.nodes if n.op == "placeholder"
+                   and info_of(n) is not None and info_of(n).is_tensor and info_of(n).dtype.is_floating_point]
+    candidates = []
+    for source in sources:
+        ps = pieces(graph, source, gm)
+        for start, p, count in periodic_runs([x.loose for x in ps]):
+            run = ps[start:start + p * count]
+            strict = periodic_runs([x.strict for x in run])
+            strict = [r for r in strict if r[2] >= 2]
+            if not strict:
+                candidates.append(Candidate(source, p, _segments(run, 0, p, count, gm), shapes_differ=True))
+            for s_start, s_p, s_count in strict:
+                candidates.append(Candidate(source, s_p, _segments(run, s_start, s_p, s_count, gm)))
+    candidates.sort(key=lambda c: -len(c.nodes))
+    chosen, used = [], set()
+    for c in candidates:
+        if used.isdisjoint(c.nodes):
+            chosen.append(c)
+            used.update(c.nodes)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return sorted(chosen, key=lambda c: order[c.segments[0].state_in])

@@ -1,0 +1,143 @@
+"""Shape propagation on the meta device: shapes and dtypes without running the model.
+
+Every node gets ``node.meta["pcr"]``: a ``ValueInfo`` (shape and dtype for tensors, the
+value itself for small Python constants) or ``None`` where the value could not be
+computed. Running on ``meta`` tensors means no arithmetic, no random draws and no
+mutation of the user's buffers (BatchNorm in train mode updates only meta copies).
+
+An opaque module whose forward needs tensor *values* (``if x.sum() > 0``) fails on meta
+tensors; its node is recorded in ``ShapeInfo.data_dependent`` — the chain validator
+refuses such chains with ``DATA_DEPENDENT_CONTROL_FLOW``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+from torch.func import functional_call
+
+logger = logging.getLogger(__name__)
+
+KEY = "pcr"
+
+
+@dataclass(frozen=True)
+class ValueInfo:
+    shape: Optional[tuple] = None  # tensors only
+    dtype: Optional[torch.dtype] = None
+    is_tensor: bool = True
+    constant: Any = None  # small Python values (ints, shapes) for non-tensors
+
+    def describe(self) -> str:
+        if self.is_tensor:
+            return f"{str(self.dtype).replace('torch.', '')}{list(self.shape)}"
+        return repr(self.constant)
+
+
+@dataclass
+class ShapeInfo:
+    failed: dict = field(default_factory=dict)  # node name -> error
+    data_dependent: set = field(default_factory=set)  # opaque call_module nodes needing tensor values
+
+
+def info_of(node: fx.Node) -> Optional[ValueInfo]:
+    return node.meta.get(KEY)
+
+
+def _to_meta(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return torch.empty_like(x, device="meta").requires_grad_(False) if x.device.type != "meta" else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_meta(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_meta(v) for k, v in x.items()}
+    return x
+
+
+def _info(value: Any) -> Optional[ValueInfo]:
+    if isinstance(value, torch.Tensor):
+        return ValueInfo(tuple(value.shape), value.dtype)
+    if isinstance(value, (int, float, bool, torch.Size, torch.dtype, str)) or value is None:
+        return ValueInfo(is_tensor=False, constant=value)
+    if isinstance(value, (tuple, list)) and all(isinstance(v, (int, float, bool)) for v in value):
+        return ValueInfo(is_tensor=False, constant=tuple(value))
+    return ValueInfo(is_tensor=False, constant=None)
+
+
+class _MetaInterpreter(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, result: ShapeInfo) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.result = result
+        self._attr_cache: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            value = super().run_node(n)
+        except _Unknown:
+            value = _UNKNOWN
+        except Exception as exc:
+            self.result.failed[n.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if n.op == "call_module":
+                self.result.data_dependent.add(n.name)
+            value = _UNKNOWN
+        n.meta[KEY] = None if value is _UNKNOWN else _info(value)
+        return value
+
+    def _check(self, args, kwargs) -> None:
+        if any(v is _UNKNOWN for v in _flat((args, kwargs))):
+            raise _Unknown
+
+    def get_attr(self, target, args, kwargs):
+        if target not in self._attr_cache:
+            self._attr_cache[target] = _to_meta(super().get_attr(target, args, kwargs))
+        return self._attr_cache[target]
+
+    def call_function(self, target, args, kwargs):
+        self._check(args, kwargs)
+        if kwargs.get("generator") is not None:  # never advance the user's generator
+            kwargs = {**kwargs, "generator": None}
+        if "device" in kwargs:  # factory functions: allocate on meta, draw nothing
+            kwargs = {**kwargs, "device": "meta"}
+        return super().call_function(target, args, kwargs)
+
+    def call_method(self, target, args, kwargs):
+        self._check(args, kwargs)
+        return super().call_method(target, args, kwargs)
+
+    def call_module(self, target, args, kwargs):
+        self._check(args, kwargs)
+        mod = self.fetch_attr(target)
+        state = {k: _to_meta(v) for k, v in list(mod.named_parameters()) + list(mod.named_buffers())}
+        with torch.no_grad():
+            return functional_call(mod, state, args, kwargs)
+
+
+class _Unknown(Exception):
+    pass
+
+
+_UNKNOWN = object()
+
+
+def _flat(x):
+    if isinstance(x, (tuple, list)):
+        for v in x:
+            yield from _flat(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _flat(v)
+    else:
+        yield x
+
+
+def propagate(gm: fx.GraphModule, example_inputs: tuple) -> ShapeInfo:
+    """Annotate every node of ``gm`` with ``node.meta["pcr"]`` for ``example_inputs``."""
+    result = ShapeInfo()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        _MetaInterpreter(gm, result).run(*_to_meta(tuple(example_inputs)))
+    if result.failed:
+        logger.debug("deeppcr shape_prop: no meta value for %s", result.failed)
+    return result
