@@ -69,9 +69,12 @@ class _Piece:
     strict: Any = None
 
 
-def target_key(node: fx.Node, gm: Optional[fx.GraphModule]) -> Any:
-    if node.op == "call_module":  # an opaque module: the very same module object, or nothing matches
-        return ("module", node.target)
+def target_key(node: fx.Node, gm: Optional[fx.GraphModule], strict: bool) -> Any:
+    """What a node computes, never its name: an opaque module counts by type (and parameter shapes)."""
+    if node.op == "call_module" and gm is not None:
+        mod = gm.get_submodule(node.target)
+        params = tuple((k, tuple(v.shape)) for k, v in mod.state_dict().items()) if strict else ()
+        return ("module", type(mod), params)
     return (node.op, node.target)
 
 
@@ -92,7 +95,7 @@ class _Form:
                                            None if info.is_tensor else _hashable(info.constant))
 
     def _node(self, n: fx.Node) -> tuple:
-        entry = (n.op, target_key(n, self.gm), self.form(n.args), self.form(n.kwargs))
+        entry = (n.op, target_key(n, self.gm, self.strict), self.form(n.args), self.form(n.kwargs))
         return entry + ((self._shape(n),) if self.strict else ())
 
     def form(self, a: Any) -> Any:
@@ -144,15 +147,25 @@ def dependents(source: fx.Node) -> set:
     return seen
 
 
+def _collector(node: fx.Node, dep: set) -> bool:
+    """``output`` or a node gathering >= 3 state-dependent values (``torch.stack(hidden_states)``)."""
+    return node.op == "output" or len([a for a in node.all_input_nodes if a in dep]) >= 3
+
+
 def cuts(graph: fx.Graph, source: fx.Node) -> tuple[list, set]:
-    """Dependent nodes where no other dependent value is live, in graph order."""
+    """Dependent nodes where no other dependent value is live, in graph order.
+
+    Uses by collectors do not keep a value live, so models that return or stack every
+    hidden state still have their per-layer cuts; a candidate that reads a value from
+    inside its own range is dropped afterwards (``_self_contained``).
+    """
     order = list(graph.nodes)
     pos = {n: i for i, n in enumerate(order)}
     dep = dependents(source)
     delta = [0] * (len(order) + 1)
     live_until = {}
     for n in dep:
-        last = max((pos[u] for u in n.users if u.op != "output"), default=pos[n])
+        last = max((pos[u] for u in n.users if not _collector(u, dep)), default=pos[n])
         live_until[n] = last
         if last > pos[n]:
             delta[pos[n]] += 1
@@ -221,6 +234,31 @@ def _segments(ps: list, start: int, period: int, count: int, gm) -> list:
     return segs
 
 
+def _self_contained(c: Candidate, order: dict) -> bool:
+    """No segment reads a state-dependent value computed inside the chain by another segment."""
+    start = order[c.segments[0].state_in]
+    members = set(c.nodes)
+    for seg in c.segments:
+        for x in seg.externals:
+            if order[x] > start and _depends_on(x, members | {c.segments[0].state_in}, start, order):
+                return False
+    return True
+
+
+def _depends_on(x: fx.Node, chain: set, start: int, order: dict) -> bool:
+    """Whether ``x`` (a node inside the chain's range) is computed from chain values."""
+    stack, seen = [x], set()
+    while stack:
+        n = stack.pop()
+        if n in chain:
+            return True
+        for a in n.all_input_nodes:
+            if a not in seen and order[a] >= start:
+                seen.add(a)
+                stack.append(a)
+    return False
+
+
 def find_chains(gm: fx.GraphModule, sources: Optional[Iterable[fx.Node]] = None) -> list[Candidate]:
     """Every repeated run of >= 2 segments, from all sources, without overlap."""
     graph = gm.graph
@@ -238,11 +276,12 @@ def find_chains(gm: fx.GraphModule, sources: Optional[Iterable[fx.Node]] = None)
                 candidates.append(Candidate(source, p, _segments(run, 0, p, count, gm), shapes_differ=True))
             for s_start, s_p, s_count in strict:
                 candidates.append(Candidate(source, s_p, _segments(run, s_start, s_p, s_count, gm)))
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    candidates = [c for c in candidates if _self_contained(c, order)]
     candidates.sort(key=lambda c: -len(c.nodes))
     chosen, used = [], set()
     for c in candidates:
         if used.isdisjoint(c.nodes):
             chosen.append(c)
             used.update(c.nodes)
-    order = {n: i for i, n in enumerate(graph.nodes)}
     return sorted(chosen, key=lambda c: order[c.segments[0].state_in])
