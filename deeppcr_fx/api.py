@@ -115,7 +115,7 @@ class CompiledModule(torch.nn.Module):
         symbolic_error = None
         if config.front_end in ("auto", "symbolic"):
             try:
-                traced = trace(model)
+                traced = trace(model, args)
             except TraceFailure as exc:
                 symbolic_error = str(exc)
             else:

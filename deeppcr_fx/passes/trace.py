@@ -9,6 +9,12 @@ value or shape, calls untraceable Python, ...) is rolled back and kept as one op
 ``call_module`` node; ``TraceResult.opaque`` says which and why. Its parameters can
 still become per-step slots (``torch.func.functional_call`` on stacked parameters).
 
+Proxies know their shapes: with example inputs, every node also gets a ``meta``-device
+value while tracing, so ``x.dim()``, ``x.shape``, ``x.size()``, ``x.ndim`` and ``x.dtype``
+are concrete (the graph is specialised to the input signature, as every compiled
+graph is). Branching on tensor *values* still stops symbolic tracing: those modules
+stay opaque and the validator refuses chains through them.
+
 If the root ``forward`` itself cannot be traced, ``trace`` raises ``TraceFailure``
 with the reason; the caller then tries another front end or runs the model as is.
 """
@@ -20,6 +26,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+from torch.func import functional_call
+from torch.fx._symbolic_trace import _maybe_revert_all_patches
+
+from .shape_prop import _to_meta
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +44,117 @@ class TraceResult:
     opaque: dict = field(default_factory=dict)  # module path -> why its forward stayed opaque
 
 
+_META = "pcr_trace_meta"
+_MISSING = object()
+
+
+class _NoMeta(Exception):
+    pass
+
+
+class ShapeProxy(fx.Proxy):
+    """A Proxy whose shape queries answer from the node's meta value when there is one."""
+
+    def _meta(self):
+        m = self.node.meta.get(_META, _MISSING)
+        return m if isinstance(m, torch.Tensor) else None
+
+    def dim(self):
+        m = self._meta()
+        return m.dim() if m is not None else self.tracer.create_proxy("call_method", "dim", (self,), {})
+
+    def size(self, dim=None):
+        m = self._meta()
+        if m is not None:
+            return m.size() if dim is None else m.size(dim)
+        return self.tracer.create_proxy("call_method", "size", (self,) if dim is None else (self, dim), {})
+
+    @property
+    def shape(self):
+        m = self._meta()
+        return m.shape if m is not None else self.tracer.create_proxy("call_function", getattr, (self, "shape"), {})
+
+    @property
+    def ndim(self):
+        m = self._meta()
+        return m.ndim if m is not None else self.tracer.create_proxy("call_function", getattr, (self, "ndim"), {})
+
+    @property
+    def dtype(self):
+        m = self._meta()
+        return m.dtype if m is not None else self.tracer.create_proxy("call_function", getattr, (self, "dtype"), {})
+
+
 class InliningTracer(fx.Tracer):
     """An ``fx.Tracer`` that traces through every module; untraceable ones become opaque calls."""
 
-    def __init__(self) -> None:
+    def __init__(self, example_inputs: tuple = ()) -> None:
         super().__init__()
+        self.proxy_buffer_attributes = True  # buffers as get_attr nodes: in-place updates become graph nodes
         self.opaque: dict[str, str] = {}
         self._proxy_caches: list[dict] = []
+        self._inputs = [_to_meta(x) for x in example_inputs]
+        self._n_placeholders = 0
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return ShapeProxy(node, self)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind == "placeholder":
+            i, self._n_placeholders = self._n_placeholders, self._n_placeholders + 1
+            if i < len(self._inputs):
+                node.meta[_META] = self._inputs[i]
+        elif self._inputs and kind != "output":
+            node.meta[_META] = self._meta_value(node)
+        return node
+
+    def _meta_value(self, node: fx.Node):
+        def val(a):
+            if isinstance(a, fx.Node):
+                v = a.meta.get(_META, _MISSING)
+                if v is _MISSING:
+                    raise _NoMeta
+                return v
+            return a
+
+        try:
+            args = fx.node.map_aggregate(node.args, val)
+            kwargs = dict(fx.node.map_aggregate(node.kwargs, val))
+            kwargs.pop("generator", None)
+            if "device" in kwargs:
+                kwargs["device"] = "meta"
+            # run the real ops, not the tracer's patched Module.__call__/__getattr__ (private torch.fx API)
+            with torch.no_grad(), _maybe_revert_all_patches():
+                if node.op == "call_function":
+                    return node.target(*args, **kwargs)
+                if node.op == "call_method":
+                    return getattr(args[0], node.target)(*args[1:], **kwargs)
+                if node.op == "get_attr":
+                    return _to_meta(self._fetch(node.target))
+                if node.op == "call_module":
+                    mod = self.root.get_submodule(node.target)
+                    state = {k: _to_meta(v) for k, v in list(mod.named_parameters()) + list(mod.named_buffers())}
+                    return functional_call(mod, state, args, kwargs)
+        except Exception as exc:  # no meta value: shape queries on this proxy stay symbolic
+            logger.debug("deeppcr trace: no meta value for %s: %s", node.name, exc)
+            return _MISSING
+        return _MISSING
+
+    def _fetch(self, target: str):
+        """``root.<target>`` without the tracer's patched ``Module.__getattr__`` (it would make proxies)."""
+        obj = self.root
+        for atom in target.split("."):
+            if isinstance(obj, torch.nn.Module):
+                for table in (obj._parameters, obj._buffers, obj._modules):
+                    if atom in table:
+                        obj = table[atom]
+                        break
+                else:
+                    obj = object.__getattribute__(obj, atom)
+            else:
+                obj = getattr(obj, atom)
+        return obj
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.opaque
@@ -81,13 +195,20 @@ class InliningTracer(fx.Tracer):
                 del cache[name]
 
 
-def trace(model: torch.nn.Module) -> TraceResult:
+def trace(model: torch.nn.Module, example_inputs: tuple = ()) -> TraceResult:
     """Trace ``model`` into a functional GraphModule that shares the model's Parameters."""
-    tracer = InliningTracer()
+    tracer = InliningTracer(tuple(example_inputs))
+    before = set(vars(model))
     try:
-        graph = tracer.trace(model)
-    except Exception as exc:
-        raise TraceFailure(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+        try:
+            graph = tracer.trace(model)
+        except Exception as exc:
+            raise TraceFailure(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        for node in graph.nodes:
+            node.meta.pop(_META, None)
+        gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    finally:  # fx stores tensor constants on the root module: take them back off the user's model
+        for name in set(vars(model)) - before:
+            delattr(model, name)
     gm.graph.lint()
     return TraceResult(gm, dict(tracer.opaque))

@@ -133,6 +133,9 @@ def validate(c: Candidate, gm: fx.GraphModule, shapes: ShapeInfo, config: Config
         shapes_seen = sorted({str(info_of(s.state_out).describe()) if info_of(s.state_out) else "?"
                               for s in c.segments})
         return Refusal(Reason.SHAPES_DIFFER, f"segment outputs {', '.join(shapes_seen)}")
+    for n in c.nodes:
+        if n.op == "call_module" and n.name in shapes.data_dependent:
+            return Refusal(Reason.DATA_DEPENDENT_CONTROL_FLOW, f"{n.target}: {shapes.failed.get(n.name, '')}")
     info = info_of(first.state_in)
     if info is None or any(info_of(n) is None for n in c.nodes):
         return Refusal(Reason.SHAPES_UNKNOWN, f"no meta value for nodes after {first.state_in.name}")
