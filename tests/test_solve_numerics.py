@@ -136,3 +136,21 @@ def test_vmap_fallback_to_loop_is_recorded():
     assert not res.stats.vectorized and res.stats.vmap_error
     with pytest.raises(RuntimeError, match="vectorize=True"):
         deeppcr.solve(step, chain.x0, per_step=chain.per_step, vectorize=True)
+
+
+def test_forward_mode_jacobians_match_reverse_mode():
+    from deeppcr_fx.runtime import jacobians
+
+    chain = PROBLEMS["tuple"](6)
+    from deeppcr_fx.runtime.state import StateSpec
+    from deeppcr_fx.runtime.steps import Steps
+
+    spec = StateSpec.of(chain.x0, None)
+    g = Steps(chain.step, spec, chain.per_step, (), "auto").batched(0, 6)
+    Z = torch.randn(6, 2, spec.width, dtype=torch.float64)
+    for mode in ("full", "diag"):
+        v_rev, A_rev = jacobians.evaluate(g, Z, mode, "rev")
+        v_fwd, A_fwd = jacobians.evaluate(g, Z, mode, "fwd")
+        torch.testing.assert_close(v_rev, v_fwd)
+        torch.testing.assert_close(A_rev, A_fwd)
+    assert A_rev.shape == (6, 2, spec.width)

@@ -11,8 +11,9 @@ independent by construction (vmap over steps) and samples are assumed independen
 
 Reverse mode is the default because the Jacobians are square (n in, n out: forward and
 reverse need the same n passes) and the reverse pass reuses the forward evaluation that
-the Newton residual needs anyway. ``ad="fwd"`` uses ``jvp`` columns instead, for steps
-whose ops lack reverse-mode batching rules.
+the Newton residual needs anyway. When reverse mode fails (an op without a batching rule
+for its backward), ``Jacobians`` switches to forward mode (``jvp`` columns) for the rest
+of the solve and records why.
 
 If samples are in fact coupled, these are approximate Jacobians: Newton still converges
 to the exact answer (the residual is exact), only more slowly.
@@ -23,6 +24,8 @@ from typing import Callable
 
 import torch
 from torch.func import jvp, vjp, vmap
+
+from .steps import VectorizeError
 
 MODES_WITH_MATRIX = ("full", "diag")
 
@@ -41,6 +44,29 @@ def choose_mode(requested: str, width: int, full_max_state: int) -> str:
     if requested != "auto":
         return requested
     return "full" if width <= full_max_state else "identity"
+
+
+class Jacobians:
+    """``evaluate`` with reverse mode first, and forward mode once reverse mode has failed."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.ad = "rev"
+        self.rev_error: str | None = None
+
+    def __call__(self, g: Callable, Z: torch.Tensor):
+        if self.ad == "rev" and self.mode in MODES_WITH_MATRIX:
+            try:
+                return evaluate(g, Z, self.mode, "rev")
+            except VectorizeError:
+                raise
+            except (RuntimeError, NotImplementedError) as exc:
+                self.ad, self.rev_error = "fwd", f"{type(exc).__name__}: {exc}"
+                try:
+                    return evaluate(g, Z, self.mode, "fwd")
+                except (RuntimeError, NotImplementedError):
+                    raise exc from None  # forward mode fails too: the reverse-mode error is the clearer one
+        return evaluate(g, Z, self.mode, self.ad)
 
 
 def evaluate(g: Callable, Z: torch.Tensor, mode: str, ad: str = "rev") -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -81,13 +81,14 @@ class _Problem:
 
     def forward(self, x0_flat: torch.Tensor, length: int) -> torch.Tensor:
         steps, mode = self.steps, self.mode
+        jac = jacobians.Jacobians(mode)
 
         def prev_states(start: int, U: torch.Tensor) -> torch.Tensor:
             first = x0_flat if start == 0 else U[start - 1]
             return torch.cat([first.unsqueeze(0), U[start:-1]])
 
         def evaluate(start: int, U: torch.Tensor):
-            return jacobians.evaluate(steps.batched(start, length), prev_states(start, U), mode)
+            return jac(steps.batched(start, length), prev_states(start, U))
 
         def finish(start: int, U: torch.Tensor) -> None:
             z = x0_flat if start == 0 else U[start - 1]
@@ -97,6 +98,8 @@ class _Problem:
         U = x0_flat.unsqueeze(0).repeat(length, *([1] * x0_flat.dim()))
         triangular_newton(evaluate, finish, U, mode, self.atol, self.rtol,
                           self.config.iteration_cap(length), self.stats.forward, self.config.record_stats)
+        self.stats.autodiff = jac.ad
+        self.stats.autodiff_error = jac.rev_error
         return U
 
 

@@ -52,7 +52,9 @@ class SolveStats:
     dtype: str
     compute_dtype: str
     vectorized: bool = True
-    vmap_error: Optional[str] = None
+    vmap_error: Optional[str] = None  # why steps were evaluated in a per-step loop, if they were
+    autodiff: str = "rev"  # how Jacobians were formed: "rev" (vjp rows) or "fwd" (jvp columns)
+    autodiff_error: Optional[str] = None  # why reverse mode was abandoned, if it was
     forward: PassStats = field(default_factory=PassStats)
     backward: Optional[PassStats] = None
 

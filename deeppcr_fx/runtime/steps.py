@@ -25,6 +25,10 @@ from .state import StateSpec
 logger = logging.getLogger(__name__)
 
 
+class VectorizeError(RuntimeError):
+    """``Config(vectorize=True)`` and vmap cannot batch the step."""
+
+
 class Steps:
     def __init__(self, step: Callable, spec: StateSpec, per_step: Sequence[torch.Tensor],
                  shared: Sequence, vectorize: object) -> None:
@@ -87,7 +91,7 @@ class Steps:
                     return mapped(*args)
                 except Exception as exc:  # vmap could not batch an op in the user's step
                     if self.vectorize is True:
-                        raise RuntimeError(
+                        raise VectorizeError(
                             "Config(vectorize=True) but torch.func.vmap cannot batch this step: "
                             f"{type(exc).__name__}: {exc}. Use vectorize='auto' to fall back to a per-step loop."
                         ) from exc

@@ -1,0 +1,135 @@
+"""Backward (and forward) time of deeppcr.solve vs autograd through the sequential nn.ModuleList model.
+
+    python benchmarks/backward_vs_autograd.py [--L 4096] [--w 4] [--B 1] [--repeats 7] [--device cpu]
+
+Three variants of one tanh MLP (L Linear(w, w) layers), same weights:
+- ``sequential``: the nn.ModuleList model, run and differentiated by plain autograd;
+- ``solve``: ``deeppcr.solve`` (jacobian="full") on the weights stacked once into leaf
+  tensors W (L, w, w) and b (L, w): the runtime on its own;
+- ``solve+stack``: the same, stacking the layers' Parameters inside the forward so the
+  gradients land in the 2L original Parameters (what a compiled model does).
+
+Gradients are compared with the sequential model's before timing. Every timing is a median
+over alternating runs in this process; ``.grad`` is reset to None (untimed) before each
+backward, as ``optimizer.zero_grad()`` does.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import deeppcr_fx as deeppcr
+
+
+def _step(z, W, b):
+    return torch.tanh(F.linear(z, W, b))
+
+
+class Variants:
+    def __init__(self, L: int, w: int, B: int, device: str, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(w, w) for _ in range(L)]).to(device)
+        self.x = torch.randn(B, w, device=device)
+        self.W = torch.stack([m.weight for m in self.layers]).detach().requires_grad_()
+        self.b = torch.stack([m.bias for m in self.layers]).detach().requires_grad_()
+        self.stats = None
+
+    def sequential(self):
+        z = self.x
+        for m in self.layers:
+            z = torch.tanh(m(z))
+        return z
+
+    def solve(self):
+        res = deeppcr.solve(_step, self.x, per_step=(self.W, self.b), jacobian="full")
+        self.stats = res.stats
+        return res.states[-1]
+
+    def solve_stack(self):
+        W = torch.stack([m.weight for m in self.layers])
+        b = torch.stack([m.bias for m in self.layers])
+        return deeppcr.solve(_step, self.x, per_step=(W, b), jacobian="full").states[-1]
+
+    def zero_grad(self):
+        for p in [*self.layers.parameters(), self.W, self.b]:
+            p.grad = None
+
+
+def run(L: int, w: int, B: int, repeats: int, device: str = "cpu") -> dict:
+    v = Variants(L, w, B, device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fns = {"sequential": v.sequential, "solve": v.solve, "solve+stack": v.solve_stack}
+
+    # correctness first: outputs and gradients against the sequential model
+    v.zero_grad()
+    v.sequential().sum().backward()
+    g_seq = torch.stack([m.weight.grad for m in v.layers])
+    y_seq = v.sequential().detach()
+    v.zero_grad()
+    y_par = v.solve()
+    y_par.sum().backward()
+    max_err = float((y_par.detach() - y_seq).abs().max())
+    max_grad_err = float((v.W.grad - g_seq).abs().max())
+
+    fwd = {k: [] for k in fns}
+    bwd = {k: [] for k in fns}
+    for _ in range(repeats + 1):  # the first round warms up and is dropped
+        for name, fn in fns.items():
+            v.zero_grad()
+            t0 = time.perf_counter()
+            out = fn().sum()
+            sync()
+            t1 = time.perf_counter()
+            out.backward()
+            sync()
+            t2 = time.perf_counter()
+            fwd[name].append(t1 - t0)
+            bwd[name].append(t2 - t1)
+    med = lambda xs: statistics.median(xs[1:])  # noqa: E731
+    row = dict(L=L, w=w, B=B, device=device, iterations=v.stats.iterations, max_err=max_err,
+               max_grad_err=max_grad_err)
+    for name in fns:
+        row[f"fwd_{name}_ms"] = 1e3 * med(fwd[name])
+        row[f"bwd_{name}_ms"] = 1e3 * med(bwd[name])
+    for name in ("solve", "solve+stack"):
+        row[f"fwd_speedup_{name}"] = row["fwd_sequential_ms"] / row[f"fwd_{name}_ms"]
+        row[f"bwd_speedup_{name}"] = row["bwd_sequential_ms"] / row[f"bwd_{name}_ms"]
+    return row
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--L", type=int, nargs="+", default=[4096])
+    ap.add_argument("--w", type=int, nargs="+", default=[4])
+    ap.add_argument("--B", type=int, nargs="+", default=[1])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--csv", default=None, help="default: benchmarks/results/backward_vs_autograd_<device>.csv")
+    args = ap.parse_args(argv)
+    rows = [run(L, w, B, args.repeats, args.device) for L in args.L for w in args.w for B in args.B]
+    for r in rows:
+        print(f"L={r['L']} w={r['w']} B={r['B']} {r['device']}: {r['iterations']} Newton iterations, "
+              f"max |y - y_seq| = {r['max_err']:.2e}, max |dW - dW_seq| = {r['max_grad_err']:.2e}")
+        print(f"  {'variant':<12} {'forward ms':>11} {'backward ms':>12} {'fwd speedup':>12} {'bwd speedup':>12}")
+        for name in ("sequential", "solve", "solve+stack"):
+            fs = 1.0 if name == "sequential" else r[f"fwd_speedup_{name}"]
+            bs = 1.0 if name == "sequential" else r[f"bwd_speedup_{name}"]
+            print(f"  {name:<12} {r[f'fwd_{name}_ms']:>11.2f} {r[f'bwd_{name}_ms']:>12.2f} {fs:>11.2f}x {bs:>11.2f}x")
+    path = Path(args.csv or Path(__file__).parent / "results" / f"backward_vs_autograd_{args.device}.csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
