@@ -5,10 +5,12 @@ first call for each input signature (shapes, dtypes, devices, train/eval flags) 
 reuses that specialisation afterwards. It shares the user's Parameters and buffers (no
 copies, same ``state_dict`` keys) and never modifies the user's model.
 
-Front ends, in order (``Config.front_end``): symbolic tracing that inlines every module
-(``passes.trace``); if the model's own forward cannot be traced, a full-graph
-TorchDynamo capture (``passes.dynamo``). If neither can capture the model, the
-original model runs and ``report.failure`` says why (``policy="always"``: an error).
+Front ends (``Config.front_end``): ``"auto"`` tries symbolic tracing that inlines every
+module (``passes.trace``), then, if the model's own forward cannot be traced, records
+one concrete run (``passes.record``: unrolled loops, scheduler Python resolved). If
+neither can capture the model, the original model runs and ``report.failure`` says why
+(``policy="always"``: an error). ``"dynamo"`` captures with TorchDynamo
+(``fullgraph=True``), the same pass as ``torch.compile(model, backend="deeppcr")``.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from .config import Config
 from .inspect.report import CompileReport
 from .passes.dynamo import DynamoBackend, make_backend
 from .passes.pipeline import Context, run_pipeline
+from .passes.record import RecordFailure, record
 from .passes.trace import TraceFailure, trace
 from .passes.validate import Reason
 
@@ -49,8 +52,10 @@ def _describe(args: tuple) -> str:
 
 
 class _Specialisation:
-    def __init__(self, runner: Any, report: CompileReport, graph_module: Optional[fx.GraphModule]) -> None:
+    def __init__(self, runner: Any, report: CompileReport, graph_module: Optional[fx.GraphModule],
+                 first_output: Any = None) -> None:
         self.runner, self.report, self.graph_module = runner, report, graph_module
+        self.first_output = first_output  # the recording front end ran the model once already
 
 
 class CompiledModule(torch.nn.Module):
@@ -98,6 +103,9 @@ class CompiledModule(torch.nn.Module):
         if kwargs:
             raise TypeError("deeppcr.compile: pass inputs positionally (keyword inputs are not traced yet).")
         spec = self.specialise(args)
+        if spec.first_output is not None:
+            out, spec.first_output = spec.first_output, None
+            return out
         return spec.runner(*args)
 
     def specialise(self, args: tuple) -> _Specialisation:
@@ -123,11 +131,22 @@ class CompiledModule(torch.nn.Module):
                 ctx = Context(config, args, report, front_end="symbolic")
                 gm = run_pipeline(traced.graph_module, ctx).graph_module
                 return _Specialisation(gm, report, gm)
-        if config.front_end in ("auto", "dynamo"):
-            if symbolic_error:
-                report.notes.append(f"symbolic tracing failed ({symbolic_error}); using TorchDynamo")
+        if config.front_end == "dynamo":
             return self._build_dynamo(args, report, symbolic_error)
-        return self._fail(report, Reason.TRACE_FAILED, f"symbolic tracing: {symbolic_error}")
+        errors = [f"symbolic tracing: {symbolic_error}"] if symbolic_error else []
+        if config.front_end in ("auto", "record"):
+            try:
+                gm, out = record(model, args)
+            except RecordFailure as exc:
+                errors.append(f"recording: {exc}")
+            else:
+                if symbolic_error:
+                    report.notes.append(f"symbolic tracing failed ({symbolic_error}); recorded a concrete run")
+                report.front_end, report.graphs = "record", 1
+                ctx = Context(config, args, report, front_end="record")
+                gm = run_pipeline(gm, ctx).graph_module
+                return _Specialisation(gm, report, gm, first_output=out)
+        return self._fail(report, Reason.TRACE_FAILED, "; ".join(errors))
 
     def _build_dynamo(self, args: tuple, report: CompileReport, symbolic_error: Optional[str]) -> _Specialisation:
         backend = DynamoBackend(self.config, model_name=type(self._original).__name__)

@@ -67,7 +67,8 @@ class Config:
         Chains shorter than this stay sequential.
     front_end:
         How ``deeppcr.compile`` captures the model: ``"symbolic"`` (torch.fx tracing that inlines every
-        module), ``"dynamo"`` (a full-graph TorchDynamo capture) or ``"auto"`` (symbolic, then dynamo).
+        module), ``"record"`` (one concrete run recorded op by op: unrolled loops, scheduler Python
+        resolved), ``"dynamo"`` (a full-graph TorchDynamo capture) or ``"auto"`` (symbolic, then record).
     autotune:
         Time sequential and parallel variants of each chain on the first call per input
         signature and keep the faster.
@@ -97,8 +98,9 @@ class Config:
             raise ValueError(f"Config.max_iter must be >= 1 (or None), got {self.max_iter}.")
         if self.vectorize not in ("auto", True, False):
             raise ValueError(f"Config.vectorize must be 'auto', True or False, got {self.vectorize!r}.")
-        if self.front_end not in ("auto", "symbolic", "dynamo"):
-            raise ValueError(f"Config.front_end={self.front_end!r} is not one of ('auto', 'symbolic', 'dynamo').")
+        if self.front_end not in ("auto", "symbolic", "record", "dynamo"):
+            raise ValueError(f"Config.front_end={self.front_end!r} is not one of "
+                             "('auto', 'symbolic', 'record', 'dynamo').")
         if self.min_length < 1:
             raise ValueError(f"Config.min_length must be >= 1, got {self.min_length}.")
 

@@ -72,6 +72,7 @@ class _MetaInterpreter(fx.Interpreter):
         super().__init__(gm, garbage_collect_values=True)
         self.result = result
         self._attr_cache: dict[str, Any] = {}
+        self._real_cache: dict[fx.Node, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         try:
@@ -79,11 +80,37 @@ class _MetaInterpreter(fx.Interpreter):
         except _Unknown:
             value = _UNKNOWN
         except Exception as exc:
+            value = self._constant_fallback(n, exc)
+        n.meta[KEY] = None if value is _UNKNOWN else _info(value)
+        return value
+
+    def _constant_fallback(self, n: fx.Node, exc: Exception) -> Any:
+        """A value-dependent op on constants only (``(timesteps == t).nonzero()``): compute it for real."""
+        try:
+            return _to_meta(self._real(n))
+        except Exception:
+            pass
             self.result.failed[n.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             if n.op == "call_module":
                 self.result.data_dependent.add(n.name)
-            value = _UNKNOWN
-        n.meta[KEY] = None if value is _UNKNOWN else _info(value)
+            return _UNKNOWN
+
+    def _real(self, n: fx.Node) -> Any:
+        """Real value of a node computed from get_attr constants only (never placeholders, never in place)."""
+        if n in self._real_cache:
+            return self._real_cache[n]
+        if n.op == "get_attr":
+            value = super().get_attr(n.target, (), {})
+        elif n.op in ("call_function", "call_method") and not _in_place(n):
+            args = fx.node.map_arg(n.args, self._real)
+            kwargs = fx.node.map_arg(n.kwargs, self._real)
+            if n.op == "call_function":
+                value = n.target(*args, **kwargs)
+            else:
+                value = getattr(args[0], n.target)(*args[1:], **kwargs)
+        else:
+            raise _Unknown
+        self._real_cache[n] = value
         return value
 
     def _check(self, args, kwargs) -> None:
@@ -113,6 +140,11 @@ class _MetaInterpreter(fx.Interpreter):
         state = {k: _to_meta(v) for k, v in list(mod.named_parameters()) + list(mod.named_buffers())}
         with torch.no_grad():
             return functional_call(mod, state, args, kwargs)
+
+
+def _in_place(n: fx.Node) -> bool:
+    name = str(getattr(n.target, "__name__", n.target))
+    return name.endswith("_") and not name.endswith("__")
 
 
 class _Unknown(Exception):

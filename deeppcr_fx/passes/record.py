@@ -1,0 +1,174 @@
+"""Front end 3: record one concrete run (what the Python did, as a graph of tensor ops).
+
+Symbolic tracing cannot follow a diffusers scheduler (it indexes tensors with Python
+ints, keeps ``step_index`` on ``self``, calls ``.item()``), and TorchDynamo may break its
+graph there. Recording runs the model once on the real inputs under a
+``TorchFunctionMode`` and writes every torch call that returns tensors into an FX graph:
+
+- inputs become placeholders, the model's Parameters and buffers ``get_attr`` nodes
+  (the very same objects, so gradients reach them), other tensors constants;
+- random and factory calls (``torch.randn``) are recorded even without tensor inputs,
+  so the graph draws fresh numbers, in the original order, on every call;
+- Python values read from tensors (``.item()``, ``bool``, shapes) are baked in. That is
+  only sound when they do not depend on the inputs: reading an input-dependent value
+  (data-dependent control flow) makes recording fail with that reason.
+
+The graph is specialised to the recorded run: the same loop length, the same Python
+decisions. Python-side effects (a scheduler's step counter) happen during recording
+only; models whose forward resets such state at its start (as samplers do) replay
+exactly.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.overrides import TorchFunctionMode
+
+logger = logging.getLogger(__name__)
+
+
+class RecordFailure(RuntimeError):
+    """The run reads input-dependent values into Python (data-dependent control flow)."""
+
+
+_CONCRETE_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
+                   torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.numpy}
+_DATA_DEPENDENT_SHAPES = {torch.nonzero, torch.Tensor.nonzero, torch.masked_select, torch.Tensor.masked_select,
+                          torch.unique, torch.argwhere}
+_SKIP = {torch.Tensor.__repr__, torch.Tensor.__format__, torch.Tensor.__str__}
+
+
+def _method_names() -> dict:
+    names = {}
+    for name in dir(torch.Tensor):
+        try:
+            attr = getattr(torch.Tensor, name)
+        except Exception:
+            continue
+        if callable(attr):
+            names.setdefault(id(attr), (attr, name))
+    return names
+
+
+_METHODS = _method_names()
+
+
+def _emit(graph: fx.Graph, func, args: tuple, kwargs: dict) -> fx.Node:
+    """A node FX can print as code: Tensor methods as ``call_method``, properties via ``getattr``."""
+    hit = _METHODS.get(id(func))
+    if hit is not None and hit[0] is func and not hasattr(torch, hit[1]) or (hit and hit[1].startswith("__")):
+        return graph.call_method(hit[1], args, kwargs)
+    if getattr(func, "__name__", "") == "__get__" and hasattr(func, "__self__"):
+        return graph.call_function(getattr, (args[0], func.__self__.__name__))
+    return graph.call_function(func, args, kwargs)
+
+
+def _tensors(x: Any):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (tuple, list)):
+        for v in x:
+            yield from _tensors(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.graph = fx.Graph()
+        self.nodes: dict[int, tuple] = {}  # id(tensor) -> (tensor, node); tensors kept alive while recording
+        self.dependent: set = set()  # nodes computed from the inputs
+        self.attrs: dict[str, Any] = {}
+        self.named = {id(t): name for name, t in list(model.named_parameters()) + list(model.named_buffers())}
+        self.error: str | None = None
+
+    def placeholder(self, t: torch.Tensor, name: str) -> None:
+        node = self.graph.placeholder(name)
+        self.nodes[id(t)] = (t, node)
+        self.dependent.add(node)
+
+    def node_for(self, t: torch.Tensor) -> fx.Node:
+        hit = self.nodes.get(id(t))
+        if hit is not None and hit[0] is t:
+            return hit[1]
+        name = self.named.get(id(t))
+        if name is None:
+            name = f"_recorded_constant_{len(self.attrs)}"
+        self.attrs[name] = t
+        node = self.graph.get_attr(name)
+        self.nodes[id(t)] = (t, node)
+        return node
+
+    def _arg(self, a: Any) -> Any:
+        if isinstance(a, torch.Tensor):
+            return self.node_for(a)
+        if isinstance(a, (tuple, list)):
+            return type(a)(self._arg(v) for v in a)
+        if isinstance(a, dict):
+            return {k: self._arg(v) for k, v in a.items()}
+        if isinstance(a, torch.Generator):
+            raise RecordFailure("torch.Generator arguments cannot be replayed from a recorded graph")
+        return a
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _SKIP or self.error is not None:
+            return out
+        inputs = list(_tensors((args, kwargs)))
+        known = [self.nodes[id(t)][1] for t in inputs if id(t) in self.nodes and self.nodes[id(t)][0] is t]
+        dependent = any(n in self.dependent for n in known)
+        if func in _CONCRETE_READS or func in _DATA_DEPENDENT_SHAPES:
+            if dependent:
+                self.error = (f"{getattr(func, '__qualname__', func)} reads a value computed from the inputs "
+                              "(data-dependent control flow)")
+            if func in _CONCRETE_READS:
+                return out
+        outs = list(_tensors(out))
+        if not outs or func is torch.Tensor.__setitem__:
+            if func is torch.Tensor.__setitem__ and dependent:
+                self.error = "in-place item assignment on a value computed from the inputs"
+            return out
+        try:
+            node = _emit(self.graph, func, self._arg(tuple(args)), self._arg(dict(kwargs)))
+        except RecordFailure as exc:
+            self.error = str(exc)
+            return out
+        if dependent:
+            self.dependent.add(node)
+        if isinstance(out, torch.Tensor):
+            self.nodes[id(out)] = (out, node)
+        elif isinstance(out, (tuple, list)):
+            for i, t in enumerate(out):
+                if isinstance(t, torch.Tensor):
+                    item = self.graph.call_function(operator.getitem, (node, i))
+                    if dependent:
+                        self.dependent.add(item)
+                    self.nodes[id(t)] = (t, item)
+        return out
+
+
+def record(model: torch.nn.Module, example_inputs: tuple) -> tuple[fx.GraphModule, Any]:
+    """Run ``model(*example_inputs)`` once; return the recorded GraphModule and the run's output."""
+    rec = _Recorder(model)
+    for i, x in enumerate(example_inputs):
+        if not isinstance(x, torch.Tensor):
+            raise RecordFailure(f"input {i} is a {type(x).__name__}; recording takes tensor inputs only")
+        rec.placeholder(x, f"input_{i}")
+    with rec:
+        out = model(*example_inputs)
+    if rec.error is not None:
+        raise RecordFailure(rec.error)
+    if not isinstance(out, torch.Tensor):
+        raise RecordFailure(f"the model returned a {type(out).__name__}; recording supports one tensor output")
+    rec.graph.output(rec.node_for(out))
+    # a dict root maps qualified names to the very objects: the model's Parameters are shared, not copied
+    gm = fx.GraphModule(dict(rec.attrs), rec.graph, type(model).__name__)
+    gm.graph.lint()
+    return gm, out

@@ -1,0 +1,66 @@
+"""Tiny diffusion samplers driven by diffusers schedulers (random denoisers, no downloads).
+
+``Sampler.forward(x)`` is the loop users write::
+
+    for t in scheduler.timesteps:
+        x = scheduler.step(denoiser(x, t), t, x).prev_sample
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+class Denoiser(nn.Module):
+    """eps(x, t): an MLP with a sinusoidal timestep embedding (the same module every step)."""
+
+    def __init__(self, w=8, emb=8):
+        super().__init__()
+        half = emb // 2
+        self.register_buffer("freqs", torch.exp(-math.log(1000.0) * torch.arange(half) / half))
+        self.temb = nn.Linear(emb, w)
+        self.inp = nn.Linear(w, w)
+        self.out = nn.Linear(w, w)
+
+    def forward(self, x, t):
+        args = t.to(x.dtype).reshape(1) * self.freqs.to(x.dtype)
+        emb = torch.cat([torch.sin(args), torch.cos(args)]).unsqueeze(0)
+        h = torch.tanh(self.inp(x) + self.temb(emb))
+        return 0.5 * self.out(h)
+
+
+class Sampler(nn.Module):
+    def __init__(self, scheduler, steps, w=8):
+        super().__init__()
+        self.denoiser = Denoiser(w)
+        self.scheduler = scheduler
+        self.steps = steps
+        scheduler.set_timesteps(steps)
+
+    def forward(self, x):
+        self.scheduler._step_index = None  # restart the scheduler's step counter (as set_timesteps does)
+        x = x * self.scheduler.init_noise_sigma
+        for t in self.scheduler.timesteps:
+            eps = self.denoiser(self.scheduler.scale_model_input(x, t), t)
+            x = self.scheduler.step(eps, t, x).prev_sample
+        return x
+
+
+def make_scheduler(kind: str):
+    import diffusers
+
+    common = dict(num_train_timesteps=1000)
+    if kind == "ddpm":
+        return diffusers.DDPMScheduler(**common)
+    if kind == "ddim":
+        return diffusers.DDIMScheduler(**common)
+    if kind == "euler":
+        return diffusers.EulerDiscreteScheduler(**common)
+    raise ValueError(kind)
+
+
+def sampler(kind: str, steps: int = 10, w: int = 8, dtype=torch.float32):
+    torch.manual_seed(0)
+    return Sampler(make_scheduler(kind), steps, w).to(dtype), (torch.randn(2, w, dtype=dtype),)
