@@ -156,7 +156,7 @@ class CompiledModule(torch.nn.Module):
             try:
                 out = compiled(*a)
             except Exception as exc:
-                if backend.graph_modules:
+                if spec.graph_module is not None:  # it captured before: a genuine error of the model
                     raise
                 detail = f"TorchDynamo (fullgraph) could not capture the model: {type(exc).__name__}: " + \
                          (str(exc).splitlines()[0] if str(exc) else "")
