@@ -72,3 +72,15 @@ def test_period_is_structural_not_by_name():
     compiled = deeppcr.compile(flat, policy="always")
     check_numerics(flat, compiled, inputs, torch.float64, gradients=False)
     check_structure(compiled, [(8, 2)])
+
+
+def test_torch_transformer_encoder_is_recorded():
+    """nn.TransformerEncoder cannot be traced symbolically (mask canonicalisation inspects types);
+    the recording front end captures it and finds the 8 layers (4 cut pieces per layer)."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, num_layers=8, enable_nested_tensor=False).double().eval()
+    compiled = deeppcr.compile(model, policy="always")
+    check_numerics(model, compiled, (torch.randn(2, 3, 8, dtype=torch.float64),), torch.float64)
+    assert compiled.report.front_end == "record"
+    check_structure(compiled, [(8, 4)])
