@@ -165,3 +165,11 @@ def test_in_place_op_in_block():
     torch.manual_seed(0)
     report = _compile(Stack([InPlace() for _ in range(8)]).double(), torch.randn(3, 8, dtype=torch.float64))
     _only_refusal(report, Reason.BUFFER_MUTATION)
+
+
+def test_auto_policy_heuristic():
+    from deeppcr_fx.passes.cost_model import parallel_depth, profitable
+
+    assert parallel_depth(32) == 30 and parallel_depth(16) == 25
+    assert profitable(32, "cuda")[0] and not profitable(16, "cuda")[0]
+    assert not profitable(1024, "cpu")[0]

@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..config import Config
+from .cost_model import profitable
 from .find_chains import Candidate
 from .shape_prop import ShapeInfo, info_of
 
@@ -66,8 +67,8 @@ _REMEDIES = {
     Reason.UNSTACKABLE_INPUT: "a per-step input is not a tensor of one shape and dtype in every step (e.g. a "
                               "Python int that differs per step); make it a tensor or a constant.",
     Reason.POLICY_NEVER: "policy='never' only reports; use policy='always' or 'auto' to rewrite.",
-    Reason.NOT_PROFITABLE: "policy='auto' predicts no speed-up here (CPU inputs: parallel depth does not pay); "
-                           "use policy='always' to rewrite anyway.",
+    Reason.NOT_PROFITABLE: "policy='auto' predicts no speed-up here (CPU inputs, or a chain too short for "
+                           "parallel depth to pay: see passes/cost_model.py); use policy='always' to rewrite anyway.",
     Reason.TRACE_FAILED: "the model's forward could not be traced by this front end; the original model runs. "
                          "Try torch.compile(model, backend='deeppcr') or make forward traceable.",
     Reason.GRAPH_BREAK: "TorchDynamo split the model into several graphs; chains that cross a graph break "
@@ -169,6 +170,8 @@ def validate(c: Candidate, gm: fx.GraphModule, shapes: ShapeInfo, config: Config
         return Refusal(Reason.TOO_SHORT, f"L={c.length} < min_length={config.min_length}")
     if config.policy == "never":
         return Refusal(Reason.POLICY_NEVER)
-    if config.policy == "auto" and device_type == "cpu":
-        return Refusal(Reason.NOT_PROFITABLE, "inputs are on the CPU")
+    if config.policy == "auto":
+        ok, why = profitable(c.length, device_type)
+        if not ok:
+            return Refusal(Reason.NOT_PROFITABLE, why)
     return None
