@@ -205,8 +205,10 @@ def compile(model: torch.nn.Module, example_inputs: Optional[tuple] = None, poli
 
 
 def explain(model: torch.nn.Module, example_inputs: tuple, **options) -> CompileReport:
-    """The ``CompileReport`` for ``model`` on ``example_inputs`` (the model is not run symbolically-traced
-    front ends; the TorchDynamo front end runs it once)."""
+    """The ``CompileReport`` for ``model`` on ``example_inputs``, with the same options as ``compile``.
+
+    The symbolic front end does not run the model; the recording and TorchDynamo front ends run it once.
+    """
     compiled = compile(model, **options)
     spec = compiled.specialise(tuple(example_inputs))
     if spec.graph_module is None and spec.report.front_end is None and spec.report.failure is None:
