@@ -129,8 +129,8 @@ class CompiledModule(torch.nn.Module):
             else:
                 report.front_end, report.graphs, report.opaque_modules = "symbolic", 1, traced.opaque
                 ctx = Context(config, args, report, front_end="symbolic")
-                gm = run_pipeline(traced.graph_module, ctx).graph_module
-                return _Specialisation(gm, report, gm)
+                result = run_pipeline(traced.graph_module, ctx)
+                return _Specialisation(self._runner(result), report, result.graph_module)
         if config.front_end == "dynamo":
             return self._build_dynamo(args, report, symbolic_error)
         errors = [f"symbolic tracing: {symbolic_error}"] if symbolic_error else []
@@ -144,8 +144,8 @@ class CompiledModule(torch.nn.Module):
                     report.notes.append(f"symbolic tracing failed ({symbolic_error}); recorded a concrete run")
                 report.front_end, report.graphs = "record", 1
                 ctx = Context(config, args, report, front_end="record")
-                gm = run_pipeline(gm, ctx).graph_module
-                return _Specialisation(gm, report, gm, first_output=out)
+                result = run_pipeline(gm, ctx)
+                return _Specialisation(self._runner(result), report, result.graph_module, first_output=out)
         return self._fail(report, Reason.TRACE_FAILED, "; ".join(errors))
 
     def _build_dynamo(self, args: tuple, report: CompileReport, symbolic_error: Optional[str]) -> _Specialisation:
@@ -174,6 +174,11 @@ class CompiledModule(torch.nn.Module):
 
         spec = _Specialisation(runner, report, None)
         return spec
+
+    def _runner(self, result) -> Any:
+        """The rewritten graph, or the original model when no chain was rewritten (nothing to gain,
+        and the model's own Python, e.g. a scheduler's counters, keeps running as written)."""
+        return result.graph_module if result.modified else self._original
 
     def _fail(self, report: CompileReport, reason: Reason, detail: str) -> _Specialisation:
         report.failure, report.failure_detail = reason, detail

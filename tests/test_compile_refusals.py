@@ -173,3 +173,38 @@ def test_auto_policy_heuristic():
     assert parallel_depth(32) == 30 and parallel_depth(16) == 25
     assert profitable(32, "cuda")[0] and not profitable(16, "cuda")[0]
     assert not profitable(1024, "cpu")[0]
+
+
+def test_per_step_python_float_the_op_needs_as_float():
+    """A constant that differs per step but must stay a Python float (leaky_relu's slope) is refused."""
+
+    class Leaky(nn.Module):
+        def __init__(self, slope):
+            super().__init__()
+            self.lin, self.slope = nn.Linear(8, 8), slope
+
+        def forward(self, x):
+            return x + F.leaky_relu(self.lin(x), self.slope)
+
+    torch.manual_seed(0)
+    model = Stack([Leaky(0.01 * (i + 1)) for i in range(8)]).double()
+    rec = _only_refusal(_compile(model, torch.randn(3, 8, dtype=torch.float64)), Reason.UNSTACKABLE_INPUT)
+    assert "template" in rec.detail
+
+
+def test_per_step_python_float_as_tensor_is_stacked():
+    class Scaled(nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.lin, self.scale = nn.Linear(8, 8), scale
+
+        def forward(self, x):
+            return x + self.scale * torch.tanh(self.lin(x))
+
+    torch.manual_seed(0)
+    model = Stack([Scaled(0.1 * (i + 1)) for i in range(8)]).double()
+    compiled = deeppcr.compile(model, policy="always")
+    x = torch.randn(3, 8, dtype=torch.float64)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-9, atol=1e-9)
+    rec = compiled.report.rewritten[0]
+    assert rec.n_per_step == 3  # weight, bias and the scale (a float64 tensor of the 8 Python floats)

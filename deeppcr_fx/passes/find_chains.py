@@ -148,16 +148,17 @@ def dependents(source: fx.Node) -> set:
 
 
 def _collector(node: fx.Node, dep: set) -> bool:
-    """``output`` or a node gathering >= 3 state-dependent values (``torch.stack(hidden_states)``)."""
-    return node.op == "output" or len([a for a in node.all_input_nodes if a in dep]) >= 3
+    """A node gathering >= 3 state-dependent values (``torch.stack(hidden_states)``)."""
+    return len([a for a in node.all_input_nodes if a in dep]) >= 3
 
 
-def cuts(graph: fx.Graph, source: fx.Node) -> tuple[list, set]:
+def cuts(graph: fx.Graph, source: fx.Node, relax: bool = False) -> tuple[list, set]:
     """Dependent nodes where no other dependent value is live, in graph order.
 
-    Uses by collectors do not keep a value live, so models that return or stack every
-    hidden state still have their per-layer cuts; a candidate that reads a value from
-    inside its own range is dropped afterwards (``_self_contained``).
+    Uses by ``output`` never keep a value live; with ``relax``, neither do uses by
+    collectors, so models that stack every hidden state still have their per-layer cuts.
+    A relaxed cut can be false (a collector inside a block); candidates that read a value
+    from inside their own range are dropped afterwards (``_self_contained``).
     """
     order = list(graph.nodes)
     pos = {n: i for i, n in enumerate(order)}
@@ -165,7 +166,8 @@ def cuts(graph: fx.Graph, source: fx.Node) -> tuple[list, set]:
     delta = [0] * (len(order) + 1)
     live_until = {}
     for n in dep:
-        last = max((pos[u] for u in n.users if not _collector(u, dep)), default=pos[n])
+        last = max((pos[u] for u in n.users if u.op != "output" and not (relax and _collector(u, dep))),
+                   default=pos[n])
         live_until[n] = last
         if last > pos[n]:
             delta[pos[n]] += 1
@@ -178,8 +180,8 @@ def cuts(graph: fx.Graph, source: fx.Node) -> tuple[list, set]:
     return result, dep
 
 
-def pieces(graph: fx.Graph, source: fx.Node, gm=None) -> list:
-    cut_nodes, dep = cuts(graph, source)
+def pieces(graph: fx.Graph, source: fx.Node, gm=None, relax: bool = False) -> list:
+    cut_nodes, dep = cuts(graph, source, relax)
     order = list(graph.nodes)
     pos = {n: i for i, n in enumerate(order)}
     out = []
@@ -266,8 +268,12 @@ def find_chains(gm: fx.GraphModule, sources: Optional[Iterable[fx.Node]] = None)
         sources = [n for n in graph.nodes if n.op == "placeholder"
                    and info_of(n) is not None and info_of(n).is_tensor and info_of(n).dtype.is_floating_point]
     candidates = []
-    for source in sources:
-        ps = pieces(graph, source, gm)
+    for source, relax in ((s, r) for s in sources for r in (False, True)):
+        if relax:
+            dep = dependents(source)
+            if not any(_collector(n, dep) for n in dep):
+                continue
+        ps = pieces(graph, source, gm, relax)
         for start, p, count in periodic_runs([x.loose for x in ps]):
             run = ps[start:start + p * count]
             strict = periodic_runs([x.strict for x in run])

@@ -127,6 +127,34 @@ def _mutates(n: fx.Node) -> Optional[str]:
     return None
 
 
+def _meta(info) -> object:
+    if info is None:
+        raise ValueError("no shape")
+    return torch.empty(info.shape, dtype=info.dtype, device="meta") if info.is_tensor else info.constant
+
+
+def _template_check(c: Candidate) -> Optional[Refusal]:
+    """Run the step template once on meta values: slots must be accepted as tensors, the state kept."""
+    from .rewrite import slots_of, step_template  # rewrite builds on find_chains, like this module
+
+    slots = slots_of(c)
+    seg = c.segments[0]
+    try:
+        state = info_of(seg.state_in)
+        args = [_meta(state)]
+        args += [_meta(info_of(seg.externals[i])) for i in slots.per_step_ext]
+        args += [torch.empty((), dtype=torch.float64, device="meta") for _ in slots.per_step_float]
+        args += [_meta(info_of(seg.externals[i])) for i in slots.shared_ext]
+        with torch.no_grad():
+            out = step_template(c, slots)(*args)
+    except Exception as exc:
+        return Refusal(Reason.UNSTACKABLE_INPUT, f"the one-step template does not run with stacked inputs: "
+                                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != state.shape or out.dtype != state.dtype:
+        return Refusal(Reason.SHAPES_DIFFER, f"one step maps {state.describe()} to {out!r:.80}")
+    return None
+
+
 def validate(c: Candidate, gm: fx.GraphModule, shapes: ShapeInfo, config: Config,
              device_type: str = "cpu") -> Optional[Refusal]:
     first = c.segments[0]
@@ -166,6 +194,9 @@ def validate(c: Candidate, gm: fx.GraphModule, shapes: ShapeInfo, config: Config
         infos = [info_of(x) for x in slot]
         if any(v is None or not v.is_tensor for v in infos) or len({(v.shape, v.dtype) for v in infos}) != 1:
             return Refusal(Reason.UNSTACKABLE_INPUT, f"slot {i}: {[x.name for x in slot][:4]}...")
+    broken = _template_check(c)
+    if broken:
+        return broken
     if c.length < config.min_length:
         return Refusal(Reason.TOO_SHORT, f"L={c.length} < min_length={config.min_length}")
     if config.policy == "never":
