@@ -1,0 +1,117 @@
+"""The command line: ``python -m deeppcr_fx {demo,explain,bench}`` (also installed as ``deeppcr``)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Optional, Sequence
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+class UsageError(Exception):
+    """A bad argument: reported as one line, exit code 2."""
+
+
+def _parse_shape(text: str) -> tuple:
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise UsageError(f"--input-shape {text!r} is not a comma-separated list of integers (e.g. 1,16)") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise UsageError(f"--input-shape {text!r} must list positive sizes (e.g. 1,16)")
+    return shape
+
+
+def _load_factory(spec: str):
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"{spec!r} is not MODULE:FACTORY (e.g. mypkg.models:build)")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"cannot import module {module_name!r}: {exc}") from None
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise UsageError(f"module {module_name!r} has no attribute {attr!r}")
+    return factory
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import torch
+
+    import deeppcr_fx as deeppcr
+
+    shape = _parse_shape(args.input_shape)
+    factory = _load_factory(args.target)
+    try:
+        model = factory()
+    except Exception as exc:  # the user's factory failed: one line, no traceback
+        raise UsageError(f"{args.target}() raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"{args.target}() returned a {type(model).__name__}, not a torch.nn.Module")
+    dtype = getattr(torch, args.dtype)
+    model = model.to(dtype)
+    x = torch.randn(*shape, dtype=dtype)
+    options = {"policy": args.policy} if args.policy else {}
+    report = deeppcr.explain(model, (x,), **options)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import main
+
+    return main(quick=args.quick)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "backward_vs_autograd.py"
+    if not script.exists():
+        raise UsageError("the benchmarks live in the source checkout (benchmarks/); run from a clone of the repo")
+    import runpy
+
+    sys.argv = [str(script), "--device", args.device] + (["--repeats", "3"] if args.quick else [])
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deeppcr", description="deeppcr_fx: parallel deep and step-by-step "
+                                     "PyTorch computations (DeepPCR as a torch.fx pass).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="compile a built-in deep MLP and a DDIM sampler, check and time them")
+    demo.add_argument("--quick", action="store_true", help="smaller models (a few seconds)")
+    demo.set_defaults(func=_demo)
+
+    explain = sub.add_parser("explain", help="print what deeppcr.compile finds in a model")
+    explain.add_argument("target", metavar="MODULE:FACTORY", help="a function that returns the nn.Module")
+    explain.add_argument("--input-shape", required=True, help="the example input's shape, e.g. 1,16")
+    explain.add_argument("--dtype", default="float32", choices=DTYPES)
+    explain.add_argument("--policy", choices=("auto", "always", "never"), default=None)
+    explain.add_argument("--json", action="store_true", help="print the report as JSON")
+    explain.set_defaults(func=_explain)
+
+    bench = sub.add_parser("bench", help="time the parallel backward against autograd of the plain model")
+    bench.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    bench.add_argument("--quick", action="store_true")
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"deeppcr {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
