@@ -87,6 +87,7 @@ class _Recorder(TorchFunctionMode):
         self.attrs: dict[str, Any] = {}
         self.named = {id(t): name for name, t in list(model.named_parameters()) + list(model.named_buffers())}
         self.error: str | None = None
+        self.module_stack: list = []  # (path, type) of the modules whose forward is running
 
     def placeholder(self, t: torch.Tensor, name: str) -> None:
         node = self.graph.placeholder(name)
@@ -142,6 +143,8 @@ class _Recorder(TorchFunctionMode):
             return out
         if dependent:
             self.dependent.add(node)
+        if self.module_stack:
+            node.meta["nn_module_stack"] = {path: (path, kind) for path, kind in self.module_stack}
         if isinstance(out, torch.Tensor):
             self.nodes[id(out)] = (out, node)
         elif isinstance(out, (tuple, list)):
@@ -161,8 +164,18 @@ def record(model: torch.nn.Module, example_inputs: tuple) -> tuple[fx.GraphModul
         if not isinstance(x, torch.Tensor):
             raise RecordFailure(f"input {i} is a {type(x).__name__}; recording takes tensor inputs only")
         rec.placeholder(x, f"input_{i}")
-    with rec:
-        out = model(*example_inputs)
+    handles = []  # temporary hooks that tell which module each op comes from (removed below)
+    for path, mod in model.named_modules():
+        if path:
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, a, path=path: rec.module_stack.append((path, type(m)))))
+            handles.append(mod.register_forward_hook(lambda m, a, o: rec.module_stack.pop() and None))
+    try:
+        with rec:
+            out = model(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
     if rec.error is not None:
         raise RecordFailure(rec.error)
     if not isinstance(out, torch.Tensor):
