@@ -50,7 +50,7 @@ def adjoint(steps: Steps, Zprev: torch.Tensor, G: torch.Tensor, wrt: Sequence[in
     stats.jacobian = mode
     if mode == "full":
         state_pullback = lambda c: pullback(c)[0]  # noqa: E731
-        _, J = jacobians.evaluate_pullback(state_pullback, Zprev, mode)
+        J = jacobians.jacobian_from_pullback(state_pullback, Zprev, mode)
         a = affine_scan(J, G, "full", transpose=True)
         stats.iterations = 1
         stats.converged = True
@@ -65,14 +65,14 @@ def _iterate(steps: Steps, pullback, Zprev, G, mode, atol, rtol, max_iter, stats
     G_rev = G.flip(0)
     A_rev = None
     if mode == "diag":
-        _, D = jacobians.evaluate_pullback(lambda c: pullback(c)[0], Zprev, "diag")
+        D = jacobians.jacobian_from_pullback(lambda c: pullback(c)[0], Zprev, "diag")
         A_rev = torch.cat([D[:1], D.flip(0)[:-1]])  # row m pairs with J_{L-m}; row 0 unused
 
     def evaluate(start: int, U: torch.Tensor):
         h = pullback(U.flip(0))[0]  # h_k = J_k^T a_k
         shifted = torch.cat([torch.zeros_like(h[:1]), h.flip(0)[:-1]])  # row m: J_{L-m}^T a_{L-m}
         vals = G_rev[start:] + shifted[start:]
-        return vals, None if A_rev is None else A_rev[start:]
+        return vals, lambda: None if A_rev is None else A_rev[start:]
 
     def finish(start: int, U: torch.Tensor) -> None:
         for m in range(start, length):

@@ -47,7 +47,11 @@ def choose_mode(requested: str, width: int, full_max_state: int) -> str:
 
 
 class Jacobians:
-    """``evaluate`` with reverse mode first, and forward mode once reverse mode has failed."""
+    """``evaluate`` with reverse mode first, and forward mode once reverse mode has failed.
+
+    Calling it returns ``(vals, jac)``: the step values now, and ``jac()`` to form the
+    Jacobians only if the caller needs them (a converged iteration does not).
+    """
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -55,36 +59,53 @@ class Jacobians:
         self.rev_error: str | None = None
 
     def __call__(self, g: Callable, Z: torch.Tensor):
-        if self.ad == "rev" and self.mode in MODES_WITH_MATRIX:
+        if self.ad == "fwd" or self.mode not in MODES_WITH_MATRIX:
+            return evaluate(g, Z, self.mode, self.ad)
+        try:
+            vals, jac = evaluate(g, Z, self.mode, "rev")
+        except VectorizeError:
+            raise
+        except (RuntimeError, NotImplementedError) as exc:
+            return self._forward_mode(exc)(g, Z)
+
+        def jac_with_fallback():
             try:
-                return evaluate(g, Z, self.mode, "rev")
-            except VectorizeError:
-                raise
+                return jac()
             except (RuntimeError, NotImplementedError) as exc:
-                self.ad, self.rev_error = "fwd", f"{type(exc).__name__}: {exc}"
-                try:
-                    return evaluate(g, Z, self.mode, "fwd")
-                except (RuntimeError, NotImplementedError):
-                    raise exc from None  # forward mode fails too: the reverse-mode error is the clearer one
-        return evaluate(g, Z, self.mode, self.ad)
+                return self._forward_mode(exc)(g, Z)[1]()
+
+        return vals, jac_with_fallback
+
+    def _forward_mode(self, exc: Exception) -> Callable:
+        self.ad, self.rev_error = "fwd", f"{type(exc).__name__}: {exc}"
+
+        def call(g, Z):
+            try:
+                return evaluate(g, Z, self.mode, "fwd")
+            except (RuntimeError, NotImplementedError):
+                raise exc from None  # forward mode fails too: the reverse-mode error is the clearer one
+
+        return call
 
 
-def evaluate(g: Callable, Z: torch.Tensor, mode: str, ad: str = "rev") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(g(Z), A)`` where ``A`` is the Jacobian in ``mode``'s structure (None for identity/zero)."""
+def evaluate(g: Callable, Z: torch.Tensor, mode: str, ad: str = "rev") -> tuple[torch.Tensor, Callable]:
+    """``(g(Z), jac)``; ``jac()`` is the Jacobian in ``mode``'s structure (None for identity/zero)."""
     if mode not in MODES_WITH_MATRIX:
-        return g(Z), None
+        return g(Z), lambda: None
     if ad == "fwd":
-        basis = _basis(Z)
-        cols = vmap(lambda t: jvp(g, (Z,), (t,))[1])(basis)  # cols[j, r, b, i] = J[r, b, i, j]
-        return g(Z), _structure(cols.movedim(0, -1), mode)
+        def columns():
+            cols = vmap(lambda t: jvp(g, (Z,), (t,))[1])(_basis(Z))  # cols[j, r, b, i] = J[r, b, i, j]
+            return _structure(cols.movedim(0, -1), mode)
+
+        return g(Z), columns
     vals, pullback = vjp(g, Z)
-    return evaluate_pullback(lambda c: pullback(c)[0], vals, mode)
+    return vals, lambda: jacobian_from_pullback(lambda c: pullback(c)[0], vals, mode)
 
 
-def evaluate_pullback(pullback: Callable, vals: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(vals, A)`` from a state pullback ``cotangent -> d<cotangent, g(Z)>/dZ`` (square Jacobians)."""
+def jacobian_from_pullback(pullback: Callable, vals: torch.Tensor, mode: str) -> torch.Tensor:
+    """The Jacobian from a state pullback ``cotangent -> d<cotangent, g(Z)>/dZ`` (square Jacobians)."""
     rows = vmap(pullback)(_basis(vals))  # rows[i, r, b, j] = J[r, b, i, j]
-    return vals, _structure(rows.movedim(0, -2), mode)
+    return _structure(rows.movedim(0, -2), mode)
 
 
 def _basis(like: torch.Tensor) -> torch.Tensor:
