@@ -1,7 +1,7 @@
 """``deeppcr.compile`` / ``explain`` / the ``"deeppcr"`` TorchDynamo backend.
 
 ``compile(model)`` returns a ``CompiledModule``: lazy, it traces and rewrites on the
-first call for each input signature (shapes, dtypes, devices, train/eval flags) and
+first call for each input signature (shapes, dtypes, devices, train/eval flags, grad mode) and
 reuses that specialisation afterwards. It shares the user's Parameters and buffers (no
 copies, same ``state_dict`` keys) and never modifies the user's model.
 
@@ -43,7 +43,7 @@ def _signature(args: tuple, model: torch.nn.Module) -> tuple:
             return ("tensor", tuple(x.shape), x.dtype, x.device)
         return ("value", type(x).__name__, repr(x))
 
-    return tuple(one(a) for a in args) + (tuple(m.training for m in model.modules()),)
+    return tuple(one(a) for a in args) + (tuple(m.training for m in model.modules()), torch.is_grad_enabled())
 
 
 def _describe(args: tuple) -> str:

@@ -76,3 +76,17 @@ def test_diffusers_scheduler_breaks_the_dynamo_graph():
     torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
     assert compiled.report.failure == deeppcr.Reason.TRACE_FAILED
     assert "TorchDynamo" in compiled.report.failure_detail
+
+
+def test_fast_path_without_derivative_is_refused():
+    """Under no_grad, TorchDynamo captures nn.TransformerEncoderLayer's fused fast path, which has no
+    derivative: Newton cannot linearise it, so the chain stays sequential, with its reason."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, num_layers=8, enable_nested_tensor=False).double().eval()
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    backend = make_backend(policy="always")
+    opt = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=0, atol=0)
+    assert backend.reports[-1].reasons() == [deeppcr.Reason.NOT_DIFFERENTIABLE]

@@ -208,3 +208,4 @@ def test_per_step_python_float_as_tensor_is_stacked():
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-9, atol=1e-9)
     rec = compiled.report.rewritten[0]
     assert rec.n_per_step == 3  # weight, bias and the scale (a float64 tensor of the 8 Python floats)
+

@@ -36,6 +36,7 @@ class Reason(str, enum.Enum):
     DATA_DEPENDENT_CONTROL_FLOW = "data_dependent_control_flow"
     OPAQUE_MODULE = "opaque_module"
     UNSTACKABLE_INPUT = "unstackable_input"
+    NOT_DIFFERENTIABLE = "not_differentiable"
     POLICY_NEVER = "policy_never"
     NOT_PROFITABLE = "not_profitable"
     TRACE_FAILED = "trace_failed"
@@ -66,6 +67,9 @@ _REMEDIES = {
                           "traceable by torch.fx or use the TorchDynamo backend.",
     Reason.UNSTACKABLE_INPUT: "a per-step input is not a tensor of one shape and dtype in every step (e.g. a "
                               "Python int that differs per step); make it a tensor or a constant.",
+    Reason.NOT_DIFFERENTIABLE: "an op in the step has no derivative (e.g. a fused inference fast path such as "
+                               "_transformer_encoder_layer_fwd); Newton needs the step's Jacobian. Call the model "
+                               "with gradients enabled or disable the fast path.",
     Reason.POLICY_NEVER: "policy='never' only reports; use policy='always' or 'auto' to rewrite.",
     Reason.NOT_PROFITABLE: "policy='auto' predicts no speed-up here (CPU inputs, or a chain too short for "
                            "parallel depth to pay: see passes/cost_model.py); use policy='always' to rewrite anyway.",
@@ -145,13 +149,19 @@ def _template_check(c: Candidate) -> Optional[Refusal]:
         args += [_meta(info_of(seg.externals[i])) for i in slots.per_step_ext]
         args += [torch.empty((), dtype=torch.float64, device="meta") for _ in slots.per_step_float]
         args += [_meta(info_of(seg.externals[i])) for i in slots.shared_ext]
+        template = step_template(c, slots)
         with torch.no_grad():
-            out = step_template(c, slots)(*args)
+            out = template(*args)
     except Exception as exc:
         return Refusal(Reason.UNSTACKABLE_INPUT, f"the one-step template does not run with stacked inputs: "
                                                  f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != state.shape or out.dtype != state.dtype:
         return Refusal(Reason.SHAPES_DIFFER, f"one step maps {state.describe()} to {out!r:.80}")
+    try:  # Newton and the adjoint differentiate the step with respect to the state
+        value, pullback = torch.func.vjp(lambda z: template(z, *args[1:]), args[0])
+        pullback(torch.ones_like(value))
+    except Exception as exc:
+        return Refusal(Reason.NOT_DIFFERENTIABLE, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     return None
 
 
