@@ -44,21 +44,37 @@ def _sequential_adjoint(A, r, mode):
     return torch.stack(out)
 
 
+CHUNKS = [0, 3, 7, None]  # plain PCR, work-efficient chunks (L not a multiple too), automatic
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("L", [1, 2, 3, 5, 64, 1000])
-def test_scan_matches_sequential(mode, L):
+def test_scan_matches_sequential(mode, L, chunk):
     g = torch.Generator().manual_seed(L)
     A, r = _coeffs(mode, L, 2, 3, g), torch.randn(L, 2, 3, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(affine_scan(A, r, mode), _sequential(A, r, mode), rtol=1e-10, atol=1e-10)
+    out = affine_scan(A, r, mode, chunk=chunk)
+    torch.testing.assert_close(out, _sequential(A, r, mode), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("L", [1, 2, 5, 33])
-def test_adjoint_scan_matches_sequential(mode, L):
+@pytest.mark.parametrize("L", [1, 2, 5, 33, 300])
+def test_adjoint_scan_matches_sequential(mode, L, chunk):
     g = torch.Generator().manual_seed(100 + L)
     A, r = _coeffs(mode, L, 2, 3, g), torch.randn(L, 2, 3, generator=g, dtype=torch.float64)
     expected = _sequential_adjoint(A, r, mode)
-    torch.testing.assert_close(affine_scan(A, r, mode, transpose=True), expected, rtol=1e-10, atol=1e-10)
+    out = affine_scan(A, r, mode, transpose=True, chunk=chunk)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_unused_row0_coefficients_never_reach_the_result(chunk):
+    g = torch.Generator().manual_seed(7)
+    A, r = _coeffs("full", 23, 1, 2, g), torch.randn(23, 1, 2, generator=g, dtype=torch.float64)
+    expected = affine_scan(A, r, "full", chunk=chunk)
+    A[0] = float("inf")
+    torch.testing.assert_close(affine_scan(A, r, "full", chunk=chunk)[1:], expected[1:])
 
 
 def test_scan_does_not_modify_inputs():

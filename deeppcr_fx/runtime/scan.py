@@ -18,6 +18,14 @@ predecessor is the zero vector), so callers may pass anything there.
     identity  A = I  (None)     the recurrence is a cumulative sum
     zero      A = 0  (None)     delta = r, no scan
 
+Work-efficient variant (``chunk=K``): sequential inside chunks of K rows, PCR across the
+chunks. Each chunk first solves its rows as if the row before it were zero and keeps the
+running products P_k = A_k ... A_first; the chunks' last rows then form a recurrence of
+length L/K (solved by PCR), and one batched product adds P_k times the previous chunk's
+carry to every row. It does O(L) matrix work instead of O(L log L) in about 3K + 2 log2(L/K)
+tensor operations: fewer, cheaper operations on CPUs with few cores; plain PCR (fewer,
+wider operations) on GPUs. ``chunk=None`` chooses (see ``default_chunk``).
+
 ``transpose=True`` solves the adjoint recurrence of the backward pass, which runs from the
 last row to the first with transposed matrices:
 
@@ -37,7 +45,15 @@ def rounds(length: int) -> int:
     return max(0, (length - 1).bit_length())
 
 
-def affine_scan(A: Optional[torch.Tensor], r: torch.Tensor, mode: str, transpose: bool = False) -> torch.Tensor:
+def default_chunk(length: int, device: torch.device) -> int:
+    """Chunk size for the work-efficient scan: none (0, plain PCR) on accelerators and short chains."""
+    if device.type != "cpu" or length < 128:
+        return 0
+    return max(8, int(round((length / 2) ** 0.5)))
+
+
+def affine_scan(A: Optional[torch.Tensor], r: torch.Tensor, mode: str, transpose: bool = False,
+                chunk: Optional[int] = None) -> torch.Tensor:
     """Solve ``delta_l = A_l delta_{l-1} + r_l`` (or its adjoint) for all rows; returns ``delta``."""
     if mode == "zero":
         return r.clone()
@@ -48,29 +64,58 @@ def affine_scan(A: Optional[torch.Tensor], r: torch.Tensor, mode: str, transpose
             A = A.flip(0)
             A = A.transpose(-1, -2) if mode == "full" else A
             A = torch.cat([A[-1:], A[:-1]])  # row 0 of the reversed system is unused
-        return _forward_scan(A, r, mode).flip(0)
-    return _forward_scan(A, r, mode)
+        return _forward_scan(A, r, mode, chunk).flip(0)
+    return _forward_scan(A, r, mode, chunk)
 
 
-def _forward_scan(A: Optional[torch.Tensor], r: torch.Tensor, mode: str) -> torch.Tensor:
+def _forward_scan(A: Optional[torch.Tensor], r: torch.Tensor, mode: str, chunk: Optional[int]) -> torch.Tensor:
     if mode == "identity":
         return r.cumsum(0)
     if mode not in ("full", "diag"):
         raise ValueError(f"unknown Jacobian mode {mode!r}")
     if A is None or A.shape[0] != r.shape[0]:
         raise ValueError(f"A must have one entry per row: got {None if A is None else tuple(A.shape)} for r {tuple(r.shape)}")
+    chunk = default_chunk(r.shape[0], r.device) if chunk is None else chunk
+    if 1 < chunk < r.shape[0]:
+        return _chunked_scan(A, r, mode, chunk)
+    return _pcr(A.clone(), r.clone(), mode)
+
+
+def _matvec(A: torch.Tensor, v: torch.Tensor, mode: str) -> torch.Tensor:
+    return (A @ v.unsqueeze(-1)).squeeze(-1) if mode == "full" else A * v
+
+
+def _matmul(A: torch.Tensor, B: torch.Tensor, mode: str) -> torch.Tensor:
+    return A @ B if mode == "full" else A * B
+
+
+def _chunked_scan(A: torch.Tensor, r: torch.Tensor, mode: str, chunk: int) -> torch.Tensor:
     length = r.shape[0]
-    r = r.clone()
-    A = A.clone()
+    n_chunks = -(-length // chunk)
+    pad = n_chunks * chunk - length
+    if pad:  # trailing rows with r = 0 do not change the rows before them
+        r = torch.cat([r, r.new_zeros(pad, *r.shape[1:])])
+        A = torch.cat([A, A.new_zeros(pad, *A.shape[1:])])
+    r = r.reshape(n_chunks, chunk, *r.shape[1:]).clone()
+    A = A.reshape(n_chunks, chunk, *A.shape[1:])
+    P = torch.empty_like(A)
+    P[:, 0] = A[:, 0]
+    for k in range(1, chunk):  # every chunk at once: its rows as if the row before it were zero
+        r[:, k] += _matvec(A[:, k], r[:, k - 1], mode)
+        P[:, k] = _matmul(A[:, k], P[:, k - 1], mode)
+    # the chunks' last rows: D_c = r_c,last + P_c,last D_{c-1}; chunk 0's P multiplies the zero vector
+    carry = _pcr(P[:, -1].clone(), r[:, -1].clone(), mode)
+    r[1:] += _matvec(P[1:], carry[:-1].unsqueeze(1), mode)
+    return r.reshape(n_chunks * chunk, *r.shape[2:])[:length]
+
+
+def _pcr(A: torch.Tensor, r: torch.Tensor, mode: str) -> torch.Tensor:
+    """Plain PCR, in place on ``A`` and ``r`` (callers pass copies)."""
+    length = r.shape[0]
     n_rounds = rounds(length)
     for k in range(n_rounds):
         s, last = 1 << k, k == n_rounds - 1
-        if mode == "full":
-            r[s:] += (A[s:] @ r[:-s].unsqueeze(-1)).squeeze(-1)
-            if not last:
-                A[s:] = A[s:] @ A[:-s]
-        else:
-            r[s:] += A[s:] * r[:-s]
-            if not last:
-                A[s:] = A[s:] * A[:-s]
+        r[s:] += _matvec(A[s:], r[:-s], mode)
+        if not last:
+            A[s:] = _matmul(A[s:], A[:-s], mode)
     return r
