@@ -119,36 +119,55 @@ class CompiledModule(torch.nn.Module):
     # --- building -----------------------------------------------------------------------
     def _build(self, args: tuple) -> _Specialisation:
         model, config = self._original, self.config
-        report = CompileReport(model=type(model).__name__, policy=config.policy, signature=_describe(args))
-        symbolic_error = None
+        new_report = lambda: CompileReport(model=type(model).__name__, policy=config.policy,  # noqa: E731
+                                           signature=_describe(args))
+        errors: list = []
+        symbolic = None
         if config.front_end in ("auto", "symbolic"):
             try:
-                traced = trace(model, args)
+                symbolic = self._build_symbolic(args, new_report())
             except TraceFailure as exc:
-                symbolic_error = str(exc)
+                errors.append(f"symbolic tracing: {exc}")
             else:
-                report.front_end, report.graphs, report.opaque_modules = "symbolic", 1, traced.opaque
-                ctx = Context(config, args, report, front_end="symbolic")
-                result = run_pipeline(traced.graph_module, ctx)
-                return _Specialisation(self._runner(result), report, result.graph_module)
+                opaque_refusals = [c for c in symbolic.report.refused if c.reason is Reason.OPAQUE_MODULE]
+                if config.front_end == "symbolic" or not opaque_refusals:
+                    return symbolic
         if config.front_end == "dynamo":
-            return self._build_dynamo(args, report, symbolic_error)
-        errors = [f"symbolic tracing: {symbolic_error}"] if symbolic_error else []
+            return self._build_dynamo(args, new_report())
         if config.front_end in ("auto", "record"):
             try:
-                gm, out = record(model, args)
+                recorded = self._build_record(args, new_report())
             except RecordFailure as exc:
                 errors.append(f"recording: {exc}")
             else:
-                if symbolic_error:
-                    report.notes.append(f"symbolic tracing failed ({symbolic_error}); recorded a concrete run")
-                report.front_end, report.graphs = "record", 1
-                ctx = Context(config, args, report, front_end="record")
-                result = run_pipeline(gm, ctx)
-                return _Specialisation(self._runner(result), report, result.graph_module, first_output=out)
-        return self._fail(report, Reason.TRACE_FAILED, "; ".join(errors))
+                if symbolic is not None:  # symbolic tracing kept modules opaque inside chains: compare
+                    if len(recorded.report.rewritten) <= len(symbolic.report.rewritten):
+                        recorded.first_output = None
+                        return symbolic
+                    recorded.report.notes.append("symbolic tracing kept modules opaque inside chains; "
+                                                 "the recorded run inlines them")
+                elif errors:
+                    recorded.report.notes.append(f"{errors[0]}; recorded a concrete run instead")
+                return recorded
+        if symbolic is not None:
+            return symbolic
+        return self._fail(new_report(), Reason.TRACE_FAILED, "; ".join(errors))
 
-    def _build_dynamo(self, args: tuple, report: CompileReport, symbolic_error: Optional[str]) -> _Specialisation:
+    def _build_symbolic(self, args: tuple, report: CompileReport) -> _Specialisation:
+        traced = trace(self._original, args)
+        report.front_end, report.graphs, report.opaque_modules = "symbolic", 1, traced.opaque
+        result = run_pipeline(traced.graph_module, Context(self.config, args, report, front_end="symbolic"))
+        return _Specialisation(self._runner(result), report, result.graph_module)
+
+    def _build_record(self, args: tuple, report: CompileReport) -> _Specialisation:
+        gm, out = record(self._original, args)
+        report.front_end, report.graphs = "record", 1
+        report.notes.append("recorded one concrete run: Python-side state changes (e.g. a scheduler's counters) "
+                            "happen when the original model runs, not in the rewritten graph")
+        result = run_pipeline(gm, Context(self.config, args, report, front_end="record"))
+        return _Specialisation(self._runner(result), report, result.graph_module, first_output=out)
+
+    def _build_dynamo(self, args: tuple, report: CompileReport) -> _Specialisation:
         backend = DynamoBackend(self.config, model_name=type(self._original).__name__)
         compiled = torch.compile(self._original, backend=backend, fullgraph=True, dynamic=False)
 
@@ -160,8 +179,6 @@ class CompiledModule(torch.nn.Module):
                     raise
                 detail = f"TorchDynamo (fullgraph) could not capture the model: {type(exc).__name__}: " + \
                          (str(exc).splitlines()[0] if str(exc) else "")
-                if symbolic_error:
-                    detail = f"symbolic tracing: {symbolic_error}; {detail}"
                 spec.runner = self._fail(report, Reason.TRACE_FAILED, detail).runner
                 return spec.runner(*a)
             if backend.reports:

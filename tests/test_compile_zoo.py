@@ -84,3 +84,29 @@ def test_torch_transformer_encoder_is_recorded():
     check_numerics(model, compiled, (torch.randn(2, 3, 8, dtype=torch.float64),), torch.float64)
     assert compiled.report.front_end == "record"
     check_structure(compiled, [(8, 4)])
+
+
+class MHABlock(torch.nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.norm, self.attn = torch.nn.LayerNorm(d), torch.nn.MultiheadAttention(d, 2, batch_first=True)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return x + self.attn(h, h, h, need_weights=False)[0]
+
+
+def test_opaque_modules_inside_chains_switch_to_recording():
+    """nn.MultiheadAttention stays opaque under symbolic tracing; compile() then records a run, which
+    inlines it, and rewrites the chain."""
+    from compile_zoo import Stack
+
+    torch.manual_seed(0)
+    model = Stack([MHABlock() for _ in range(8)]).double()
+    compiled = deeppcr.compile(model, policy="always")
+    check_numerics(model, compiled, (torch.randn(2, 3, 8, dtype=torch.float64),), torch.float64)
+    assert compiled.report.front_end == "record"
+    check_structure(compiled, [(8, 1)])
+    symbolic = deeppcr.compile(model, policy="always", front_end="symbolic")
+    symbolic(torch.randn(2, 3, 8, dtype=torch.float64))
+    assert symbolic.report.reasons() == [deeppcr.Reason.OPAQUE_MODULE]
