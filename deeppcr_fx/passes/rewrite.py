@@ -92,7 +92,8 @@ def covered_modules(c: Candidate) -> tuple:
     for seg in c.segments:
         for n in seg.nodes:
             for path, _ in (n.meta.get("nn_module_stack") or {}).values():
-                if path and path not in names:
+                path = path.replace("L['self'].", "", 1) if path.startswith("L['self'].") else path  # TorchDynamo
+                if path and path != "L['self']" and path not in names:
                     names.append(path)
     top = [p for p in names if not any(p.startswith(q + ".") for q in names if q != p)]
     return tuple(top) or tuple(s.state_out.name for s in c.segments)
