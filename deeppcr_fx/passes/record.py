@@ -131,10 +131,16 @@ class _Recorder(TorchFunctionMode):
                               "(data-dependent control flow)")
             if func in _CONCRETE_READS:
                 return out
-        outs = list(_tensors(out))
-        if not outs or func is torch.Tensor.__setitem__:
-            if func is torch.Tensor.__setitem__ and dependent:
-                self.error = "in-place item assignment on a value computed from the inputs"
+        if func is torch.Tensor.__setitem__:  # in place, returns None: replayed as a node in order
+            try:
+                node = self.graph.call_function(operator.setitem, self._arg(tuple(args)))
+            except RecordFailure as exc:
+                self.error = str(exc)
+                return out
+            if dependent:
+                self.dependent.add(node)
+            return out
+        if not list(_tensors(out)):
             return out
         try:
             node = _emit(self.graph, func, self._arg(tuple(args)), self._arg(dict(kwargs)))
