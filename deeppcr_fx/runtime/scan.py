@@ -49,7 +49,7 @@ def default_chunk(length: int, device: torch.device) -> int:
     """Chunk size for the work-efficient scan: none (0, plain PCR) on accelerators and short chains."""
     if device.type != "cpu" or length < 128:
         return 0
-    return max(8, int(round((length / 2) ** 0.5)))
+    return min(32, max(8, int(round((length / 2) ** 0.5))))
 
 
 def affine_scan(A: Optional[torch.Tensor], r: torch.Tensor, mode: str, transpose: bool = False,
@@ -90,23 +90,44 @@ def _matmul(A: torch.Tensor, B: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def _chunked_scan(A: torch.Tensor, r: torch.Tensor, mode: str, chunk: int) -> torch.Tensor:
-    length = r.shape[0]
+    length, tail = r.shape[0], r.shape[1:]
     n_chunks = -(-length // chunk)
     pad = n_chunks * chunk - length
     if pad:  # trailing rows with r = 0 do not change the rows before them
-        r = torch.cat([r, r.new_zeros(pad, *r.shape[1:])])
+        r = torch.cat([r, r.new_zeros(pad, *tail)])
         A = torch.cat([A, A.new_zeros(pad, *A.shape[1:])])
-    r = r.reshape(n_chunks, chunk, *r.shape[1:]).clone()
-    A = A.reshape(n_chunks, chunk, *A.shape[1:])
+    # Layout (chunk position k, chunk c * batch, ...): every A[k], r[k] below is one contiguous block,
+    # and the in-place batched kernels (baddbmm_, bmm out=, addcmul_) need no temporaries.
+    full = mode == "full"
+    n = r.shape[-1]
+    A = A.reshape(n_chunks, chunk, -1, *A.shape[-2 if full else -1:]).transpose(0, 1)
+    A = A.reshape(chunk, -1, *A.shape[3:]).contiguous()  # (K, C*B', n, n) or (K, C*B', n)
+    r = r.reshape(n_chunks, chunk, -1, n).transpose(0, 1).reshape(chunk, -1, n).contiguous()
+    if full:
+        r = r.unsqueeze(-1)  # column vectors for baddbmm
     P = torch.empty_like(A)
-    P[:, 0] = A[:, 0]
+    P[0] = A[0]
     for k in range(1, chunk):  # every chunk at once: its rows as if the row before it were zero
-        r[:, k] += _matvec(A[:, k], r[:, k - 1], mode)
-        P[:, k] = _matmul(A[:, k], P[:, k - 1], mode)
+        if full:
+            r[k].baddbmm_(A[k], r[k - 1])
+            torch.bmm(A[k], P[k - 1], out=P[k])
+        else:
+            r[k].addcmul_(A[k], r[k - 1])
+            torch.mul(A[k], P[k - 1], out=P[k])
     # the chunks' last rows: D_c = r_c,last + P_c,last D_{c-1}; chunk 0's P multiplies the zero vector
-    carry = _pcr(P[:, -1].clone(), r[:, -1].clone(), mode)
-    r[1:] += _matvec(P[1:], carry[:-1].unsqueeze(1), mode)
-    return r.reshape(n_chunks * chunk, *r.shape[2:])[:length]
+    per_chunk = (n_chunks, -1, n) + ((n,) if full else ())
+    last_r = r[-1].reshape(n_chunks, -1, n)
+    carry = _pcr(P[-1].reshape(per_chunk).clone(), last_r.clone(), mode)  # (C, B', n)
+    # every row of chunk c >= 1 adds P (its running product) times the carry D_{c-1}
+    later_r = r.view(chunk, n_chunks, -1, *r.shape[2:])[:, 1:]
+    later_P = P.view(chunk, n_chunks, -1, *P.shape[2:])[:, 1:]
+    if full:
+        later_r += later_P @ carry[:-1].unsqueeze(-1)
+        r = r.squeeze(-1)
+    else:
+        later_r.addcmul_(later_P, carry[:-1])
+    r = r.reshape(chunk, n_chunks, *tail).transpose(0, 1).reshape(n_chunks * chunk, *tail)
+    return r[:length]
 
 
 def _pcr(A: torch.Tensor, r: torch.Tensor, mode: str) -> torch.Tensor:
