@@ -55,7 +55,7 @@ class _Specialisation:
     def __init__(self, runner: Any, report: CompileReport, graph_module: Optional[fx.GraphModule],
                  first_output: Any = None) -> None:
         self.runner, self.report, self.graph_module = runner, report, graph_module
-        self.first_output = first_output  # the recording front end ran the model once already
+        self.first_output = first_output  # (inputs, output) when the recording front end just ran the model
 
 
 class CompiledModule(torch.nn.Module):
@@ -103,9 +103,9 @@ class CompiledModule(torch.nn.Module):
         if kwargs:
             raise TypeError("deeppcr.compile: pass inputs positionally (keyword inputs are not traced yet).")
         spec = self.specialise(args)
-        if spec.first_output is not None:
-            out, spec.first_output = spec.first_output, None
-            return out
+        first, spec.first_output = spec.first_output, None
+        if first is not None and len(first[0]) == len(args) and all(a is b for a, b in zip(first[0], args)):
+            return first[1]  # the recording front end just ran the model on these very inputs
         return spec.runner(*args)
 
     def specialise(self, args: tuple) -> _Specialisation:
@@ -165,7 +165,7 @@ class CompiledModule(torch.nn.Module):
         report.notes.append("recorded one concrete run: Python-side state changes (e.g. a scheduler's counters) "
                             "happen when the original model runs, not in the rewritten graph")
         result = run_pipeline(gm, Context(self.config, args, report, front_end="record"))
-        return _Specialisation(self._runner(result), report, result.graph_module, first_output=out)
+        return _Specialisation(self._runner(result), report, result.graph_module, first_output=(args, out))
 
     def _build_dynamo(self, args: tuple, report: CompileReport) -> _Specialisation:
         backend = DynamoBackend(self.config, model_name=type(self._original).__name__)

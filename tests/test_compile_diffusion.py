@@ -71,3 +71,11 @@ def test_noise_is_drawn_outside_the_solve():
     solve = compiled.report.rewritten[0].submodule
     template = gm.get_submodule(solve).step
     assert not any(n.target is torch.randn for n in template.graph.nodes)
+
+
+def test_example_inputs_output_is_not_reused_for_other_inputs():
+    model, (x,) = sampler("ddim", steps=10)
+    compiled = deeppcr.compile(model, example_inputs=(x,), policy="always", front_end="record")
+    y = torch.randn_like(x)
+    torch.testing.assert_close(compiled(y), model(y), rtol=1e-4, atol=1e-5)
+    assert compiled.report.front_end == "record" and compiled.report.rewritten
