@@ -7,7 +7,8 @@ Summary of the algorithm (DESIGN.md §2):
    embeddings, pre-sampled noise).
 2. Cut the dependents at single-tensor bottlenecks: walking the graph in order, node ``v``
    is a cut when no other dependent value is live across it (uses by ``output`` do not
-   count, so returning every hidden state still leaves the cuts in place).
+   count; a second, relaxed analysis also ignores collectors such as
+   ``torch.stack(hidden_states)``, so models that gather every state keep their cuts).
 3. Each piece between consecutive cuts gets a canonical form: ``(op, target, argument
    structure)`` where arguments are the piece's input state, its own nodes by position,
    external values by first-use slot, and constants — never node names. Floats are
@@ -18,11 +19,13 @@ Summary of the algorithm (DESIGN.md §2):
    overlap. A loose run with no strict sub-run of >= 2 segments is reported as a chain
    whose segment shapes differ.
 
-Nothing here mutates the graph; ``validate`` judges the candidates, ``rewrite`` acts.
+Candidates that read a value computed inside their own range by another segment are
+dropped (``_self_contained``). Nothing here mutates the graph; ``validate`` judges the
+candidates, ``rewrite`` acts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import torch

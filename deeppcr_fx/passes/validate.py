@@ -2,9 +2,11 @@
 
 ``validate(candidate, ...)`` returns ``None`` for a chain that can be rewritten, or a
 frozen ``Refusal(reason, detail)``; ``reason.remedy`` tells the user what to change.
-Checks, in order: segment shapes, state type, values escaping the chain, in-place
-mutation, randomness and data-dependent control flow inside the state-dependent core,
-stackable per-step inputs, length (``min_length``), then the policy.
+Checks, in order: segment shapes, data-dependent opaque modules, known shapes, state
+type, values escaping the chain, opaque modules, in-place mutation, randomness and
+data-dependent reads inside the state-dependent core, stackable per-step inputs, the
+one-step template run on meta values (and differentiated: Newton needs its Jacobian),
+length (``min_length``), then the policy (``cost_model`` for ``"auto"``).
 """
 from __future__ import annotations
 
