@@ -32,11 +32,12 @@ class Denoiser(nn.Module):
 
 
 class Sampler(nn.Module):
-    def __init__(self, scheduler, steps, w=8):
+    def __init__(self, scheduler, steps, w=8, generator=None):
         super().__init__()
         self.denoiser = Denoiser(w)
         self.scheduler = scheduler
         self.steps = steps
+        self.generator = generator
         scheduler.set_timesteps(steps)
 
     def forward(self, x):
@@ -44,7 +45,8 @@ class Sampler(nn.Module):
         x = x * self.scheduler.init_noise_sigma
         for t in self.scheduler.timesteps:
             eps = self.denoiser(self.scheduler.scale_model_input(x, t), t)
-            x = self.scheduler.step(eps, t, x).prev_sample
+            kwargs = {} if self.generator is None else {"generator": self.generator}
+            x = self.scheduler.step(eps, t, x, **kwargs).prev_sample
         return x
 
 

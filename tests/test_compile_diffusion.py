@@ -79,3 +79,22 @@ def test_example_inputs_output_is_not_reused_for_other_inputs():
     y = torch.randn_like(x)
     torch.testing.assert_close(compiled(y), model(y), rtol=1e-4, atol=1e-5)
     assert compiled.report.front_end == "record" and compiled.report.rewritten
+
+
+def test_ddpm_with_a_generator_draws_the_same_noise():
+    from diffusion_zoo import Sampler, make_scheduler
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(123)
+    model = Sampler(make_scheduler("ddpm"), 10, generator=gen)
+    x = torch.randn(2, 8)
+    compiled = deeppcr.compile(model, policy="always")
+    compiled(x)  # records (runs the original once)
+    gen.manual_seed(42)
+    out = compiled(x)
+    state_after = gen.get_state()
+    gen.manual_seed(42)
+    ref = model(x)
+    assert torch.equal(gen.get_state(), state_after)  # the same number of draws from the user's generator
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert compiled.report.front_end == "record" and [c.length for c in compiled.report.rewritten] == [9]

@@ -8,7 +8,8 @@ graph there. Recording runs the model once on the real inputs under a
 - inputs become placeholders, the model's Parameters and buffers ``get_attr`` nodes
   (the very same objects, so gradients reach them), other tensors constants;
 - random and factory calls (``torch.randn``) are recorded even without tensor inputs,
-  so the graph draws fresh numbers, in the original order, on every call;
+  so the graph draws fresh numbers, in the original order, on every call (from the
+  user's own ``torch.Generator`` object when one is passed);
 - Python values read from tensors (``.item()``, ``bool``, shapes) are baked in. That is
   only sound when they do not depend on the inputs: reading an input-dependent value
   (data-dependent control flow) makes recording fail with that reason.
@@ -113,8 +114,13 @@ class _Recorder(TorchFunctionMode):
             return type(a)(self._arg(v) for v in a)
         if isinstance(a, dict):
             return {k: self._arg(v) for k, v in a.items()}
-        if isinstance(a, torch.Generator):
-            raise RecordFailure("torch.Generator arguments cannot be replayed from a recorded graph")
+        if isinstance(a, torch.Generator):  # the very generator object: replays continue its stream
+            hit = self.nodes.get(id(a))
+            if hit is None:
+                name = f"_recorded_generator_{len(self.attrs)}"
+                self.attrs[name] = a
+                hit = self.nodes[id(a)] = (a, self.graph.get_attr(name))
+            return hit[1]
         return a
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
