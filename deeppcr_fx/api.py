@@ -87,7 +87,10 @@ class CompiledModule(torch.nn.Module):
 
     @property
     def graph_module(self) -> Optional[fx.GraphModule]:
-        """The emitted GraphModule of the latest specialisation (``None`` if the model runs unchanged)."""
+        """The emitted GraphModule of the latest specialisation (``None`` when no front end captured the model).
+
+        When no chain was rewritten the original model runs, and this is the captured graph as analysed.
+        """
         return None if self._last is None else self._last.graph_module
 
     @property
