@@ -74,6 +74,12 @@ class ShapeProxy(fx.Proxy):
         m = self._meta()
         return m.shape if m is not None else self.tracer.create_proxy("call_function", getattr, (self, "shape"), {})
 
+    def __len__(self):
+        m = self._meta()
+        if m is None:
+            return super().__len__()
+        return len(m)
+
     @property
     def ndim(self):
         m = self._meta()
