@@ -94,7 +94,8 @@ def evaluate(g: Callable, Z: torch.Tensor, mode: str, ad: str = "rev") -> tuple[
         return g(Z), lambda: None
     if ad == "fwd":
         def columns():
-            cols = vmap(lambda t: jvp(g, (Z,), (t,))[1])(_basis(Z))  # cols[j, r, b, i] = J[r, b, i, j]
+            tangents = _basis(Z)
+            cols = vmap(lambda t: jvp(g, (Z,), (t,))[1], chunk_size=_chunk_size(Z))(tangents)  # [j,r,b,i]=J[r,b,i,j]
             return _structure(cols.movedim(0, -1), mode)
 
         return g(Z), columns
@@ -102,9 +103,19 @@ def evaluate(g: Callable, Z: torch.Tensor, mode: str, ad: str = "rev") -> tuple[
     return vals, lambda: jacobian_from_pullback(lambda c: pullback(c)[0], vals, mode)
 
 
+# Basis vectors per vmap call: a batched pullback can materialise per-basis copies of per-step
+# weights (L n^2 each), so wide states are processed in chunks of about this many state elements.
+_ELEMENTS_PER_CHUNK = 1 << 25
+
+
+def _chunk_size(vals: torch.Tensor) -> int:
+    n = vals.shape[-1]
+    return max(1, min(n, _ELEMENTS_PER_CHUNK // max(1, vals.numel() * n)))
+
+
 def jacobian_from_pullback(pullback: Callable, vals: torch.Tensor, mode: str) -> torch.Tensor:
     """The Jacobian from a state pullback ``cotangent -> d<cotangent, g(Z)>/dZ`` (square Jacobians)."""
-    rows = vmap(pullback)(_basis(vals))  # rows[i, r, b, j] = J[r, b, i, j]
+    rows = vmap(pullback, chunk_size=_chunk_size(vals))(_basis(vals))  # rows[i, r, b, j] = J[r, b, i, j]
     return _structure(rows.movedim(0, -2), mode)
 
 
