@@ -5,7 +5,7 @@ a sequential chain is L steps deep; a parallel solve is about ``k * (ceil(log2 L
 deep (k Newton iterations, each one batched step evaluation plus a PCR scan of
 ceil(log2 L) rounds). The iteration count was measured on the test zoo (float32,
 ``jacobian="auto"``, ``deeppcr.compile(..., policy="always", min_length=1)``, reading
-``PCRSolve.last_stats.iterations``):
+``PCRSolve.last_stats.iterations``; ``benchmarks/compile_min_length.py`` reproduces it):
 
     chain          L=4  L=8  L=16  L=32  L=64
     residual         4    4     4     5     5
