@@ -21,6 +21,7 @@ quasi-Newton, Picard and Jacobi alike). It stops earlier and hands the rest to `
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -51,28 +52,30 @@ def triangular_newton(evaluate: Evaluate, finish: Finish, U: torch.Tensor, mode:
             return _finish(finish, start, U, stats, FinishCause.MAX_ITER)
         vals, jac = evaluate(start, U)
         residual = vals - U[start:]
-        if not bool(torch.isfinite(residual).all()):
-            return _finish(finish, start, U, stats, FinishCause.NON_FINITE)
-        ratio = _scaled_norm(residual, U[start:], atol, rtol)
+        ratio = _scaled_norm(residual, U[start:], atol, rtol)  # NaN/Inf anywhere in a row propagates here
         worst = float(ratio.max())
+        if not math.isfinite(worst):
+            return _finish(finish, start, U, stats, FinishCause.NON_FINITE)
         stats.iterations += 1
         if record:
             stats.window_starts.append(start)
             stats.residuals.append(worst)
         unconverged = (ratio > 1).nonzero()
-        if unconverged.numel() == 0 and worst <= POLISH_BELOW:
+        if unconverged.numel() == 0:  # every row is final; polish unless the update is below round-off
+            if worst > POLISH_BELOW:
+                A = jac()
+                delta = affine_scan(A, residual, mode)
+                if bool(torch.isfinite(delta).all()):
+                    U[start:] += delta
             stats.converged = True
             return U
-        skip = ratio.shape[0] if unconverged.numel() == 0 else int(unconverged[0])
+        skip = int(unconverged[0])
         A = jac()
+        # A non-finite delta needs no check here: it only reaches unfrozen rows, and the next
+        # iteration's residual sees it and finishes sequentially from the frozen prefix.
         delta = affine_scan(None if A is None else A[skip:], residual[skip:], mode)
-        if not bool(torch.isfinite(delta).all()):
-            return _finish(finish, start + skip, U, stats, FinishCause.NON_FINITE)
         window = U[start + skip:]
         window += delta
-        if unconverged.numel() == 0:  # every residual is small: the last update only polishes
-            stats.converged = True
-            return U
         window[0] = vals[skip]
         start += skip
 
