@@ -1,0 +1,213 @@
+"""DeepPCR's first two experiments, measured: forward and backward speed-up of a deep tanh MLP vs depth and width.
+
+    python examples/mlp_speed.py [--quick | --smoke] [--widths 2,4,8] [--depths 64,256,1024] [--threads N]
+
+The model is ``nn.Sequential(Linear(w, w), Tanh(), ...)`` with L layers, batch 1 (the paper's
+setting: a chain of small steps). The sequential baseline is the eager model itself. The
+parallel version is
+
+- ``deeppcr.compile(model, policy="always")`` for depths up to ``--compile-max-depth``: the
+  compiler finds the chain and replaces it with one ``PCRSolve`` (Newton + PCR);
+- ``deeppcr.solve(step, x, per_step=(W, b))`` on the model's weights stacked once, for longer
+  chains: the runtime that ``PCRSolve`` calls, without tracing (symbolic tracing of an
+  nn.Sequential currently costs O(L^2) time, see the note printed at the end).
+
+Forward: both under ``torch.no_grad()``. Backward: the ``.backward()`` call alone, after an
+untimed forward (autograd through the eager model vs DeepPCR's parallel adjoint). Outputs
+and gradients are checked against the eager model before timing. Every time is a median of
+alternating runs in this process; the speed-up is eager time / DeepPCR time (< 1 means slower).
+The figure is the paper's phase diagram (speed-up over width x depth), measured on this machine.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+import deeppcr_fx as deeppcr  # noqa: E402
+
+PRESETS = {  # widths, depths, repeats, compile-max-depth
+    "smoke": ((4,), (16, 64), 2, 64),
+    "quick": ((4, 16), (64, 256, 1024), 5, 256),
+    "full": ((2, 4, 8, 16, 32), (64, 256, 1024, 4096), 7, 1024),
+}
+
+
+def tanh_mlp(depth: int, width: int, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+    return nn.Sequential(*layers)
+
+
+def _step(z: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(F.linear(z, W, b))
+
+
+class Parallel:
+    """The DeepPCR version of one MLP: ``forward()`` returns the last layer's output."""
+
+    def __init__(self, model: nn.Sequential, x: torch.Tensor, use_compile: bool) -> None:
+        self.model, self.x, self.method = model, x, "compile" if use_compile else "solve"
+        self.compile_s = 0.0
+        if use_compile:
+            self.compiled = deeppcr.compile(model, policy="always")
+            t0 = time.perf_counter()
+            for grad in (False, True):  # one specialisation per grad mode: compile both before timing
+                with torch.set_grad_enabled(grad):
+                    self.compiled(x)
+            self.compile_s = time.perf_counter() - t0
+            report = self.compiled.report
+            if not report.rewritten:
+                raise SystemExit(f"deeppcr.compile did not rewrite the MLP:\n{report}")
+        else:
+            self.W = torch.stack([m.weight for m in model[::2]]).detach().requires_grad_()
+            self.b = torch.stack([m.bias for m in model[::2]]).detach().requires_grad_()
+        self.stats = None
+
+    def forward(self) -> torch.Tensor:
+        if self.method == "compile":
+            out = self.compiled(self.x)
+            self.stats = next(m for m in self.compiled.graph_module.modules()
+                              if isinstance(m, deeppcr.PCRSolve)).last_stats
+            return out
+        res = deeppcr.solve(_step, self.x, per_step=(self.W, self.b))
+        self.stats = res.stats
+        return res.states[-1]
+
+    def grads(self) -> tuple:
+        """(dW, db) stacked, after a backward."""
+        if self.method == "compile":
+            return (torch.stack([m.weight.grad for m in self.model[::2]]),
+                    torch.stack([m.bias.grad for m in self.model[::2]]))
+        return self.W.grad, self.b.grad
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+        if self.method == "solve":
+            self.W.grad = self.b.grad = None
+
+
+def measure(width: int, depth: int, repeats: int, use_compile: bool, seed: int) -> dict:
+    model = tanh_mlp(depth, width, seed)
+    x = torch.randn(1, width, generator=torch.Generator().manual_seed(seed + 1))
+    par = Parallel(model, x, use_compile)
+
+    # correctness first: outputs and parameter gradients against the eager model
+    with torch.no_grad():
+        y_ref, y = model(x), par.forward()
+    model.zero_grad(set_to_none=True)
+    model(x).sum().backward()
+    g_ref = (torch.stack([m.weight.grad for m in model[::2]]), torch.stack([m.bias.grad for m in model[::2]]))
+    par.zero_grad()
+    par.forward().sum().backward()
+    g = par.grads()
+    grad_err = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(g, g_ref))
+    fwd_iters = par.stats.iterations
+    bwd_iters = par.stats.backward.iterations if par.stats.backward is not None else 0
+
+    with torch.no_grad():
+        fwd = _common.time_alternating({"eager": lambda: model(x), "deeppcr": par.forward}, repeats)
+
+    def prepare(name: str) -> torch.Tensor:  # untimed: reset grads, build a fresh forward graph
+        par.zero_grad()
+        return (model(x) if name == "eager" else par.forward()).sum()
+
+    bwd = _common.time_alternating({"eager": lambda loss: loss.backward(), "deeppcr": lambda loss: loss.backward()},
+                                   repeats, prepare)
+    return {
+        "width": width, "depth": depth, "method": par.method,
+        "Newton it": fwd_iters, "adjoint it": bwd_iters,
+        "max|y-y_eager|": f"{float((y - y_ref).abs().max()):.1e}", "grad rel err": f"{grad_err:.1e}",
+        "fwd eager ms": _common.ms(fwd["eager"]), "fwd deeppcr ms": _common.ms(fwd["deeppcr"]),
+        "fwd speed-up": _common.ratio(fwd["eager"], fwd["deeppcr"]),
+        "bwd eager ms": _common.ms(bwd["eager"]), "bwd deeppcr ms": _common.ms(bwd["deeppcr"]),
+        "bwd speed-up": _common.ratio(bwd["eager"], bwd["deeppcr"]),
+        "compile s": f"{par.compile_s:.1f}" if use_compile else "-",
+        "_fwd": fwd["eager"] / fwd["deeppcr"], "_bwd": bwd["eager"] / bwd["deeppcr"],
+    }
+
+
+def plot(rows: list, widths: tuple, depths: tuple, path: str, header: str) -> None:
+    plt = _common.pyplot()
+    if plt is None:
+        return
+    from matplotlib.colors import LogNorm
+
+    fig, axes = plt.subplots(1, 2, figsize=(5.2 * 2, 0.55 * len(widths) + 2.4), constrained_layout=True)
+    cells = {(r["width"], r["depth"]): r for r in rows}
+    values = [r[k] for r in rows for k in ("_fwd", "_bwd")]
+    bound = max(max(values), 1 / min(values), 2.0)
+    for ax, key, name in zip(axes, ("_fwd", "_bwd"), ("forward", "backward")):
+        grid = [[cells[(w, L)][key] for L in depths] for w in widths]
+        im = ax.imshow(grid, cmap="RdBu", norm=LogNorm(1 / bound, bound), origin="lower", aspect="auto")
+        for i, w in enumerate(widths):
+            for j, L in enumerate(depths):
+                v = grid[i][j]
+                ax.text(j, i, f"{v:.2f}x\n{cells[(w, L)]['method']}", ha="center", va="center", fontsize=8,
+                        color="white" if abs(math.log(v)) > 0.6 * math.log(bound) else "black")
+        ax.set_xticks(range(len(depths)), [str(L) for L in depths])
+        ax.set_yticks(range(len(widths)), [str(w) for w in widths])
+        ax.set_xlabel("depth L (layers)")
+        ax.set_ylabel("width w")
+        ax.set_title(f"{name} speed-up (eager / DeepPCR)")
+    fig.colorbar(im, ax=axes, label="speed-up (blue > 1: DeepPCR faster)")
+    fig.suptitle(header, fontsize=9)
+    _common.save(fig, path)
+
+
+def main(argv=None) -> int:
+    p = _common.parser(__doc__.splitlines()[0], "mlp_speed.png")
+    p.add_argument("--widths", type=lambda s: tuple(int(v) for v in s.split(",")), default=None)
+    p.add_argument("--depths", type=lambda s: tuple(int(v) for v in s.split(",")), default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--compile-max-depth", type=int, default=None,
+                   help="use deeppcr.compile up to this depth, deeppcr.solve beyond (compile time grows as L^2)")
+    p.add_argument("--method", choices=("auto", "compile", "solve"), default="auto",
+                   help="auto: compile up to --compile-max-depth, solve beyond; or one method for every cell")
+    args = p.parse_args(argv)
+    widths, depths, repeats, compile_max = PRESETS[_common.mode_name(args)]
+    widths, depths = args.widths or widths, args.depths or depths
+    repeats = args.repeats or repeats
+    compile_max = compile_max if args.compile_max_depth is None else args.compile_max_depth
+    _common.setup(args, "DeepPCR MLP forward/backward speed-up vs depth and width (tanh MLP, batch 1, float32)")
+
+    rows = []
+    for w in widths:
+        for L in depths:
+            use_compile = args.method == "compile" or (args.method == "auto" and L <= compile_max)
+            row = measure(w, L, repeats, use_compile=use_compile, seed=args.seed)
+            rows.append(row)
+            print(f"  measured w={w:<3} L={L:<5} ({row['method']}): forward {row['fwd speed-up']}, "
+                  f"backward {row['bwd speed-up']}", flush=True)
+    print()
+    print(_common.table([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
+                        "summary (speed-up = eager ms / deeppcr ms; < 1x means DeepPCR was slower here)"))
+    best_f = max(rows, key=lambda r: r["_fwd"])
+    best_b = max(rows, key=lambda r: r["_bwd"])
+    print(f"\nbest forward speed-up {best_f['fwd speed-up']} at w={best_f['width']}, L={best_f['depth']}; "
+          f"best backward speed-up {best_b['bwd speed-up']} at w={best_b['width']}, L={best_b['depth']}")
+    if any(r["method"] == "solve" for r in rows):
+        print("note: method 'solve' = deeppcr.solve on the weights stacked once (what the compiled PCRSolve runs, "
+              "minus stacking the 2L Parameters per call); "
+              + (f"used above depth {compile_max} because tracing an L-layer nn.Sequential takes O(L^2) time today."
+                 if args.method == "auto" else "chosen with --method solve."))
+    print(f"note: on a CPU the parallel rounds share {torch.get_num_threads()} thread(s); the paper's 30x/200x "
+          "are on a GPU, where each PCR round runs all L rows at once.")
+    if args.png != "none":
+        plot(rows, widths, depths, args.png,
+             f"tanh MLP, batch 1, float32, cpu, {torch.get_num_threads()} thread(s), medians of {repeats} runs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
