@@ -44,6 +44,7 @@ PRESETS = {  # train steps, samples, DDPM steps, DDIM steps, timing repeats
     "full": (8000, 1000, 1000, 50, 5),
 }
 TRAIN_TIMESTEPS = 1000
+REL_TOL = 1e-4  # max |x - x_seq| / max |x_seq| for the check column
 
 
 class Denoiser(nn.Module):
@@ -224,17 +225,20 @@ def main(argv=None) -> int:
                  args.seed + 2),
     ]
 
-    rows = []
+    rows, failed = [], 0
     for c in cases:
         if "par" not in c:
             rows.append({"sampler": c["case"], "samples": n, "chain L": "-", "Newton it": "-",
-                         "max|x-x_seq|": "-", "seq ms": "-", "deeppcr ms": "-", "speed-up": "-",
+                         "max|x-x_seq|": "-", "check": "-", "seq ms": "-", "deeppcr ms": "-", "speed-up": "-",
                          "compile s": f"{c['compile_s']:.1f}", "note": "not compiled: " + c["why"][:60]})
             continue
         st, t = c["stats"], c["times"]
         finish = "converged" if st.converged else f"sequential finish from {st.forward.sequential_from}"
+        err = float((c["par"] - c["seq"]).abs().max())
+        rel = err / float(c["seq"].abs().max())
+        failed += rel > REL_TOL
         rows.append({"sampler": c["case"], "samples": n, "chain L": c["L"], "Newton it": st.iterations,
-                     "max|x-x_seq|": f"{float((c['par'] - c['seq']).abs().max()):.1e}",
+                     "max|x-x_seq|": f"{err:.1e}", "check": "OK" if rel <= REL_TOL else "MISMATCH",
                      "seq ms": _common.ms(t["sequential"]), "deeppcr ms": _common.ms(t["deeppcr"]),
                      "speed-up": _common.ratio(t["sequential"], t["deeppcr"]),
                      "compile s": f"{c['compile_s']:.1f}", "note": finish})
@@ -243,9 +247,11 @@ def main(argv=None) -> int:
         if "stats" in c:
             print(f"{c['case']} residual / tolerance per Newton iteration: "
                   + ", ".join(f"{r:.2g}" for r in c["stats"].residuals))
+    print(f"check: compiled samples within {REL_TOL:g} (relative) of the sequential ones: "
+          + ("OK" if not failed else f"{failed} MISMATCH(ES)"))
     if args.png != "none":
         plot(cases, data, args.png, f"make_moons, {n} samples, float32, cpu, {torch.get_num_threads()} thread(s)")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
