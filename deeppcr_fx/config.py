@@ -56,7 +56,12 @@ class Config:
     full_max_state:
         The ``jacobian="auto"`` threshold on the per-sample state size.
     record_stats:
-        Record per-iteration residuals and window positions.
+        Record per-iteration residuals and window positions in each solve's ``SolveStats``, and
+        keep every compiled chain's solves for ``CompiledModule.stats()``. ``False`` records
+        only the counts (iterations, sequential finishes) of the latest solve.
+    progress:
+        Show a progress bar (tqdm, ``pip install 'deeppcr_fx[progress]'``) for each compiled
+        chain's solve: steps final out of L, Newton iterations, worst residual. Off by default.
 
     Compiler
     --------
@@ -83,6 +88,7 @@ class Config:
     vectorize: object = "auto"
     full_max_state: int = 64
     record_stats: bool = True
+    progress: bool = False
     # compiler
     policy: str = "auto"
     min_length: int = 8

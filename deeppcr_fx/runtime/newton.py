@@ -42,8 +42,11 @@ Finish = Callable[[int, torch.Tensor], None]
 
 def triangular_newton(evaluate: Evaluate, finish: Finish, U: torch.Tensor, mode: str,
                       atol: float, rtol: float, max_iter: int, stats: PassStats,
-                      record: bool = True) -> torch.Tensor:
-    """Solve in place from the initial guess ``U`` (rows, B, n); returns ``U``."""
+                      record: bool = True, on_iteration: Optional[Callable[[int, int, float], None]] = None
+                      ) -> torch.Tensor:
+    """Solve in place from the initial guess ``U`` (rows, B, n); returns ``U``.
+
+    ``on_iteration(iteration, final_rows, worst_residual)``, if given, is called after each iteration."""
     length = U.shape[0]
     start = 0
     stats.jacobian = mode
@@ -61,6 +64,8 @@ def triangular_newton(evaluate: Evaluate, finish: Finish, U: torch.Tensor, mode:
             stats.window_starts.append(start)
             stats.residuals.append(worst)
         unconverged = (ratio > 1).nonzero()
+        if on_iteration is not None:
+            on_iteration(stats.iterations, length if unconverged.numel() == 0 else start + int(unconverged[0]) + 1, worst)
         if unconverged.numel() == 0:  # every row is final; polish unless the update is below round-off
             if worst > POLISH_BELOW:
                 A = jac()

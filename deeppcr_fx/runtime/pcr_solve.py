@@ -2,10 +2,14 @@
 
 It holds the step template (a small GraphModule of one segment, without parameters:
 weights arrive as stacked per-step inputs built from the user's Parameters at call
-time) and calls ``deeppcr_fx.solve``. The last call's ``SolveStats`` is kept.
+time) and calls ``deeppcr_fx.solve``. The last call's ``SolveStats`` is kept in
+``last_stats``; with ``Config.record_stats`` every solve's stats are also kept in ``history``
+(the latest ``MAX_RECORDED_SOLVES``; ``reset_stats()`` clears them). With ``Config.progress``
+each solve shows a progress bar (tqdm) fed by the Newton loop's ``on_iteration`` hook.
 """
 from __future__ import annotations
 
+from collections import deque
 from typing import Optional
 
 import torch
@@ -14,6 +18,8 @@ import torch.fx as fx
 from ..config import Config
 from .solve import solve
 from .stats import SolveStats
+
+MAX_RECORDED_SOLVES = 1000  # per chain: a training loop keeps only its latest solves' telemetry
 
 
 class PCRSolve(torch.nn.Module):
@@ -28,18 +34,44 @@ class PCRSolve(torch.nn.Module):
         self.config = config
         self.covers = tuple(covers)  # names of the original modules (or nodes) the chain replaces
         self.period = period
+        self.planned_mode: Optional[str] = None  # the compiler's resolution of Config.jacobian for this state
         self.last_stats: Optional[SolveStats] = None
+        self.history: deque = deque(maxlen=MAX_RECORDED_SOLVES)
 
     def forward(self, x0: torch.Tensor, *inputs):
         per_step, shared = inputs[:self.n_per_step], inputs[self.n_per_step:]
-        res = solve(self.step, x0, per_step=per_step, shared=shared, config=self.config, length=self.length)
+        bar = None
+        if self.config.progress:
+            from ..inspect.progress import SolveProgress  # tqdm is optional
+
+            bar = SolveProgress(self.length, self.describe())
+        try:
+            res = solve(self.step, x0, per_step=per_step, shared=shared, config=self.config, length=self.length,
+                        on_iteration=bar)
+        finally:
+            if bar is not None:
+                bar.close()
         self.last_stats = res.stats
+        if self.config.record_stats:
+            self.history.append(res.stats)
         return res.states
+
+    def reset_stats(self) -> None:
+        self.last_stats = None
+        self.history.clear()
 
     @property
     def mode(self) -> str:
-        """The Jacobian mode of the last solve, or the requested one before the first call."""
-        return self.last_stats.jacobian if self.last_stats is not None else self.config.jacobian
+        """The Jacobian mode of the last solve, or the planned (else requested) one before the first call."""
+        if self.last_stats is not None:
+            return self.last_stats.jacobian
+        return self.planned_mode or self.config.jacobian
+
+    def describe(self) -> str:
+        """The original modules the chain covers, e.g. ``blocks.0 .. blocks.7``."""
+        if not self.covers:
+            return f"chain of {self.length}"
+        return self.covers[0] if len(self.covers) == 1 else f"{self.covers[0]} .. {self.covers[-1]}"
 
     def extra_repr(self) -> str:
         covers = ", ".join(self.covers[:3]) + (f", ... ({len(self.covers)} in all)" if len(self.covers) > 3 else "")

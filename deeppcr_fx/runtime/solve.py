@@ -31,7 +31,8 @@ class SolveResult:
 
 
 def solve(step: Callable, x0, per_step: Sequence[torch.Tensor] = (), shared: Sequence[Any] = (),
-          config: Optional[Config] = None, length: Optional[int] = None, **options) -> SolveResult:
+          config: Optional[Config] = None, length: Optional[int] = None,
+          on_iteration: Optional[Callable[[int, int, float], None]] = None, **options) -> SolveResult:
     """Compute the chain ``z_l = step(z_{l-1}, *per_step[l-1], *shared)`` for l = 1..L in parallel.
 
     Args:
@@ -42,6 +43,8 @@ def solve(step: Callable, x0, per_step: Sequence[torch.Tensor] = (), shared: Seq
         shared: values passed unchanged to every step (tensors are differentiable).
         config: a ``Config``; keyword ``options`` override its fields.
         length: L, needed only when there are no per-step tensors (a shared-weight chain).
+        on_iteration: called as ``on_iteration(iteration, final_steps, worst_residual)`` after each
+            forward Newton iteration (e.g. a progress bar).
 
     Returns:
         ``SolveResult(states, stats)``; ``states`` is differentiable w.r.t. x0, per-step and
@@ -66,6 +69,7 @@ def solve(step: Callable, x0, per_step: Sequence[torch.Tensor] = (), shared: Seq
                        compute_dtype=str(spec.compute_dtype).replace("torch.", ""))
     x0_parts = x0 if isinstance(x0, tuple) else (x0,)
     problem = _Problem(steps, spec, config, mode, stats, len(x0_parts))
+    problem.on_iteration = on_iteration
     outs = _ChainSolve.apply(problem, *x0_parts, *steps.inputs)
     stats.vectorized, stats.vmap_error = steps.vectorized, steps.vmap_error
     return SolveResult(states=outs if spec.is_tuple else outs[0], stats=stats)
@@ -78,6 +82,7 @@ class _Problem:
                  n_x0: int) -> None:
         self.steps, self.spec, self.config, self.mode, self.stats, self.n_x0 = steps, spec, config, mode, stats, n_x0
         self.atol, self.rtol = config.tolerances(spec.compute_dtype)
+        self.on_iteration: Optional[Callable[[int, int, float], None]] = None  # solve(on_iteration=...)
 
     def forward(self, x0_flat: torch.Tensor, length: int) -> torch.Tensor:
         steps, mode = self.steps, self.mode
@@ -97,7 +102,8 @@ class _Problem:
 
         U = x0_flat.unsqueeze(0).repeat(length, *([1] * x0_flat.dim()))
         triangular_newton(evaluate, finish, U, mode, self.atol, self.rtol,
-                          self.config.iteration_cap(length), self.stats.forward, self.config.record_stats)
+                          self.config.iteration_cap(length), self.stats.forward, self.config.record_stats,
+                          self.on_iteration)
         self.stats.autodiff = jac.ad
         self.stats.autodiff_error = jac.rev_error
         return U
