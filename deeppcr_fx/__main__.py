@@ -44,6 +44,11 @@ def _explain(args: argparse.Namespace) -> int:
     import deeppcr_fx as deeppcr
 
     shape = _parse_shape(args.input_shape)
+    if args.draw:
+        try:  # fail before the work: an unknown suffix, pydot or Graphviz missing
+            deeppcr.inspect.draw.check_drawable(args.draw)
+        except (ValueError, ImportError) as exc:
+            raise UsageError(f"--draw: {exc}") from None
     factory = _load_factory(args.target)
     try:
         model = factory()
@@ -57,6 +62,12 @@ def _explain(args: argparse.Namespace) -> int:
     options = {"policy": args.policy} if args.policy else {}
     report = deeppcr.explain(model, (x,), **options)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    if args.draw:
+        try:
+            deeppcr.draw(report, args.draw)
+        except (ValueError, ImportError, OSError) as exc:
+            raise UsageError(f"--draw: {exc}") from None
+        print(f"graph before/after written to {args.draw}", file=sys.stderr)
     return 0
 
 
@@ -94,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--dtype", default="float32", choices=DTYPES)
     explain.add_argument("--policy", choices=("auto", "always", "never"), default=None)
     explain.add_argument("--json", action="store_true", help="print the report as JSON")
+    explain.add_argument("--draw", metavar="OUT.svg", default=None,
+                         help="also draw the graph before/after (.svg/.png/.pdf need pydot and Graphviz, .dot pydot)")
     explain.set_defaults(func=_explain)
 
     bench = sub.add_parser("bench", help="time the parallel backward against autograd of the plain model")

@@ -22,6 +22,7 @@ import torch.fx as fx
 
 from .config import Config
 from .inspect.report import CompileReport
+from .inspect.telemetry import ChainStats, collect
 from .passes.dynamo import DynamoBackend, make_backend
 from .passes.pipeline import Context, run_pipeline
 from .passes.record import RecordFailure, record
@@ -97,6 +98,25 @@ class CompiledModule(torch.nn.Module):
     def specialisations(self) -> int:
         return len(self._specialisations)
 
+    def stats(self) -> "list[ChainStats]":
+        """Solver telemetry per rewritten chain, for every input signature compiled so far (oldest first).
+
+        Each ``ChainStats`` holds the ``SolveStats`` of the chain's solves since the last
+        ``reset_stats()`` (iterations, residual per iteration, window starts, sequential finishes
+        and their cause). Nothing is kept with ``Config.record_stats=False``.
+        """
+        return [c for spec in self._specialisations.values() for c in collect(spec.graph_module, spec.report)]
+
+    def reset_stats(self) -> None:
+        """Forget the recorded solves of every chain."""
+        from .runtime.pcr_solve import PCRSolve
+
+        for spec in self._specialisations.values():
+            if spec.graph_module is not None:
+                for m in spec.graph_module.modules():
+                    if isinstance(m, PCRSolve):
+                        m.reset_stats()
+
     def train(self, mode: bool = True):
         super().train(mode)
         self._original.train(mode)
@@ -158,13 +178,13 @@ class CompiledModule(torch.nn.Module):
 
     def _build_symbolic(self, args: tuple, report: CompileReport) -> _Specialisation:
         traced = trace(self._original, args)
-        report.front_end, report.graphs, report.opaque_modules = "symbolic", 1, traced.opaque
+        report.front_end, report.captured, report.opaque_modules = "symbolic", 1, traced.opaque
         result = run_pipeline(traced.graph_module, Context(self.config, args, report, front_end="symbolic"))
         return _Specialisation(self._runner(result), report, result.graph_module)
 
     def _build_record(self, args: tuple, report: CompileReport) -> _Specialisation:
         gm, out = record(self._original, args)
-        report.front_end, report.graphs = "record", 1
+        report.front_end, report.captured = "record", 1
         report.notes.append("recorded one concrete run: Python-side state changes (e.g. a scheduler's counters) "
                             "happen when the original model runs, not in the rewritten graph")
         result = run_pipeline(gm, Context(self.config, args, report, front_end="record"))
@@ -186,7 +206,8 @@ class CompiledModule(torch.nn.Module):
                 return spec.runner(*a)
             if backend.reports:
                 latest = backend.reports[-1]
-                report.front_end, report.graphs = "dynamo", len(backend.graph_modules)
+                report.front_end, report.captured = "dynamo", len(backend.graph_modules)
+                report.graphs = latest.graphs
                 report.chains, report.notes = latest.chains, report.notes + [n for n in latest.notes
                                                                                if n not in report.notes]
                 spec.graph_module = backend.graph_modules[-1]

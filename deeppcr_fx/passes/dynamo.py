@@ -41,7 +41,7 @@ class DynamoBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs) -> Callable:
         report = CompileReport(model=self.model_name, policy=self.config.policy,
-                               signature=_describe_inputs(example_inputs), front_end="dynamo", graphs=1)
+                               signature=_describe_inputs(example_inputs), front_end="dynamo", captured=1)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         sources = [n for n, x in zip(placeholders, example_inputs)
                    if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter)]

@@ -4,11 +4,18 @@ Each pass is ``pass_(gm, ctx) -> PassResult(graph_module, modified)``; ``ctx`` c
 the options, the example inputs and what earlier passes learned (shapes, candidates,
 decisions), and collects the ``CompileReport``'s chain records. A failing pass is
 re-raised as ``PassError`` naming the passes that already ran.
+
+The report keeps the graph after each pass (``CompileReport.graphs``): a copy of the
+captured graph, a copy after each pass that modified it, and the emitted graph last.
+Graphs are formatted only when DEBUG logging is on (``_GraphText``).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import operator
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -16,8 +23,9 @@ import torch
 import torch.fx as fx
 
 from ..config import Config
-from ..inspect.report import REFUSED, REWRITTEN, ChainRecord, CompileReport
+from ..inspect.report import COEFFICIENT, PER_STEP, REFUSED, REWRITTEN, SHARED, ChainRecord, CompileReport, InputRecord
 from ..runtime import jacobians
+from .cost_model import parallel_depth, predicted_speedup, profitable
 from .find_chains import Candidate, find_chains
 from .rewrite import covered_modules, rewrite, slots_of
 from .shape_prop import ShapeInfo, info_of, propagate
@@ -75,10 +83,12 @@ def validate_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
 def rewrite_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
     modified, replaced = False, {}
     for c, refusal in ctx.decisions:
-        record = _record(c, refusal, ctx)
+        record = _record(c, refusal, ctx, gm)
         if refusal is None:
             name = _free_name(gm, "pcr_solve")
-            rewrite(gm, c, ctx.config, name, replaced)
+            module = rewrite(gm, c, ctx.config, name, replaced)
+            module.planned_mode = record.jacobian
+            _tidy_names(gm, name, replaced)
             record.submodule, modified = name, True
             logger.debug("deeppcr: chain %s (L=%d, p=%d) -> %s", c.segments[0].state_in.name, c.length, c.period, name)
         else:
@@ -96,8 +106,30 @@ def recompile_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
 PIPELINE: tuple[Callable, ...] = (shape_prop_pass, find_chains_pass, validate_pass, rewrite_pass, recompile_pass)
 
 
+class _GraphText:
+    """Formats a graph as readable Python only when a log record is emitted (DEBUG)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+
+    def __str__(self) -> str:
+        return self.gm.print_readable(print_output=False)
+
+
+def _snapshot(gm: fx.GraphModule, name: str) -> fx.GraphModule:
+    """A copy of ``gm``'s graph (sharing its Parameters and submodules) that later passes cannot change."""
+    return fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=name)
+
+
+def _pass_name(p: Callable) -> str:
+    name = p.__name__
+    return name[:-len("_pass")] if name.endswith("_pass") else name
+
+
 def run_pipeline(gm: fx.GraphModule, ctx: Context, passes=PIPELINE) -> PassResult:
     ran, modified = [], False
+    history = {"capture": _snapshot(gm, "capture")}
+    logger.debug("deeppcr: captured graph (%s):\n%s", ctx.front_end, _GraphText(gm))
     for p in passes:
         try:
             result = p(gm, ctx)
@@ -105,11 +137,17 @@ def run_pipeline(gm: fx.GraphModule, ctx: Context, passes=PIPELINE) -> PassResul
             raise PassError(f"deeppcr pass {p.__name__} failed (after {[r for r in ran]}): "
                             f"{type(exc).__name__}: {exc}") from exc
         gm, modified = result.graph_module, modified or result.modified
+        name = _pass_name(p)
+        history[name] = _snapshot(gm, name) if result.modified else history[list(history)[-1]]
+        if result.modified:
+            logger.debug("deeppcr: graph after %s:\n%s", name, _GraphText(gm))
         ran.append(p.__name__)
+    history[list(history)[-1]] = gm  # the emitted graph itself
+    ctx.report.graphs = history
     return PassResult(gm, modified)
 
 
-def _record(c: Candidate, refusal: Optional[Refusal], ctx: Context) -> ChainRecord:
+def _record(c: Candidate, refusal: Optional[Refusal], ctx: Context, gm: fx.GraphModule) -> ChainRecord:
     info = info_of(c.segments[0].state_in)
     shape = info.shape if info is not None and info.is_tensor else None
     width = math.prod(shape[1:] if len(shape) >= 2 else shape) if shape is not None else 0
@@ -117,13 +155,99 @@ def _record(c: Candidate, refusal: Optional[Refusal], ctx: Context) -> ChainReco
     slots = slots_of(c) if not c.shapes_differ else None
     return ChainRecord(
         index=len(ctx.report.chains), front_end=ctx.front_end, graph=ctx.graph_index,
-        state=c.segments[0].state_in.name, state_shape=shape,
+        state=c.segments[0].state_in.name, end=c.segments[-1].state_out.name, state_shape=shape,
         dtype=str(info.dtype).replace("torch.", "") if shape is not None else "",
         length=c.length, period=c.period, replaced=tuple(n.name for n in c.nodes), covers=covered_modules(c),
         n_per_step=0 if slots is None else len(slots.per_step_ext) + len(slots.per_step_float),
         n_shared=0 if slots is None else len(slots.shared_ext), jacobian=mode,
+        inputs=() if slots is None else _inputs(c, slots, gm),
         status=REWRITTEN if refusal is None else REFUSED,
-        reason=None if refusal is None else refusal.reason, detail="" if refusal is None else refusal.detail)
+        reason=None if refusal is None else refusal.reason, detail="" if refusal is None else refusal.detail,
+        decision=_decision(c, refusal, ctx), cost=_cost(c, ctx))
+
+
+def _decision(c: Candidate, refusal: Optional[Refusal], ctx: Context) -> str:
+    if refusal is not None:
+        return f"kept sequential: {refusal}"
+    if ctx.config.policy == "auto":
+        return f"rewritten (policy='auto'): {profitable(c.length, ctx.device_type)[1]}"
+    return f"rewritten (policy='{ctx.config.policy}'): every valid chain of >= min_length={ctx.config.min_length} steps"
+
+
+def _cost(c: Candidate, ctx: Context) -> dict:
+    """The cost model's estimate (``passes/cost_model.py``); nothing is measured yet (no autotuning)."""
+    return {"device": ctx.device_type, "sequential_depth": c.length, "parallel_depth": parallel_depth(c.length),
+            "predicted_speedup": round(predicted_speedup(c.length, ctx.device_type), 3), "measured": None}
+
+
+def _source(n: fx.Node, gm: fx.GraphModule) -> str:
+    if n.op == "placeholder":
+        return "input"
+    if n.op == "get_attr":
+        try:
+            value = gm.get_parameter(n.target)
+        except AttributeError:
+            return "buffer"
+        return "parameter" if isinstance(value, torch.nn.Parameter) else "buffer"
+    return "computed"
+
+
+def _inputs(c: Candidate, slots, gm: fx.GraphModule) -> tuple:
+    """What each step reads besides the state: per-step (stacked), per-step float coefficients, shared."""
+    segs = c.segments
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    start = order.get(segs[0].state_in, -1)
+
+    def describe(kind, first, last):
+        info = info_of(first)
+        tensor = info is not None and info.is_tensor
+        source = _source(first, gm)
+        hoisted = source == "computed" and (kind == PER_STEP or order.get(first, -1) > start)
+        return InputRecord(kind, first.name, last.name, source, info.shape if tensor else None,
+                           str(info.dtype).replace("torch.", "") if tensor else "", hoisted)
+
+    records = [describe(PER_STEP, segs[0].externals[i], segs[-1].externals[i]) for i in slots.per_step_ext]
+    records += [InputRecord(COEFFICIENT, repr(segs[0].floats[j]), repr(segs[-1].floats[j]), "constant", (),
+                            "float64") for j in slots.per_step_float]
+    records += [describe(SHARED, segs[0].externals[i], segs[0].externals[i]) for i in slots.shared_ext]
+    return tuple(records)
+
+
+def _common_name(first: str, last: str) -> str:
+    """``first_0_a_weight``, ``first_8_a_weight`` -> ``first_a_weight`` (the parts every step shares)."""
+    a, b = first.split("_"), last.split("_")
+    parts = [x for x, y in zip(a, b) if x == y] if len(a) == len(b) else a
+    return "_".join(p for p in parts if p) or "input"
+
+
+def _renamed(graph: fx.Graph, node: fx.Node, name: str) -> fx.Node:
+    with graph.inserting_after(node):
+        new = graph.create_node(node.op, node.target, node.args, node.kwargs, name=re.sub(r"\W", "_", name))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
+
+
+def _tidy_names(gm: fx.GraphModule, name: str, replaced: dict) -> None:
+    """Readable names around a new ``PCRSolve`` call: ``first_a_weight_per_step`` for a stack of the
+    steps' weights, ``pcr_solve_0_coef0`` for per-step constants, ``pcr_solve_0_out8`` for state 8."""
+    graph = gm.graph
+    solve = next(n for n in graph.nodes if n.op == "call_module" and n.target == name)
+    coef = 0
+    for arg in solve.args[1:]:
+        if isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target is torch.stack:
+            items = arg.args[0]
+            _renamed(graph, arg, f"{_common_name(items[0].name, items[-1].name)}_per_step")
+        elif isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target is torch.tensor:
+            _renamed(graph, arg, f"{name}_coef{coef}")
+            coef += 1
+    renamed = {}
+    for user in list(solve.users):
+        if user.op == "call_function" and user.target is operator.getitem:
+            renamed[user] = _renamed(graph, user, f"{name}_out{user.args[1]}")
+    for old, new in replaced.items():  # later chains may start from these states
+        replaced[old] = renamed.get(new, new)
 
 
 def _free_name(gm: fx.GraphModule, base: str) -> str:
