@@ -40,7 +40,7 @@ import deeppcr_fx as deeppcr  # noqa: E402
 
 PRESETS = {  # train steps, samples, DDPM steps, DDIM steps, timing repeats
     "smoke": (150, 64, 20, 10, 1),
-    "quick": (3000, 500, 200, 50, 3),
+    "quick": (2000, 500, 100, 50, 3),
     "full": (8000, 1000, 1000, 50, 5),
 }
 TRAIN_TIMESTEPS = 1000

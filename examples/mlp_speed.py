@@ -8,8 +8,8 @@ parallel version is
 
 - ``deeppcr.compile(model, policy="always")`` for depths up to ``--compile-max-depth``: the
   compiler finds the chain and replaces it with one ``PCRSolve`` (Newton + PCR);
-- ``deeppcr.solve(step, x, per_step=(W, b))`` on the model's weights stacked once, for longer
-  chains: the runtime that ``PCRSolve`` calls, without tracing (symbolic tracing of an
+- ``deeppcr.solve(step, x, per_step=(W, b))`` on the layers' Parameters stacked in each forward
+  (as the compiled graph does), for longer chains: the runtime that ``PCRSolve`` calls, without tracing (symbolic tracing of an
   nn.Sequential currently costs O(L^2) time, see the note printed at the end).
 
 Forward: both under ``torch.no_grad()``. Backward: the ``.backward()`` call alone, after an
@@ -70,9 +70,6 @@ class Parallel:
             report = self.compiled.report
             if not report.rewritten:
                 raise SystemExit(f"deeppcr.compile did not rewrite the MLP:\n{report}")
-        else:
-            self.W = torch.stack([m.weight for m in model[::2]]).detach().requires_grad_()
-            self.b = torch.stack([m.bias for m in model[::2]]).detach().requires_grad_()
         self.stats = None
 
     def forward(self) -> torch.Tensor:
@@ -81,21 +78,20 @@ class Parallel:
             self.stats = next(m for m in self.compiled.graph_module.modules()
                               if isinstance(m, deeppcr.PCRSolve)).last_stats
             return out
-        res = deeppcr.solve(_step, self.x, per_step=(self.W, self.b))
+        # stack the Parameters inside the forward, as the compiled graph does: gradients reach all 2L of them
+        W = torch.stack([m.weight for m in self.model[::2]])
+        b = torch.stack([m.bias for m in self.model[::2]])
+        res = deeppcr.solve(_step, self.x, per_step=(W, b))
         self.stats = res.stats
         return res.states[-1]
 
     def grads(self) -> tuple:
         """(dW, db) stacked, after a backward."""
-        if self.method == "compile":
-            return (torch.stack([m.weight.grad for m in self.model[::2]]),
-                    torch.stack([m.bias.grad for m in self.model[::2]]))
-        return self.W.grad, self.b.grad
+        return (torch.stack([m.weight.grad for m in self.model[::2]]),
+                torch.stack([m.bias.grad for m in self.model[::2]]))
 
     def zero_grad(self) -> None:
         self.model.zero_grad(set_to_none=True)
-        if self.method == "solve":
-            self.W.grad = self.b.grad = None
 
 
 def measure(width: int, depth: int, repeats: int, use_compile: bool, seed: int) -> dict:
@@ -200,8 +196,8 @@ def main(argv=None) -> int:
     print(f"\nbest forward speed-up {best_f['fwd speed-up']} at w={best_f['width']}, L={best_f['depth']}; "
           f"best backward speed-up {best_b['bwd speed-up']} at w={best_b['width']}, L={best_b['depth']}")
     if any(r["method"] == "solve" for r in rows):
-        print("note: method 'solve' = deeppcr.solve on the weights stacked once (what the compiled PCRSolve runs, "
-              "minus stacking the 2L Parameters per call); "
+        print("note: method 'solve' = deeppcr.solve on the layers' Parameters stacked in each forward (what the "
+              "compiled graph runs; gradients reach all 2L Parameters); "
               + (f"used above depth {compile_max} because tracing an L-layer nn.Sequential takes O(L^2) time today."
                  if args.method == "auto" else "chosen with --method solve."))
     print(f"note: on a CPU the parallel rounds share {torch.get_num_threads()} thread(s); the paper's 30x/200x "
