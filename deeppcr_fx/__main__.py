@@ -43,10 +43,12 @@ def _explain(args: argparse.Namespace) -> int:
 
     import deeppcr_fx as deeppcr
 
+    from .inspect.drawing import check_drawable
+
     shape = _parse_shape(args.input_shape)
     if args.draw:
         try:  # fail before the work: an unknown suffix, pydot or Graphviz missing
-            deeppcr.inspect.draw.check_drawable(args.draw)
+            check_drawable(args.draw)
         except (ValueError, ImportError) as exc:
             raise UsageError(f"--draw: {exc}") from None
     factory = _load_factory(args.target)

@@ -1,8 +1,8 @@
 """Inspection: compile reports as data (``report``), rendered separately (``render``); graph drawing
-(``draw``), solver telemetry (``telemetry``) and its plot (``plot``), a solve progress bar (``progress``)."""
-from .draw import draw
+(``drawing``), solver telemetry (``telemetry``) and its plot (``plotting``), a solve progress bar (``progress``)."""
+from .drawing import draw
 from .optional import MissingDependency
-from .plot import plot_convergence
+from .plotting import plot_convergence
 from .report import ChainRecord, CompileReport, InputRecord
 from .telemetry import ChainStats
 

@@ -184,11 +184,13 @@ def _source(n: fx.Node, gm: fx.GraphModule) -> str:
     if n.op == "placeholder":
         return "input"
     if n.op == "get_attr":
-        try:
-            value = gm.get_parameter(n.target)
-        except AttributeError:
-            return "buffer"
-        return "parameter" if isinstance(value, torch.nn.Parameter) else "buffer"
+        for kind, get in (("parameter", gm.get_parameter), ("buffer", gm.get_buffer)):
+            try:
+                get(n.target)
+                return kind
+            except AttributeError:
+                pass
+        return "constant"  # a tensor the tracer stored on the module (e.g. a scheduler's coefficient)
     return "computed"
 
 
