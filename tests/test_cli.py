@@ -46,3 +46,46 @@ def test_bad_arguments_give_one_line_and_exit_2(args, message):
 def test_help(command):
     proc = _run(*command, "--help")
     assert proc.returncode == 0 and "usage:" in proc.stdout
+
+
+TESTS = str(__import__("pathlib").Path(__file__).parent)
+
+
+def _run_env(*args, pythonpath=(TESTS,), timeout=240):
+    import os
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*pythonpath, os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "deeppcr_fx", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_explain_three_chains_json_round_trips_and_draws(tmp_path):
+    pytest.importorskip("pydot")
+    out = tmp_path / "graph.dot"
+    proc = _run_env("explain", "inspect_models:three_chains", "--input-shape", "2,8", "--policy", "always",
+                    "--json", "--draw", str(out))
+    assert proc.returncode == 0, proc.stderr
+    import deeppcr_fx as deeppcr
+
+    report = deeppcr.CompileReport.from_dict(json.loads(proc.stdout))
+    assert [(c.length, c.period, c.status) for c in report.chains] == [(9, 1, "rewritten"), (8, 1, "rewritten"),
+                                                                       (10, 2, "rewritten")]
+    assert "cluster_after" in out.read_text() and "written to" in proc.stderr
+
+
+def test_explain_draw_without_pydot(tmp_path):
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "pydot.py").write_text("raise ModuleNotFoundError('pydot hidden by the test', name='pydot')\n")
+    proc = _run_env("explain", "inspect_models:three_chains", "--input-shape", "2,8", "--draw",
+                    str(tmp_path / "g.svg"), pythonpath=(str(shim), TESTS))
+    assert proc.returncode == 2
+    assert "--draw: deeppcr.draw needs the optional package 'pydot': pip install pydot" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_explain_draw_bad_suffix(tmp_path):
+    proc = _run_env("explain", "inspect_models:three_chains", "--input-shape", "2,8", "--draw",
+                    str(tmp_path / "g.txt"))
+    assert proc.returncode == 2 and "use one of .svg" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
