@@ -10,7 +10,7 @@ import torch.nn as nn
 import deeppcr_fx as deeppcr
 from compile_zoo import ZOO, Residual, Stack, conditioning
 from deeppcr_fx import Reason
-from inspect_models import three_chains
+from inspect_models import ddim_sampler, three_chains
 
 
 def _explain(model, inputs, **options):
@@ -66,6 +66,17 @@ def test_hoisted_and_shared_inputs():
     rec = _explain(Shared().double(), (torch.randn(2, 8, dtype=torch.float64),
                                        torch.randn(2, 8, dtype=torch.float64))).chains[0]
     assert [(i.kind, i.first, i.source) for i in rec.shared_inputs] == [("shared", "c", "input")]
+
+
+def test_diffusion_sampling_loop():
+    report = _explain(ddim_sampler(), (torch.randn(2, 8),))
+    (rec,) = report.chains
+    assert (rec.length, rec.period, rec.status, rec.covers) == (10, 1, "rewritten", ("denoiser",))
+    kinds = [(i.kind, i.source, i.hoisted) for i in rec.inputs]
+    assert ("per_step", "computed", True) in kinds  # the timestep embedding, hoisted out of the solve
+    assert ("per_step", "constant", False) in kinds  # the scheduler's coefficients
+    assert [i.first for i in rec.shared_inputs] == ["denoiser_inp_weight", "denoiser_inp_bias",
+                                                    "denoiser_out_weight", "denoiser_out_bias"]
 
 
 def test_auto_policy_decision_and_refusal_remedy():

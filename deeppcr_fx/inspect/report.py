@@ -31,7 +31,9 @@ class InputRecord:
     kind: str  # PER_STEP, SHARED or COEFFICIENT
     first: str  # the node the first step reads (the node itself for SHARED)
     last: str  # the node the last step reads
-    source: str  # "parameter" (get_attr), "input" (placeholder), "computed" or "constant"
+    # "parameter", "buffer", "constant" (a tensor traced from Python, e.g. a schedule coefficient),
+    # "input" (a graph input), "computed" (state-independent ops) or "attribute"
+    source: str
     shape: Optional[tuple]  # one step's shape (None when not a tensor)
     dtype: str
     hoisted: bool = False  # computed outside the state-dependent core of a step and kept out of the solve

@@ -184,13 +184,15 @@ def _source(n: fx.Node, gm: fx.GraphModule) -> str:
     if n.op == "placeholder":
         return "input"
     if n.op == "get_attr":
+        if n.target.rpartition(".")[2].startswith("_tensor_constant"):  # torch.fx's name for a traced constant
+            return "constant"
         for kind, get in (("parameter", gm.get_parameter), ("buffer", gm.get_buffer)):
             try:
                 get(n.target)
                 return kind
             except AttributeError:
                 pass
-        return "constant"  # a tensor the tracer stored on the module (e.g. a scheduler's coefficient)
+        return "attribute"
     return "computed"
 
 
