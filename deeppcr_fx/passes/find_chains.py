@@ -204,7 +204,7 @@ def periodic_runs(keys: list, min_count: int = 2) -> list[tuple[int, int, int]]:
     k = [ids.setdefault(x, len(ids)) for x in keys]
     n = len(k)
     found = []
-    for p in range(1, n // min_count + 1):
+    for p in _candidate_periods(k, n // min_count):
         i = 0
         while i + p < n:
             if k[i] != k[i + p]:
@@ -227,6 +227,25 @@ def periodic_runs(keys: list, min_count: int = 2) -> list[tuple[int, int, int]]:
             taken[i] = True
         runs.append((start, p, count))
     return sorted(runs)
+
+
+ALWAYS_TRIED_PERIODS = 16
+
+
+def _candidate_periods(k: list, max_period: int) -> list:
+    """Periods worth scanning: every p <= 16, and every distance from a key to its next occurrence.
+
+    A run of period p repeats each key p apart, so unless every key of the period occurs
+    twice within it, some key's next occurrence is exactly p away. Scanning only these
+    keeps the search O(n * periods) instead of O(n^2) for chains of thousands of layers.
+    """
+    last: dict = {}
+    periods = set(range(1, min(ALWAYS_TRIED_PERIODS, max_period) + 1))
+    for i, key in enumerate(k):
+        if key in last and i - last[key] <= max_period:
+            periods.add(i - last[key])
+        last[key] = i
+    return sorted(periods)
 
 
 def _segments(ps: list, start: int, period: int, count: int, gm) -> list:

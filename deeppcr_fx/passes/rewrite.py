@@ -95,7 +95,13 @@ def covered_modules(c: Candidate) -> tuple:
                 path = path.replace("L['self'].", "", 1) if path.startswith("L['self'].") else path  # TorchDynamo
                 if path and path != "L['self']" and path not in names:
                     names.append(path)
-    top = [p for p in names if not any(p.startswith(q + ".") for q in names if q != p)]
+    paths = set(names)
+
+    def nested(p: str) -> bool:  # some proper dotted prefix of p is itself a covered path
+        parts = p.split(".")
+        return any(".".join(parts[:i]) in paths for i in range(1, len(parts)))
+
+    top = [p for p in names if not nested(p)]
     return tuple(top) or tuple(s.state_out.name for s in c.segments)
 
 

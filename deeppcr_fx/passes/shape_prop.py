@@ -67,12 +67,43 @@ def _info(value: Any) -> Optional[ValueInfo]:
     return ValueInfo(is_tensor=False, constant=None)
 
 
+def meta_cache_key(op: str, target: Any, args: Any, kwargs: Any) -> Optional[tuple]:
+    """A hashable description of an op on meta values, or None when it cannot be keyed safely.
+
+    Meta tensors carry only (shape, stride, dtype, requires_grad), so two calls with equal keys
+    give equal results: the repeated layers of a deep model compute each meta value once.
+    Only ``call_function`` / ``call_method`` results are keyed (attributes and modules differ).
+    """
+    if op not in ("call_function", "call_method"):
+        return None
+
+    def key(a):
+        if isinstance(a, torch.Tensor):
+            return ("T", tuple(a.shape), a.stride(), a.dtype, a.requires_grad)
+        if isinstance(a, (tuple, list)):
+            return (type(a).__name__, *(key(v) for v in a))
+        if isinstance(a, dict):
+            return ("dict", *((k, key(v)) for k, v in sorted(a.items())))
+        if isinstance(a, slice):
+            return ("slice", key(a.start), key(a.stop), key(a.step))
+        if a is None or isinstance(a, (bool, int, float, str, torch.dtype, torch.device, torch.memory_format,
+                                       torch.layout, type(Ellipsis))):
+            return (type(a).__name__, a)
+        raise TypeError  # something we cannot key safely: compute without the cache
+
+    try:
+        return (op, target, key(args), key(kwargs))
+    except TypeError:
+        return None
+
+
 class _MetaInterpreter(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, result: ShapeInfo) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.result = result
         self._attr_cache: dict[str, Any] = {}
         self._real_cache: dict[fx.Node, Any] = {}
+        self._meta_cache: dict[tuple, Any] = {}  # meta_cache_key -> result
 
     def run_node(self, n: fx.Node) -> Any:
         try:
@@ -128,11 +159,19 @@ class _MetaInterpreter(fx.Interpreter):
             kwargs = {**kwargs, "generator": None}
         if "device" in kwargs:  # factory functions: allocate on meta, draw nothing
             kwargs = {**kwargs, "device": "meta"}
-        return super().call_function(target, args, kwargs)
+        return self._cached("call_function", target, args, kwargs, super().call_function)
 
     def call_method(self, target, args, kwargs):
         self._check(args, kwargs)
-        return super().call_method(target, args, kwargs)
+        return self._cached("call_method", target, args, kwargs, super().call_method)
+
+    def _cached(self, op, target, args, kwargs, run):
+        key = meta_cache_key(op, target, args, kwargs)
+        if key is None:
+            return run(target, args, kwargs)
+        if key not in self._meta_cache:
+            self._meta_cache[key] = run(target, args, kwargs)
+        return self._meta_cache[key]
 
     def call_module(self, target, args, kwargs):
         self._check(args, kwargs)

@@ -29,7 +29,7 @@ import torch.fx as fx
 from torch.func import functional_call
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
-from .shape_prop import _to_meta
+from .shape_prop import _to_meta, meta_cache_key
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,8 @@ class InliningTracer(fx.Tracer):
         self._proxy_caches: list[dict] = []
         self._inputs = [_to_meta(x) for x in example_inputs]
         self._n_placeholders = 0
+        self._tensor_names: dict[int, str] | None = None  # id(parameter or buffer) -> qualified name
+        self._meta_cache: dict = {}  # (op, target, argument metas) -> output meta: repeated layers hit it
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return ShapeProxy(node, self)
@@ -130,21 +132,30 @@ class InliningTracer(fx.Tracer):
             kwargs.pop("generator", None)
             if "device" in kwargs:
                 kwargs["device"] = "meta"
-            # run the real ops, not the tracer's patched Module.__call__/__getattr__ (private torch.fx API)
-            with torch.no_grad(), _maybe_revert_all_patches():
-                if node.op == "call_function":
-                    return node.target(*args, **kwargs)
-                if node.op == "call_method":
-                    return getattr(args[0], node.target)(*args[1:], **kwargs)
-                if node.op == "get_attr":
-                    return _to_meta(self._fetch(node.target))
-                if node.op == "call_module":
-                    mod = self.root.get_submodule(node.target)
-                    state = {k: _to_meta(v) for k, v in list(mod.named_parameters()) + list(mod.named_buffers())}
-                    return functional_call(mod, state, args, kwargs)
+            key = meta_cache_key(node.op, node.target, args, kwargs)
+            if key is not None and key in self._meta_cache:
+                return self._meta_cache[key]
+            value = self._run_meta(node, args, kwargs)
+            if key is not None:
+                self._meta_cache[key] = value
+            return value
         except Exception as exc:  # no meta value: shape queries on this proxy stay symbolic
             logger.debug("deeppcr trace: no meta value for %s: %s", node.name, exc)
             return _MISSING
+
+    def _run_meta(self, node: fx.Node, args, kwargs):
+        if node.op == "get_attr":  # no patched call involved: skip reverting the tracer's patches
+            return _to_meta(self._fetch(node.target))
+        # run the real ops, not the tracer's patched Module.__call__/__getattr__ (private torch.fx API)
+        with torch.no_grad(), _maybe_revert_all_patches():
+            if node.op == "call_function":
+                return node.target(*args, **kwargs)
+            if node.op == "call_method":
+                return getattr(args[0], node.target)(*args[1:], **kwargs)
+            if node.op == "call_module":
+                mod = self.root.get_submodule(node.target)
+                state = {k: _to_meta(v) for k, v in list(mod.named_parameters()) + list(mod.named_buffers())}
+                return functional_call(mod, state, args, kwargs)
         return _MISSING
 
     def _fetch(self, target: str):
@@ -166,9 +177,26 @@ class InliningTracer(fx.Tracer):
         return module_qualified_name in self.opaque
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
+        """torch.fx's ``Tracer.getattr`` with an id -> name table instead of a scan of all parameters
+        per access (which made tracing quadratic in the number of layers)."""
         if not any(c is parameter_proxy_cache for c in self._proxy_caches):
             self._proxy_caches.append(parameter_proxy_cache)
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if not isinstance(attr_val, torch.Tensor):
+            return attr_val
+        if self._tensor_names is None:
+            names: dict[int, str] = {}
+            for name, t in self.root.named_parameters():
+                names.setdefault(id(t), name)
+            if self.proxy_buffer_attributes:
+                for name, t in self.root.named_buffers():
+                    names.setdefault(id(t), name)
+            self._tensor_names = names
+        name = self._tensor_names.get(id(attr_val))
+        if name is None:
+            return attr_val
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
 
     def call_module(self, m, forward, args, kwargs):
         path = self.path_of_module(m)
