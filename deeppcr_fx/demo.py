@@ -153,7 +153,7 @@ def main(quick: bool = False, threads: Optional[int] = None) -> int:
 
 def _run(quick: bool, threads: Optional[int]) -> int:
     torch.manual_seed(0)
-    depth, repeats = (256, 5) if quick else (512, 7)
+    depth, repeats = (512, 5) if quick else (2048, 7)
     print(f"deeppcr_fx demo: a {depth}-layer tanh MLP (width 4, batch 1) and a 50-step DDIM sampler "
           f"(16 samples), float32")
     print(f"torch {torch.__version__}, cpu, {torch.get_num_threads()} intra-op thread(s)"

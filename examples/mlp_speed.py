@@ -1,16 +1,16 @@
 """DeepPCR's first two experiments, measured: forward and backward speed-up of a deep tanh MLP vs depth and width.
 
-    python examples/mlp_speed.py [--quick | --smoke] [--widths 2,4,8] [--depths 64,256,1024] [--threads N]
+    python examples/mlp_speed.py [--quick | --smoke] [--widths 2,4,8] [--depths 64,256,1024]
+                                 [--method compile|solve] [--threads N]
 
 The model is ``nn.Sequential(Linear(w, w), Tanh(), ...)`` with L layers, batch 1 (the paper's
 setting: a chain of small steps). The sequential baseline is the eager model itself. The
 parallel version is
 
-- ``deeppcr.compile(model, policy="always")`` for depths up to ``--compile-max-depth``: the
-  compiler finds the chain and replaces it with one ``PCRSolve`` (Newton + PCR);
+- ``deeppcr.compile(model, policy="always")`` (default): the compiler finds the chain and
+  replaces it with one ``PCRSolve`` (Newton + PCR); or, with ``--method solve``,
 - ``deeppcr.solve(step, x, per_step=(W, b))`` on the layers' Parameters stacked in each forward
-  (as the compiled graph does), for longer chains: the runtime that ``PCRSolve`` calls, without tracing (symbolic tracing of an
-  nn.Sequential currently costs O(L^2) time, see the note printed at the end).
+  (as the compiled graph does): the runtime that ``PCRSolve`` calls, without the compiler.
 
 Forward: both under ``torch.no_grad()``. Backward: the ``.backward()`` call alone, after an
 untimed forward (autograd through the eager model vs DeepPCR's parallel adjoint). Outputs
@@ -35,10 +35,10 @@ import _common  # noqa: E402
 import deeppcr_fx as deeppcr  # noqa: E402
 
 OUT_TOL, GRAD_TOL = 1e-4, 1e-3  # relative max-norm errors vs the eager model (float32)
-PRESETS = {  # widths, depths, repeats, compile-max-depth
-    "smoke": ((4,), (16, 64), 2, 64),
-    "quick": ((4, 16), (64, 256, 1024), 5, 256),
-    "full": ((2, 4, 8, 16, 32), (64, 256, 1024, 4096), 7, 1024),
+PRESETS = {  # widths, depths, repeats
+    "smoke": ((4,), (16, 64), 2),
+    "quick": ((4, 16), (64, 256, 1024), 5),
+    "full": ((2, 4, 8, 16, 32), (64, 256, 1024, 4096), 7),
 }
 
 
@@ -152,7 +152,7 @@ def plot(rows: list, widths: tuple, depths: tuple, path: str, header: str) -> No
         for i, w in enumerate(widths):
             for j, L in enumerate(depths):
                 v = grid[i][j]
-                ax.text(j, i, f"{v:.2f}x\n{cells[(w, L)]['method']}", ha="center", va="center", fontsize=8,
+                ax.text(j, i, f"{v:.2f}x", ha="center", va="center", fontsize=8,
                         color="white" if abs(math.log(v)) > 0.6 * math.log(bound) else "black")
         ax.set_xticks(range(len(depths)), [str(L) for L in depths])
         ax.set_yticks(range(len(widths)), [str(w) for w in widths])
@@ -169,22 +169,18 @@ def main(argv=None) -> int:
     p.add_argument("--widths", type=lambda s: tuple(int(v) for v in s.split(",")), default=None)
     p.add_argument("--depths", type=lambda s: tuple(int(v) for v in s.split(",")), default=None)
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--compile-max-depth", type=int, default=None,
-                   help="use deeppcr.compile up to this depth, deeppcr.solve beyond (compile time grows as L^2)")
-    p.add_argument("--method", choices=("auto", "compile", "solve"), default="auto",
-                   help="auto: compile up to --compile-max-depth, solve beyond; or one method for every cell")
+    p.add_argument("--method", choices=("compile", "solve"), default="compile",
+                   help="deeppcr.compile the nn.Sequential (default), or call deeppcr.solve on its stacked weights")
     args = p.parse_args(argv)
-    widths, depths, repeats, compile_max = PRESETS[_common.mode_name(args)]
+    widths, depths, repeats = PRESETS[_common.mode_name(args)]
     widths, depths = args.widths or widths, args.depths or depths
     repeats = args.repeats or repeats
-    compile_max = compile_max if args.compile_max_depth is None else args.compile_max_depth
     _common.setup(args, "DeepPCR MLP forward/backward speed-up vs depth and width (tanh MLP, batch 1, float32)")
 
     rows = []
     for w in widths:
         for L in depths:
-            use_compile = args.method == "compile" or (args.method == "auto" and L <= compile_max)
-            row = measure(w, L, repeats, use_compile=use_compile, seed=args.seed)
+            row = measure(w, L, repeats, use_compile=args.method == "compile", seed=args.seed)
             rows.append(row)
             print(f"  measured w={w:<3} L={L:<5} ({row['method']}): forward {row['fwd speed-up']}, "
                   f"backward {row['bwd speed-up']}", flush=True)
@@ -195,11 +191,9 @@ def main(argv=None) -> int:
     best_b = max(rows, key=lambda r: r["_bwd"])
     print(f"\nbest forward speed-up {best_f['fwd speed-up']} at w={best_f['width']}, L={best_f['depth']}; "
           f"best backward speed-up {best_b['bwd speed-up']} at w={best_b['width']}, L={best_b['depth']}")
-    if any(r["method"] == "solve" for r in rows):
+    if args.method == "solve":
         print("note: method 'solve' = deeppcr.solve on the layers' Parameters stacked in each forward (what the "
-              "compiled graph runs; gradients reach all 2L Parameters); "
-              + (f"used above depth {compile_max} because tracing an L-layer nn.Sequential takes O(L^2) time today."
-                 if args.method == "auto" else "chosen with --method solve."))
+              "compiled graph runs; gradients reach all 2L Parameters).")
     print(f"note: on a CPU the parallel rounds share {torch.get_num_threads()} thread(s); the paper's 30x/200x "
           "are on a GPU, where each PCR round runs all L rows at once.")
     failed = [r for r in rows if r["check"] != "OK"]
@@ -207,7 +201,8 @@ def main(argv=None) -> int:
           + ("all OK" if not failed else f"{len(failed)} MISMATCH(ES)"))
     if args.png != "none":
         plot(rows, widths, depths, args.png,
-             f"tanh MLP, batch 1, float32, cpu, {torch.get_num_threads()} thread(s), medians of {repeats} runs")
+             f"tanh MLP, batch 1, float32, deeppcr.{args.method}, cpu, {torch.get_num_threads()} thread(s), "
+             f"medians of {repeats} runs")
     return 1 if failed else 0
 
 
