@@ -33,7 +33,7 @@ import deeppcr_fx as deeppcr  # noqa: E402
 
 PRESETS = {  # layers, width, steps, batch
     "smoke": (16, 8, 6, 32),
-    "quick": (128, 8, 40, 64),
+    "quick": (256, 8, 40, 64),
     "full": (1024, 8, 100, 64),
 }
 
