@@ -38,13 +38,13 @@ class CompileError(RuntimeError):
     """``policy="always"`` and the model cannot be compiled (the report says why)."""
 
 
-def _signature(args: tuple, model: torch.nn.Module) -> tuple:
+def _signature(args: tuple, modules: list) -> tuple:
     def one(x):
         if isinstance(x, torch.Tensor):
             return ("tensor", tuple(x.shape), x.dtype, x.device)
         return ("value", type(x).__name__, repr(x))
 
-    return tuple(one(a) for a in args) + (tuple(m.training for m in model.modules()), torch.is_grad_enabled())
+    return tuple(one(a) for a in args) + (tuple(m.training for m in modules), torch.is_grad_enabled())
 
 
 def _describe(args: tuple) -> str:
@@ -67,6 +67,8 @@ class CompiledModule(torch.nn.Module):
         object.__setattr__(self, "_original", model)  # not a submodule: keeps state_dict keys equal
         object.__setattr__(self, "_specialisations", {})
         object.__setattr__(self, "_last", None)
+        # the module tree as compiled: scanning model.modules() on every call costs O(depth) Python time
+        object.__setattr__(self, "_all_modules", list(model.modules()))
         self.config = config
         for name, child in model.named_children():
             self.add_module(name, child)
@@ -132,7 +134,7 @@ class CompiledModule(torch.nn.Module):
         return spec.runner(*args)
 
     def specialise(self, args: tuple) -> _Specialisation:
-        key = _signature(args, self._original)
+        key = _signature(args, self._all_modules)
         spec = self._specialisations.get(key)
         if spec is None:
             spec = self._specialisations[key] = self._build(args)

@@ -95,8 +95,10 @@ def test_lint_and_code_printable():
     gm = compiled.graph_module
     gm.graph.lint()
     code = gm.code
-    assert "pcr_solve_0" in code and "torch.stack" in code
+    assert "pcr_solve_0" in code and "self.pcr_solve_0_per_step_0()" in code
     assert "PCRSolve(" in repr(gm) and "L=8, period=1, mode=full" in repr(gm)
+    assert "StackedAttributes(" in repr(gm) and "(8 tensors)" in repr(gm)
+
 
 
 def test_explain_does_not_rewrite_by_default_on_cpu():

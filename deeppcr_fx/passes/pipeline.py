@@ -27,6 +27,7 @@ from ..inspect.report import COEFFICIENT, PER_STEP, REFUSED, REWRITTEN, SHARED, 
 from ..runtime import jacobians
 from .cost_model import parallel_depth, predicted_speedup, profitable
 from .find_chains import Candidate, find_chains
+from ..runtime.stacked import StackedAttributes
 from .rewrite import covered_modules, rewrite, slots_of
 from .shape_prop import ShapeInfo, info_of, propagate
 from .validate import Refusal, validate
@@ -243,6 +244,11 @@ def _tidy_names(gm: fx.GraphModule, name: str, replaced: dict) -> None:
         if isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target is torch.stack:
             items = arg.args[0]
             _renamed(graph, arg, f"{_common_name(items[0].name, items[-1].name)}_per_step")
+        elif isinstance(arg, fx.Node) and arg.op == "call_module" and \
+                isinstance(gm.get_submodule(arg.target), StackedAttributes):
+            targets = gm.get_submodule(arg.target).targets
+            first, last = (t.replace(".", "_") for t in (targets[0], targets[-1]))
+            _renamed(graph, arg, f"{_common_name(first, last)}_per_step")
         elif isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target is torch.tensor:
             _renamed(graph, arg, f"{name}_coef{coef}")
             coef += 1

@@ -28,6 +28,7 @@ import torch.fx as fx
 
 from ..config import Config
 from ..runtime.pcr_solve import PCRSolve
+from ..runtime.stacked import StackedAttributes
 from .find_chains import Candidate
 
 
@@ -123,8 +124,8 @@ def rewrite(gm: fx.GraphModule, c: Candidate, config: Config, name: str, replace
     module = PCRSolve(template, c.length, n_per_step, config, covered_modules(c), c.period)
     gm.add_submodule(name, module)
     with graph.inserting_before(last):
-        per_step = [graph.call_function(torch.stack, ([s.externals[i] for s in segs],))
-                    for i in slots.per_step_ext]
+        per_step = [_stack(gm, [s.externals[i] for s in segs], f"{name}_per_step_{k}")
+                    for k, i in enumerate(slots.per_step_ext)]
         if slots.per_step_float:
             device = graph.call_function(getattr, (x0, "device"))
             for j in slots.per_step_float:
@@ -141,5 +142,17 @@ def rewrite(gm: fx.GraphModule, c: Candidate, config: Config, name: str, replace
         old.replace_all_uses_with(new, delete_user_cb=lambda u: u not in members)
     for n in reversed(c.nodes):
         graph.erase_node(n)
+    for n in [n for x in slots.per_step_ext for n in (s.externals[x] for s in segs)]:
+        if n.op == "get_attr" and not n.users and n.graph is graph:
+            graph.erase_node(n)  # read by the StackedAttributes module now
     graph.lint()
     return module
+
+
+def _stack(gm: fx.GraphModule, nodes: list, name: str) -> fx.Node:
+    """The stacked per-step input: one ``StackedAttributes`` call when every entry is an attribute
+    (the usual case, per-layer Parameters), else ``torch.stack`` of the nodes."""
+    if all(n.op == "get_attr" for n in nodes):
+        gm.add_submodule(name, StackedAttributes(gm, [n.target for n in nodes]))
+        return gm.graph.call_module(name, ())
+    return gm.graph.call_function(torch.stack, (nodes,))
