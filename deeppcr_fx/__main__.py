@@ -76,19 +76,37 @@ def _explain(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import main
 
-    return main(quick=args.quick)
+    return main(quick=args.quick, threads=args.threads)
 
 
 def _bench(args: argparse.Namespace) -> int:
+    """Run ``benchmarks/suite.py`` (or, with ``--backward``, ``benchmarks/backward_vs_autograd.py``)."""
+    import runpy
     from pathlib import Path
 
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "backward_vs_autograd.py"
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    script = folder / ("backward_vs_autograd.py" if args.backward else "suite.py")
     if not script.exists():
-        raise UsageError("the benchmarks live in the source checkout (benchmarks/); run from a clone of the repo")
-    import runpy
+        raise UsageError("the benchmarks live in the source checkout (benchmarks/): run from a clone of the "
+                         "repository installed with pip install -e .")
+    if args.backward:
+        argv = ["--device", args.device] + (["--repeats", "3"] if args.quick else [])
+    else:
+        argv = ["--suite", args.suite, "--device", args.device] + (["--quick"] if args.quick else [])
+        argv += ["--threads", str(args.threads)] if args.threads else []
+    if args.device == "cuda":
+        import torch
 
-    sys.argv = [str(script), "--device", args.device] + (["--repeats", "3"] if args.quick else [])
-    runpy.run_path(str(script), run_name="__main__")
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: torch sees no CUDA device here")
+    saved = sys.argv
+    sys.argv = [str(script), *argv]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as exc:  # the script's own exit code
+        return int(exc.code or 0)
+    finally:
+        sys.argv = saved
     return 0
 
 
@@ -99,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="compile a built-in deep MLP and a DDIM sampler, check and time them")
     demo.add_argument("--quick", action="store_true", help="smaller models (a few seconds)")
+    demo.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: 1)")
     demo.set_defaults(func=_demo)
 
     explain = sub.add_parser("explain", help="print what deeppcr.compile finds in a model")
@@ -111,9 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also draw the graph before/after (.svg/.png/.pdf need pydot and Graphviz, .dot pydot)")
     explain.set_defaults(func=_explain)
 
-    bench = sub.add_parser("bench", help="time the parallel backward against autograd of the plain model")
+    bench = sub.add_parser("bench", help="measure eager sequential models against deeppcr.compile "
+                                         "(writes CSV/PNG under benchmarks/results/)")
+    bench.add_argument("--suite", choices=("paper", "resnet", "diffusion", "all"), default="paper")
     bench.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    bench.add_argument("--quick", action="store_true")
+    bench.add_argument("--quick", action="store_true", help="a small grid (a few minutes on a CPU)")
+    bench.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    bench.add_argument("--backward", action="store_true",
+                       help="instead: the runtime's backward vs autograd of the sequential model (L=4096, w=4)")
     bench.set_defaults(func=_bench)
     return parser
 

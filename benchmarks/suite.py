@@ -1,0 +1,261 @@
+"""The benchmark suites: eager sequential models vs ``deeppcr.compile`` (policy "always" and "auto").
+
+    python benchmarks/suite.py --suite paper|resnet|diffusion|all --device cpu|cuda [--quick] [--threads N]
+
+Every row measures, in this process, with alternating runs and medians over repeats:
+- ``eager``: the model as a user writes it (per-layer modules in an ``nn.ModuleList``; the
+  plain sampling loop driven by a diffusers scheduler); on CUDA also
+  ``torch.compile(mode="reduce-overhead")`` of it (``cudagraph``);
+- ``always`` / ``auto``: ``deeppcr.compile(model, policy=...)``;
+- the Newton iterations of the rewritten chain and the max error vs the eager output.
+
+Speed-ups are eager time / variant time. Results go to ``benchmarks/results/suite_<suite>_<device>.csv``
+(and a PNG when matplotlib is installed).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+import deeppcr_fx as deeppcr
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ----------------------------------------------------------------------------------------- models
+class TanhMLP(nn.Module):
+    def __init__(self, L: int, w: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(w, w) for _ in range(L))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+class ResidualMLP(nn.Module):
+    def __init__(self, L: int, w: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(w, w) for _ in range(L))
+        for layer in self.layers:  # small residual updates, as in a trained deep ResNet
+            nn.init.normal_(layer.weight, std=0.5 / w ** 0.5)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + torch.tanh(layer(x))
+        return x
+
+
+class Sampler(nn.Module):
+    """``for t in timesteps: x = scheduler.step(denoiser(x, t), t, x).prev_sample`` with an MLP denoiser."""
+
+    def __init__(self, kind: str, steps: int, dim: int, hidden: int = 32) -> None:
+        super().__init__()
+        import diffusers
+
+        self.scheduler = {"ddpm": diffusers.DDPMScheduler, "ddim": diffusers.DDIMScheduler}[kind](
+            num_train_timesteps=1000)
+        self.scheduler.set_timesteps(steps)
+        self.inp, self.temb, self.out = nn.Linear(dim, hidden), nn.Linear(1, hidden), nn.Linear(hidden, dim)
+        for p in self.out.parameters():
+            p.data.mul_(0.1)
+
+    def forward(self, x):
+        self.scheduler._step_index = None
+        for t in self.scheduler.timesteps:
+            tt = t.to(x.dtype).reshape(1, 1) / 1000
+            eps = self.out(torch.tanh(self.inp(x) + self.temb(tt)))
+            x = self.scheduler.step(eps, t, x).prev_sample
+        return x
+
+
+# -------------------------------------------------------------------------------------- measuring
+@dataclass
+class Case:
+    suite: str
+    name: str
+    model: nn.Module
+    x: torch.Tensor
+    train: bool  # time forward + backward (a training step) rather than forward only
+    params: dict
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _iterations(compiled) -> Optional[int]:
+    gm = getattr(compiled, "graph_module", None)
+    if gm is None:
+        return None
+    its = [m.last_stats.iterations for m in gm.modules() if isinstance(m, deeppcr.PCRSolve) and m.last_stats]
+    return max(its) if its else None
+
+
+def _rewritten(compiled) -> int:
+    report = getattr(compiled, "report", None)
+    return 0 if report is None else len(report.rewritten)
+
+
+def measure(case: Case, device: str, repeats: int) -> dict:
+    model, x = case.model.to(device), case.x.to(device)
+    variants: Dict[str, Callable] = {"eager": model}
+    compiled = {p: deeppcr.compile(model, policy=p) for p in ("always", "auto")}
+    variants.update(compiled)
+    if device == "cuda":
+        variants["cudagraph"] = torch.compile(model, mode="reduce-overhead")
+
+    def run(fn):
+        if case.train:
+            model.zero_grad(set_to_none=True)
+            fn(x).sum().backward()
+        else:
+            with torch.no_grad():
+                fn(x)
+        _sync(device)
+
+    with torch.no_grad():
+        ref = model(x)
+        errors = {name: float((fn(x) - ref).abs().max()) for name, fn in variants.items() if name != "eager"}
+    times: Dict[str, List[float]] = {name: [] for name in variants}
+    for name, fn in variants.items():  # warm up: specialise, capture graphs
+        run(fn)
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            run(fn)
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    row = dict(suite=case.suite, case=case.name, **case.params, mode="train" if case.train else "forward",
+               device=device, eager_ms=1e3 * med["eager"])
+    for name in variants:
+        if name == "eager":
+            continue
+        row[f"{name}_ms"] = 1e3 * med[name]
+        row[f"{name}_speedup"] = med["eager"] / med[name]
+        row[f"{name}_max_err"] = errors[name]
+    row["always_iterations"] = _iterations(compiled["always"])
+    row["auto_rewrote"] = _rewritten(compiled["auto"])
+    return row
+
+
+# ----------------------------------------------------------------------------------------- suites
+def paper(quick: bool) -> List[Case]:
+    grid = dict(L=[256, 4096], w=[4, 16], B=[1]) if quick else dict(L=[64, 256, 1024, 4096], w=[2, 4, 16, 64],
+                                                                          B=[1, 16])
+    cases = []
+    for L in grid["L"]:
+        for w in grid["w"]:
+            for B in grid["B"]:
+                for train in (False, True):
+                    torch.manual_seed(0)
+                    cases.append(Case("paper", "tanh-mlp", TanhMLP(L, w), torch.randn(B, w), train,
+                                      dict(L=L, w=w, B=B)))
+    return cases
+
+
+def resnet(quick: bool) -> List[Case]:
+    grid = [(256, 4), (1024, 4)] if quick else [(128, 4), (256, 8), (512, 8), (1024, 4), (1024, 16)]
+    cases = []
+    for L, w in grid:
+        torch.manual_seed(0)
+        cases.append(Case("resnet", "residual-mlp", ResidualMLP(L, w), torch.randn(16, w), True,
+                          dict(L=L, w=w, B=16)))
+    return cases
+
+
+def diffusion(quick: bool) -> List[Case]:
+    grid = [("ddim", 50, 2)] if quick else [("ddpm", 1000, 2), ("ddim", 50, 2), ("ddpm", 1000, 64), ("ddim", 50, 64)]
+    cases = []
+    for kind, steps, dim in grid:
+        torch.manual_seed(0)
+        cases.append(Case("diffusion", f"{kind}-{steps}", Sampler(kind, steps, dim), torch.randn(64, dim), False,
+                          dict(L=steps, w=dim, B=64)))
+    return cases
+
+
+SUITES = {"paper": paper, "resnet": resnet, "diffusion": diffusion}
+
+
+# ----------------------------------------------------------------------------------------- output
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return "-" if v is None else str(v)
+
+
+def print_table(rows: List[dict]) -> None:
+    cols = ["suite", "case", "L", "w", "B", "mode", "eager_ms", "always_ms", "always_speedup", "auto_ms",
+            "auto_speedup", "auto_rewrote", "always_iterations", "always_max_err"]
+    cols += [c for c in ("cudagraph_ms", "cudagraph_speedup") if any(c in r for r in rows)]
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(cols, widths)))
+
+
+def write(rows: List[dict], suite: str, device: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"suite_{suite}_{device}.csv"
+    fields = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no PNG: pip install matplotlib for plots)")
+        return path
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = [f"{r['case']} L={r['L']} w={r['w']} B={r['B']} {r['mode']}" for r in rows]
+    ax.barh(range(len(rows)), [r["always_speedup"] for r in rows])
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=6)
+    ax.set_xscale("log")
+    ax.set_xlabel("speed-up of deeppcr.compile(policy='always') over eager")
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=120)
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", choices=[*SUITES, "all"], default="paper")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeats = args.repeats or (3 if args.quick else 5)
+    print(f"deeppcr_fx bench: suite={args.suite} device={args.device} torch={torch.__version__} "
+          f"threads={torch.get_num_threads()} repeats={repeats} (medians of alternating runs)")
+    for suite in (SUITES if args.suite == "all" else [args.suite]):
+        rows = []
+        for case in SUITES[suite](args.quick):
+            rows.append(measure(case, args.device, repeats))
+            print(f"  measured {case.name} {case.params} {'train' if case.train else 'forward'}", flush=True)
+        print_table(rows)
+        print(f"wrote {write(rows, suite, args.device)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
