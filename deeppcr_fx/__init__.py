@@ -7,17 +7,21 @@
     deeppcr.explain(model, (x,))                         # the CompileReport only
     deeppcr.draw(compiled, "graph.svg"); deeppcr.plot_convergence(compiled.stats(), "conv.png")  # optional extras
 """
+from .api import CompileError, compile, explain
 from .config import Config
-from .runtime import FinishCause, PassStats, SolveResult, SolveStats, solve
-
-__all__ = ["Config", "FinishCause", "PassStats", "SolveResult", "SolveStats", "solve"]
-__version__ = "0.1.0"
-
-from .api import CompileError, compile, explain  # noqa: E402
-from .inspect import (ChainRecord, ChainStats, CompileReport, InputRecord, MissingDependency, draw,  # noqa: E402
+from .inspect import (ChainRecord, ChainStats, CompileReport, InputRecord, MissingDependency, draw,
                       plot_convergence)
-from .passes.validate import Reason  # noqa: E402
-from .runtime.pcr_solve import PCRSolve  # noqa: E402
+from .passes.validate import Reason
+from .runtime import FinishCause, PassStats, SolveResult, SolveStats, solve
+from .runtime.pcr_solve import PCRSolve
 
-__all__ += ["ChainRecord", "ChainStats", "CompileError", "CompileReport", "InputRecord", "MissingDependency", "PCRSolve",
-            "Reason", "compile", "draw", "explain", "plot_convergence"]
+__all__ = [
+    # compile and inspect
+    "compile", "explain", "CompileError", "CompileReport", "ChainRecord", "InputRecord", "Reason",
+    "ChainStats", "PCRSolve", "draw", "plot_convergence", "MissingDependency",
+    # the runtime
+    "solve", "SolveResult", "SolveStats", "PassStats", "FinishCause",
+    # options
+    "Config",
+]
+__version__ = "0.1.0"
