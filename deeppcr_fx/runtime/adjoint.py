@@ -11,7 +11,7 @@ and every input gradient follows from ONE batched VJP over all steps with cotang
                    dLoss/d(per-step inputs of step k),  sum over k of dLoss/d(shared))
 
 How a is found depends on the Jacobian mode (each is exact):
-- full: J_k from the same batched pullback (n passes), then one reverse PCR. No iteration.
+- full: J_k from the state's batched pullback (n passes), then one reverse PCR. No iteration.
 - diag / identity / zero: the adjoint is solved by ``triangular_newton`` in reversed row
   order. Each iteration computes the exact products J_{k+1}^T a_{k+1} for all k with one
   batched VJP; the mode's approximate Jacobian only preconditions the correction. Like the
@@ -46,30 +46,33 @@ def adjoint(steps: Steps, Zprev: torch.Tensor, G: torch.Tensor, wrt: Sequence[in
             args[i] = t
         return f(Z, *args)
 
-    _, pullback = vjp(g, Zprev, *(inputs[i] for i in wrt))
+    # Products J^T c (n of them for the Jacobians, one per adjoint iteration) need only the state's
+    # pullback: the inputs' gradients are formed once, by the full pullback at the end.
+    _, state_vjp = vjp(lambda Z: f(Z, *inputs), Zprev)
+    state_pullback = lambda c: state_vjp(c)[0]  # noqa: E731
     stats.jacobian = mode
     if mode == "full":
-        state_pullback = lambda c: pullback(c)[0]  # noqa: E731
         J = jacobians.jacobian_from_pullback(state_pullback, Zprev, mode)
         a = affine_scan(J, G, "full", transpose=True)
         stats.iterations = 1
         stats.converged = True
     else:
-        a = _iterate(steps, pullback, Zprev, G, mode, atol, rtol, max_iter, stats)
+        a = _iterate(steps, state_pullback, Zprev, G, mode, atol, rtol, max_iter, stats)
+    _, pullback = vjp(g, Zprev, *(inputs[i] for i in wrt))
     return pullback(a)
 
 
-def _iterate(steps: Steps, pullback, Zprev, G, mode, atol, rtol, max_iter, stats) -> torch.Tensor:
+def _iterate(steps: Steps, state_pullback, Zprev, G, mode, atol, rtol, max_iter, stats) -> torch.Tensor:
     """Solve a = G + shift(J^T a) as a triangular system in reversed row order (row m = state L-1-m)."""
     length = G.shape[0]
     G_rev = G.flip(0)
     A_rev = None
     if mode == "diag":
-        D = jacobians.jacobian_from_pullback(lambda c: pullback(c)[0], Zprev, "diag")
+        D = jacobians.jacobian_from_pullback(state_pullback, Zprev, "diag")
         A_rev = torch.cat([D[:1], D.flip(0)[:-1]])  # row m pairs with J_{L-m}; row 0 unused
 
     def evaluate(start: int, U: torch.Tensor):
-        h = pullback(U.flip(0))[0]  # h_k = J_k^T a_k
+        h = state_pullback(U.flip(0))  # h_k = J_k^T a_k
         shifted = torch.cat([torch.zeros_like(h[:1]), h.flip(0)[:-1]])  # row m: J_{L-m}^T a_{L-m}
         vals = G_rev[start:] + shifted[start:]
         return vals, lambda: None if A_rev is None else A_rev[start:]
