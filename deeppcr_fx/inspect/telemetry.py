@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
-@dataclass
+@dataclass(repr=False)  # a chain may cover thousands of modules: the repr summarises
 class ChainStats:
     """The recorded solves of one rewritten chain (oldest first)."""
 
@@ -55,6 +55,9 @@ class ChainStats:
         finishes = sum(f is not None for f in self.sequential_finishes)
         return (f"{self.label}: {len(self.solves)} solves, iterations {self.iterations}"
                 + (f", {finishes} sequential finishes" if finishes else ""))
+
+    def __repr__(self) -> str:
+        return f"ChainStats({self})"
 
 
 def collect(graph_module, report) -> list:
