@@ -163,7 +163,7 @@ def _run(quick: bool, threads: Optional[int]) -> int:
     print()
     rows.append(_compare("DDIM 50 steps", DDIMSampler(), torch.randn(16, 2), repeats, backward=False, tol=1e-4))
     print("\nsummary (speed-up = plain ms / deeppcr ms; below 1x the parallel version was slower on this machine;"
-          " check: relative error of outputs and gradients <= 1e-4)")
+          " check: relative error of outputs and gradients <= 1e-4; the max column is absolute)")
     _print_rows(rows)
     print("\nOn a CPU the parallel work of each Newton iteration shares the cores the plain loop uses; DeepPCR's "
           "published speed-ups were measured on GPUs. The backward pass is one parallel scan (no Newton loop). "

@@ -48,8 +48,10 @@ def render_chain(c) -> list:
     if c.decision:
         lines.append(f"    decision: {c.decision}")
     if c.cost:
+        speedup = c.cost.get("predicted_speedup")
+        predicted = "n/a (no prediction for this device)" if not speedup else f"{speedup}x"
         lines.append(f"    cost: depth {c.cost.get('sequential_depth')} sequential vs ~{c.cost.get('parallel_depth')} "
-                     f"parallel, predicted speed-up {c.cost.get('predicted_speedup')}x on {c.cost.get('device')}"
+                     f"parallel, predicted speed-up {predicted} on {c.cost.get('device')}"
                      + ("" if c.cost.get("measured") is None else f", measured {c.cost['measured']}"))
     if c.reason is not None:
         lines.append(f"    remedy: {c.remedy}")
