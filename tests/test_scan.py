@@ -77,11 +77,13 @@ def test_unused_row0_coefficients_never_reach_the_result(chunk):
     torch.testing.assert_close(affine_scan(A, r, "full", chunk=chunk)[1:], expected[1:])
 
 
-def test_scan_does_not_modify_inputs():
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_scan_does_not_modify_inputs(chunk):
     g = torch.Generator().manual_seed(0)
     A, r = _coeffs("full", 9, 1, 2, g), torch.randn(9, 1, 2, generator=g, dtype=torch.float64)
     A0, r0 = A.clone(), r.clone()
-    affine_scan(A, r, "full")
+    affine_scan(A, r, "full", chunk=chunk)
+    affine_scan(A, r, "full", transpose=True, chunk=chunk)
     assert torch.equal(A, A0) and torch.equal(r, r0)
 
 

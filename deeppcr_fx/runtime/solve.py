@@ -68,8 +68,7 @@ def solve(step: Callable, x0, per_step: Sequence[torch.Tensor] = (), shared: Seq
                        jacobian_requested=config.jacobian, jacobian=mode, dtype=str(dtype).replace("torch.", ""),
                        compute_dtype=str(spec.compute_dtype).replace("torch.", ""))
     x0_parts = x0 if isinstance(x0, tuple) else (x0,)
-    problem = _Problem(steps, spec, config, mode, stats, len(x0_parts))
-    problem.on_iteration = on_iteration
+    problem = _Problem(steps, spec, config, mode, stats, len(x0_parts), on_iteration)
     outs = _ChainSolve.apply(problem, *x0_parts, *steps.inputs)
     stats.vectorized, stats.vmap_error = steps.vectorized, steps.vmap_error
     return SolveResult(states=outs if spec.is_tuple else outs[0], stats=stats)
@@ -79,13 +78,13 @@ class _Problem:
     """Everything the autograd Function needs besides the tensors."""
 
     def __init__(self, steps: Steps, spec: StateSpec, config: Config, mode: str, stats: SolveStats,
-                 n_x0: int) -> None:
+                 n_x0: int, on_iteration: Optional[Callable[[int, int, float], None]]) -> None:
         self.steps, self.spec, self.config, self.mode, self.stats, self.n_x0 = steps, spec, config, mode, stats, n_x0
         self.atol, self.rtol = config.tolerances(spec.compute_dtype)
-        self.on_iteration: Optional[Callable[[int, int, float], None]] = None  # solve(on_iteration=...)
+        self.on_iteration = on_iteration
 
-    def forward(self, x0_flat: torch.Tensor, length: int) -> torch.Tensor:
-        steps, mode = self.steps, self.mode
+    def forward(self, x0_flat: torch.Tensor) -> torch.Tensor:
+        steps, mode, length = self.steps, self.mode, self.stats.length
         jac = jacobians.Jacobians(mode)
 
         def prev_states(start: int, U: torch.Tensor) -> torch.Tensor:
@@ -115,9 +114,8 @@ class _ChainSolve(torch.autograd.Function):
         x0_parts = tensors[:problem.n_x0]
         spec = problem.spec
         x0_flat = spec.flatten(x0_parts if spec.is_tuple else x0_parts[0])
-        length = problem.stats.length
         with torch.no_grad():
-            U = problem.forward(x0_flat, length)
+            U = problem.forward(x0_flat)
         ctx.problem = problem
         ctx.save_for_backward(x0_flat, U, *tensors[problem.n_x0:])
         states = spec.unflatten(U, lead=1)
@@ -137,8 +135,9 @@ class _ChainSolve(torch.autograd.Function):
         Zprev = torch.cat([x0_flat.unsqueeze(0), U[:-1]])
         wrt = [i for i, t in enumerate(inputs)
                if ctx.needs_input_grad[1 + problem.n_x0 + i] and t.is_floating_point()]
+        # the saved inputs, and the per-step loop again if vmap failed in the forward pass
         backward_steps = Steps(steps.step, spec, inputs[:len(steps.per_step)], inputs[len(steps.per_step):],
-                               False if not steps.vectorized else steps.vectorize)
+                               steps.vectorize if steps.vectorized else False)
         problem.stats.backward = PassStats()
         cfg = problem.config
         # torch.func transforms differentiate regardless of the ambient no_grad mode.
