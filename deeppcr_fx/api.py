@@ -15,6 +15,7 @@ neither can capture the model, the original model runs and ``report.failure`` sa
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Any, Optional
 
 import torch
@@ -38,13 +39,16 @@ class CompileError(RuntimeError):
     """``policy="always"`` and the model cannot be compiled (the report says why)."""
 
 
+_TRAINING = operator.attrgetter("training")
+
+
 def _signature(args: tuple, modules: list) -> tuple:
     def one(x):
         if isinstance(x, torch.Tensor):
             return ("tensor", tuple(x.shape), x.dtype, x.device)
         return ("value", type(x).__name__, repr(x))
 
-    return tuple(one(a) for a in args) + (tuple(m.training for m in modules), torch.is_grad_enabled())
+    return tuple(one(a) for a in args) + (tuple(map(_TRAINING, modules)), torch.is_grad_enabled())
 
 
 def _describe(args: tuple) -> str:

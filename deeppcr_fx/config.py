@@ -59,6 +59,12 @@ class Config:
         Record per-iteration residuals and window positions in each solve's ``SolveStats``, and
         keep every compiled chain's solves for ``CompiledModule.stats()``. ``False`` records
         only the counts (iterations, sequential finishes) of the latest solve.
+    warm_start:
+        Start a compiled chain's Newton iterations from its previous solution (same shapes,
+        dtype and device) instead of from the input repeated. Valid for any input (Newton
+        checks every step's residual, so a poor guess costs iterations, never accuracy);
+        it pays where consecutive calls have similar trajectories (training steps,
+        contractive chains that forget their input).
     progress:
         Show a progress bar (tqdm, ``pip install 'deeppcr_fx[progress]'``) for each compiled
         chain's solve: steps final out of L, Newton iterations, worst residual. Off by default.
@@ -70,6 +76,16 @@ class Config:
         ``"auto"`` rewrites where the cost model predicts a speed-up.
     min_length:
         Chains shorter than this stay sequential.
+    flat_params:
+        Keep a chain's per-step Parameters in one stacked buffer (each Parameter's ``.data``
+        becomes a view of its row; values and objects are unchanged), so no call restacks them.
+        See ``deeppcr_fx.runtime.stacked``.
+    direct_grads:
+        In ``loss.backward()``, write a chain's stacked parameter gradient straight into the
+        Parameters' ``.grad`` instead of through one autograd leaf per Parameter (about 6 us
+        each). The Parameters are then not nodes of the autograd graph: set ``False`` to use
+        ``torch.autograd.grad(loss, params)`` or ``backward(inputs=params)`` on them.
+        See ``deeppcr_fx.runtime.direct_grads``.
     front_end:
         How ``deeppcr.compile`` captures the model: ``"symbolic"`` (torch.fx tracing that inlines every
         module), ``"record"`` (one concrete run recorded op by op: unrolled loops, scheduler Python
@@ -88,10 +104,13 @@ class Config:
     vectorize: object = "auto"
     full_max_state: int = 64
     record_stats: bool = True
+    warm_start: bool = True
     progress: bool = False
     # compiler
     policy: str = "auto"
     min_length: int = 8
+    flat_params: bool = True
+    direct_grads: bool = True
     autotune: bool = False
     front_end: str = "auto"
 

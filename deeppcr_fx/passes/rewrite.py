@@ -124,7 +124,7 @@ def rewrite(gm: fx.GraphModule, c: Candidate, config: Config, name: str, replace
     module = PCRSolve(template, c.length, n_per_step, config, covered_modules(c), c.period)
     gm.add_submodule(name, module)
     with graph.inserting_before(last):
-        per_step = [_stack(gm, [s.externals[i] for s in segs], f"{name}_per_step_{k}")
+        per_step = [_stack(gm, [s.externals[i] for s in segs], f"{name}_per_step_{k}", config)
                     for k, i in enumerate(slots.per_step_ext)]
         if slots.per_step_float:
             device = graph.call_function(getattr, (x0, "device"))
@@ -149,10 +149,11 @@ def rewrite(gm: fx.GraphModule, c: Candidate, config: Config, name: str, replace
     return module
 
 
-def _stack(gm: fx.GraphModule, nodes: list, name: str) -> fx.Node:
+def _stack(gm: fx.GraphModule, nodes: list, name: str, config: Config) -> fx.Node:
     """The stacked per-step input: one ``StackedAttributes`` call when every entry is an attribute
     (the usual case, per-layer Parameters), else ``torch.stack`` of the nodes."""
     if all(n.op == "get_attr" for n in nodes):
-        gm.add_submodule(name, StackedAttributes(gm, [n.target for n in nodes]))
+        gm.add_submodule(name, StackedAttributes(gm, [n.target for n in nodes], config.flat_params,
+                                                  config.direct_grads))
         return gm.graph.call_module(name, ())
     return gm.graph.call_function(torch.stack, (nodes,))

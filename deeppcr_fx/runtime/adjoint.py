@@ -19,7 +19,7 @@ How a is found depends on the Jacobian mode (each is exact):
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch.func import vjp
@@ -32,9 +32,12 @@ from .steps import Steps
 
 
 def adjoint(steps: Steps, Zprev: torch.Tensor, G: torch.Tensor, wrt: Sequence[int],
-            mode: str, atol: float, rtol: float, max_iter: int, stats: PassStats) -> tuple:
+            mode: str, atol: float, rtol: float, max_iter: int, stats: PassStats,
+            replicated: Optional[Steps] = None) -> tuple:
     """Gradients w.r.t. ``Zprev`` and the inputs ``steps.inputs[i] for i in wrt``, given ``G`` (L, B, n).
 
+    ``replicated``: the steps on a replicated batch, to form full Jacobians by
+    ``jacobians.jacobian_replicated`` (else the state's pullback is vmapped over cotangents).
     Returns ``(dZprev, *dinputs)`` where ``dZprev[0]`` is the gradient w.r.t. x0.
     """
     f = steps.batched_with_params(0, Zprev.shape[0])
@@ -48,11 +51,17 @@ def adjoint(steps: Steps, Zprev: torch.Tensor, G: torch.Tensor, wrt: Sequence[in
 
     # Products J^T c (n of them for the Jacobians, one per adjoint iteration) need only the state's
     # pullback: the inputs' gradients are formed once, by the full pullback at the end.
-    _, state_vjp = vjp(lambda Z: f(Z, *inputs), Zprev)
-    state_pullback = lambda c: state_vjp(c)[0]  # noqa: E731
+    state_vjp = None
+
+    def state_pullback(c):
+        nonlocal state_vjp
+        if state_vjp is None:
+            state_vjp = vjp(lambda Z: f(Z, *inputs), Zprev)[1]
+        return state_vjp(c)[0]
+
     stats.jacobian = mode
     if mode == "full":
-        J = jacobians.jacobian_from_pullback(state_pullback, Zprev, mode)
+        J = _full_jacobian(state_pullback, Zprev, replicated)
         a = affine_scan(J, G, "full", transpose=True)
         stats.iterations = 1
         stats.converged = True
@@ -60,6 +69,15 @@ def adjoint(steps: Steps, Zprev: torch.Tensor, G: torch.Tensor, wrt: Sequence[in
         a = _iterate(steps, state_pullback, Zprev, G, mode, atol, rtol, max_iter, stats)
     _, pullback = vjp(g, Zprev, *(inputs[i] for i in wrt))
     return pullback(a)
+
+
+def _full_jacobian(state_pullback, Zprev: torch.Tensor, replicated: Optional[Steps]) -> torch.Tensor:
+    if replicated is not None:
+        try:
+            return jacobians.jacobian_replicated(replicated.batched(0, Zprev.shape[0]), Zprev, "full")
+        except Exception:  # the step cannot take the larger batch (the forward pass recorded why)
+            pass
+    return jacobians.jacobian_from_pullback(state_pullback, Zprev, "full")
 
 
 def _iterate(steps: Steps, state_pullback, Zprev, G, mode, atol, rtol, max_iter, stats) -> torch.Tensor:

@@ -17,10 +17,23 @@ of the solve and records why.
 
 If samples are in fact coupled, these are approximate Jacobians: Newton still converges
 to the exact answer (the residual is exact), only more slowly.
+
+Replicated batch (small states). The vmap over n cotangents above makes torch.func batch the
+step's *backward* over a new dimension, and for per-step weights that means n copies of every
+weight and batched matmuls of an awkward shape (13 ms per Jacobian at L=1024, n=16, B=1 on
+this project's CPU). When samples are independent and n * B is small, one plain
+forward-and-backward on a batch of n * B samples does the same job: sample i * B + b is a copy
+of sample b, and its cotangent is e_i, so its input gradient is row i of J[r, b]
+
+    Zr[r, i*B + b] = Z[r, b]     rows = pullback_of_g_on_Zr(E)[r, i*B + b, j] = J[r, b, i, j]
+
+(2.9 ms in the case above; ``benchmarks/results/jacobian_methods_cpu.txt``). The step must
+accept a larger batch; if it does not (a hard-coded batch size, an op that fails), the solve
+falls back to the vmap'd pullback and records why.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch.func import jvp, vjp, vmap
@@ -28,6 +41,9 @@ from torch.func import jvp, vjp, vmap
 from .steps import VectorizeError
 
 MODES_WITH_MATRIX = ("full", "diag")
+# Replicate the batch (see above) when n * B is at most this: measured faster at n * B = 4, 16, 64
+# (B = 1 and 16) and slower at n * B = 256 (n = 16, B = 16: 30 ms vs 21 ms).
+REPLICATE_MAX_SAMPLES = 128
 
 
 def choose_mode(requested: str, width: int, full_max_state: int) -> str:
@@ -64,10 +80,23 @@ class Jacobians:
         self.mode = mode
         self.ad = "rev"
         self.rev_error: str | None = None
+        self.replicate_error: str | None = None  # why the replicated batch was abandoned, if it was
 
-    def __call__(self, g: Callable, Z: torch.Tensor):
+    def __call__(self, g: Callable, Z: torch.Tensor, replicated: Optional[Callable] = None):
+        """``replicated``, if given: ``g`` for a batch of n * B samples (see the module docstring)."""
         if self.ad == "fwd" or self.mode not in MODES_WITH_MATRIX:
             return evaluate(g, Z, self.mode, self.ad)
+        if replicated is not None and self.replicate_error is None:
+            vals = g(Z)
+
+            def jac_replicated():
+                try:
+                    return jacobian_replicated(replicated, Z, self.mode)
+                except Exception as exc:  # the step cannot take the larger batch: use the vmap'd pullback
+                    self.replicate_error = f"{type(exc).__name__}: {exc}"
+                    return self(g, Z)[1]()
+
+            return vals, jac_replicated
         try:
             vals, jac = evaluate(g, Z, self.mode, "rev")
         except VectorizeError:
@@ -124,6 +153,17 @@ def jacobian_from_pullback(pullback: Callable, vals: torch.Tensor, mode: str) ->
     """The Jacobian from a state pullback ``cotangent -> d<cotangent, g(Z)>/dZ`` (square Jacobians)."""
     rows = vmap(pullback, chunk_size=_chunk_size(vals))(_basis(vals))  # rows[i, r, b, j] = J[r, b, i, j]
     return _structure(rows.movedim(0, -2), mode)
+
+
+def jacobian_replicated(g_replicated: Callable, Z: torch.Tensor, mode: str) -> torch.Tensor:
+    """The per-sample Jacobians of ``g`` at ``Z`` (R, B, n) from one pullback of ``g_replicated``, the
+    same steps on a batch of n * B samples (see the module docstring)."""
+    R, B, n = Z.shape
+    Zr = Z.unsqueeze(1).expand(R, n, B, n).reshape(R, n * B, n).contiguous()
+    _, pullback = vjp(g_replicated, Zr)
+    E = torch.eye(n, dtype=Z.dtype, device=Z.device).view(1, n, 1, n).expand(R, n, B, n)
+    rows = pullback(E.reshape(R, n * B, n).contiguous())[0].view(R, n, B, n)  # [r, i, b, j] = J[r, b, i, j]
+    return _structure(rows.transpose(1, 2), mode)
 
 
 def _basis(like: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 It holds the step template (a small GraphModule of one segment, without parameters:
 weights arrive as stacked per-step inputs built from the user's Parameters at call
-time) and calls ``deeppcr_fx.solve``. The last call's ``SolveStats`` is kept in
-``last_stats``; with ``Config.record_stats`` every solve's stats are also kept in ``history``
+time) and calls ``deeppcr_fx.solve``. With ``Config.warm_start`` each solve starts from the
+previous call's solution. The last call's ``SolveStats`` is kept in ``last_stats``; with ``Config.record_stats`` every solve's stats are also kept in ``history``
 (the latest ``MAX_RECORDED_SOLVES``; ``reset_stats()`` clears them). With ``Config.progress``
 each solve shows a progress bar (tqdm) fed by the Newton loop's ``on_iteration`` hook.
 """
@@ -37,6 +37,7 @@ class PCRSolve(torch.nn.Module):
         self.planned_mode: Optional[str] = None  # the compiler's resolution of Config.jacobian for this state
         self.last_stats: Optional[SolveStats] = None
         self.history: deque = deque(maxlen=MAX_RECORDED_SOLVES)
+        self._guess: Optional[torch.Tensor] = None  # the last solution, where the next solve starts
 
     def forward(self, x0: torch.Tensor, *inputs):
         per_step, shared = inputs[:self.n_per_step], inputs[self.n_per_step:]
@@ -47,10 +48,11 @@ class PCRSolve(torch.nn.Module):
             bar = SolveProgress(self.length, self.describe())
         try:
             res = solve(self.step, x0, per_step=per_step, shared=shared, config=self.config, length=self.length,
-                        on_iteration=bar)
+                        on_iteration=bar, initial_guess=self._guess if self.config.warm_start else None)
         finally:
             if bar is not None:
                 bar.close()
+        self._guess = res.solution if self.config.warm_start else None
         self.last_stats = res.stats
         if self.config.record_stats:
             self.history.append(res.stats)

@@ -24,15 +24,20 @@ from .steps import Steps
 
 @dataclass
 class SolveResult:
-    """``states``: z_1..z_L stacked, shape (L, *x0.shape) (a tuple of such for tuple states)."""
+    """``states``: z_1..z_L stacked, shape (L, *x0.shape) (a tuple of such for tuple states).
+
+    ``solution``: the same states in the solver's flat layout (L, B, n), detached: pass it as
+    ``initial_guess`` to a later solve of the same shapes (a warm start)."""
 
     states: Any
     stats: SolveStats
+    solution: Optional[torch.Tensor] = None
 
 
 def solve(step: Callable, x0, per_step: Sequence[torch.Tensor] = (), shared: Sequence[Any] = (),
           config: Optional[Config] = None, length: Optional[int] = None,
-          on_iteration: Optional[Callable[[int, int, float], None]] = None, **options) -> SolveResult:
+          on_iteration: Optional[Callable[[int, int, float], None]] = None,
+          initial_guess: Optional[torch.Tensor] = None, **options) -> SolveResult:
     """Compute the chain ``z_l = step(z_{l-1}, *per_step[l-1], *shared)`` for l = 1..L in parallel.
 
     Args:
@@ -45,6 +50,9 @@ def solve(step: Callable, x0, per_step: Sequence[torch.Tensor] = (), shared: Seq
         length: L, needed only when there are no per-step tensors (a shared-weight chain).
         on_iteration: called as ``on_iteration(iteration, final_steps, worst_residual)`` after each
             forward Newton iteration (e.g. a progress bar).
+        initial_guess: where Newton starts, in the flat layout (L, B, n) of ``SolveResult.solution``
+            (default: x0 repeated). Any finite guess gives the same answer; a close one (the
+            previous call's solution) saves iterations. Ignored if its shape, dtype or device differ.
 
     Returns:
         ``SolveResult(states, stats)``; ``states`` is differentiable w.r.t. x0, per-step and
@@ -69,9 +77,10 @@ def solve(step: Callable, x0, per_step: Sequence[torch.Tensor] = (), shared: Seq
                        compute_dtype=str(spec.compute_dtype).replace("torch.", ""))
     x0_parts = x0 if isinstance(x0, tuple) else (x0,)
     problem = _Problem(steps, spec, config, mode, stats, len(x0_parts), on_iteration)
+    problem.initial_guess = initial_guess
     outs = _ChainSolve.apply(problem, *x0_parts, *steps.inputs)
     stats.vectorized, stats.vmap_error = steps.vectorized, steps.vmap_error
-    return SolveResult(states=outs if spec.is_tuple else outs[0], stats=stats)
+    return SolveResult(states=outs if spec.is_tuple else outs[0], stats=stats, solution=problem.solution)
 
 
 class _Problem:
@@ -82,30 +91,53 @@ class _Problem:
         self.steps, self.spec, self.config, self.mode, self.stats, self.n_x0 = steps, spec, config, mode, stats, n_x0
         self.atol, self.rtol = config.tolerances(spec.compute_dtype)
         self.on_iteration = on_iteration
+        self.initial_guess: Optional[torch.Tensor] = None
+        self.solution: Optional[torch.Tensor] = None
 
     def forward(self, x0_flat: torch.Tensor) -> torch.Tensor:
         steps, mode, length = self.steps, self.mode, self.stats.length
         jac = jacobians.Jacobians(mode)
+        replicated = self.replicated_steps()
 
         def prev_states(start: int, U: torch.Tensor) -> torch.Tensor:
             first = x0_flat if start == 0 else U[start - 1]
             return torch.cat([first.unsqueeze(0), U[start:-1]])
 
         def evaluate(start: int, U: torch.Tensor):
-            return jac(steps.batched(start, length), prev_states(start, U))
+            rep = None if replicated is None else replicated.batched(start, length)
+            return jac(steps.batched(start, length), prev_states(start, U), rep)
 
         def finish(start: int, U: torch.Tensor) -> None:
             z = x0_flat if start == 0 else U[start - 1]
             for l in range(start, length):
                 z = U[l] = steps.single(l, z)
 
-        U = x0_flat.unsqueeze(0).repeat(length, *([1] * x0_flat.dim()))
+        U = self._start(x0_flat)
         triangular_newton(evaluate, finish, U, mode, self.atol, self.rtol,
                           self.config.iteration_cap(length), self.stats.forward, self.config.record_stats,
                           self.on_iteration)
-        self.stats.autodiff = jac.ad
+        self.stats.autodiff = "replicated" if replicated is not None and jac.replicate_error is None else jac.ad
         self.stats.autodiff_error = jac.rev_error
+        self.stats.replicate_error = jac.replicate_error
+        self.solution = U.detach()
         return U
+
+    def _start(self, x0_flat: torch.Tensor) -> torch.Tensor:
+        """The initial iterate: a usable ``initial_guess`` (copied), else x0 repeated."""
+        guess, length = self.initial_guess, self.stats.length
+        if guess is not None and guess.shape == (length, *x0_flat.shape) and guess.dtype == x0_flat.dtype \
+                and guess.device == x0_flat.device and bool(torch.isfinite(guess).all()):
+            self.stats.warm_start = True
+            return guess.clone()
+        return x0_flat.unsqueeze(0).repeat(length, *([1] * x0_flat.dim()))
+
+    def replicated_steps(self, steps: Optional[Steps] = None) -> Optional[Steps]:
+        """The steps on a replicated batch for the Jacobians, where that is the faster method."""
+        steps = steps or self.steps
+        n, B = self.spec.width, self.spec.batch_size
+        if self.mode not in jacobians.MODES_WITH_MATRIX or n * B > jacobians.REPLICATE_MAX_SAMPLES:
+            return None
+        return steps.replicated(n)
 
 
 class _ChainSolve(torch.autograd.Function):
@@ -142,7 +174,8 @@ class _ChainSolve(torch.autograd.Function):
         cfg = problem.config
         # torch.func transforms differentiate regardless of the ambient no_grad mode.
         dZprev, *dinputs = adjoint(backward_steps, Zprev, G, wrt, problem.mode, problem.atol, problem.rtol,
-                                   cfg.iteration_cap(length), problem.stats.backward)
+                                   cfg.iteration_cap(length), problem.stats.backward,
+                                   problem.replicated_steps(backward_steps))
         dx0 = spec.unflatten(dZprev[0])
         dx0 = dx0 if spec.is_tuple else (dx0,)
         input_grads: list = [None] * len(inputs)

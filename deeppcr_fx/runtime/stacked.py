@@ -1,21 +1,71 @@
-"""``StackedAttributes``: the per-step Parameters of a chain, stacked at call time.
+"""``StackedAttributes``: a chain's per-step Parameters as one stacked tensor, without a copy per call.
 
-A rewritten chain needs ``torch.stack([layers.0.weight, ..., layers.L-1.weight])`` on
-every call, so that gradients and optimizer steps reach the user's Parameters. Emitting
-L ``get_attr`` nodes for it costs L attribute walks through the module tree per call; this
-module keeps each owner module (in the GraphModule's tree, which holds the user's Parameter
-objects, as ``get_attr`` would read them) and attribute name, and reads ``owner._parameters``
+A rewritten chain needs ``torch.stack([layers.0.weight, ..., layers.L-1.weight])`` on every
+call, and its gradient must reach the user's L Parameters. Done naively both directions cost
+O(L) small operations per call: the stack itself, and in the backward pass one autograd
+``AccumulateGrad`` node per Parameter (about 6 us each; 50 ms for the 8192 Parameters of a
+4096-layer MLP, more than the whole parallel solve). This module removes both:
+
+- **Flat storage** (``Config.flat_params``). On first use the Parameters' values are copied
+  into one stacked buffer and each Parameter's ``.data`` becomes a view of its row (values,
+  Parameter objects, ``requires_grad`` and ``state_dict`` are unchanged; optimizers keep
+  working on the same objects). The stack *is* the buffer from then on, so every in-place
+  update (``optimizer.step()``, ``p.data.mul_()``, ``load_state_dict``) is seen without any
+  cache to invalidate. Each call checks in O(L) pointer reads that every entry is still the
+  same tensor viewing the same row; a replaced Parameter or ``.data`` assignment (``.to()``,
+  ``.half()``) triggers a re-flatten, and entries that keep changing fall back to
+  ``torch.stack`` per call.
+- **Direct gradients** (``Config.direct_grads``, see ``direct_grads.py``): in a plain
+  ``loss.backward()`` the stacked gradient is written into the Parameters' ``.grad`` (as
+  views of one buffer) instead of flowing through L autograd leaves.
+
+The module keeps each owner module and attribute name (in the GraphModule's tree, which holds
+the user's Parameter objects, as ``get_attr`` would read them) and reads ``owner._parameters``
 (or ``_buffers``) directly. It owns no Parameters itself: ``state_dict`` is unchanged.
 """
 from __future__ import annotations
 
+import operator
+import weakref
+from typing import Optional
+
 import torch
+
+from .direct_grads import direct_grads_apply, supports_direct_grads
+
+# A group that had to be re-flattened this many times in a row (its tensors keep being replaced)
+# stops re-flattening and stacks per call.
+MAX_REFLATTENS = 3
+_DATA_PTR = torch.Tensor.data_ptr
+_IS_LEAF = operator.attrgetter("is_leaf")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
+class _FlatGroup:
+    """One stacked buffer whose rows are the ``.data`` of ``tensors`` (shared by every specialisation)."""
+
+    def __init__(self, tensors: list) -> None:
+        with torch.no_grad():
+            self.buffer = torch.stack([t.detach() for t in tensors])
+        for t, row in zip(tensors, self.buffer.unbind(0)):
+            t.data = row
+        self.ids = list(map(id, tensors))
+        self.ptrs = list(map(_DATA_PTR, tensors))
+
+    def matches(self, tensors: list) -> bool:
+        """Whether ``tensors`` are still the same tensors, each viewing its row of the buffer."""
+        return list(map(id, tensors)) == self.ids and list(map(_DATA_PTR, tensors)) == self.ptrs
+
+
+# The flat group of a run of tensors, keyed by the id of its first tensor; the entry goes when that
+# tensor does (tensors compare elementwise, so they cannot be dictionary keys themselves).
+_GROUPS: "dict[int, _FlatGroup]" = {}
 
 
 class StackedAttributes(torch.nn.Module):
-    """``forward() -> torch.stack([owner.<name> for each (owner, name)])``."""
+    """``forward() -> torch.stack([owner.<name> for each (owner, name)])``, kept as flat storage."""
 
-    def __init__(self, root: torch.nn.Module, targets: list) -> None:
+    def __init__(self, root: torch.nn.Module, targets: list, flat: bool = True, direct_grads: bool = True) -> None:
         super().__init__()
         owners = []
         for target in targets:
@@ -23,16 +73,60 @@ class StackedAttributes(torch.nn.Module):
             owners.append((root.get_submodule(path) if path else root, attr))
         object.__setattr__(self, "_owners", owners)  # plain references: no submodules, no state_dict keys
         self.targets = tuple(targets)
+        self.flat = flat
+        self.direct_grads = direct_grads
+        self._reflattens = 0
+        self.mode = "stack"  # how the last call stacked: "flat" or "stack" (for tests and the report)
 
     def forward(self) -> torch.Tensor:
-        return torch.stack([_read(owner, attr) for owner, attr in self._owners])
+        # Every per-call pass over the L tensors is a C-level map: at L = 4096 a Python loop per
+        # check would cost as much as the solve it feeds.
+        tensors = self._tensors()
+        stacked = self._flat(tensors)
+        grad = torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, tensors))
+        if stacked is None:
+            self.mode = "stack"
+            return torch.stack(tensors)
+        self.mode = "flat"
+        if not grad:
+            return stacked.detach()
+        if self.direct_grads and supports_direct_grads(tensors):
+            return direct_grads_apply(stacked, tensors)
+        return torch.stack(tensors)  # autograd's own path: hooks, non-leaf or partly frozen tensors
+
+    def _tensors(self) -> list:
+        try:
+            return list(map(dict.__getitem__, *self._tables))
+        except (AttributeError, KeyError):  # first call, or an entry is no longer a Parameter / buffer
+            tables = [owner._parameters if attr in owner._parameters else owner._buffers for owner, attr in self._owners]
+            attrs = [attr for _, attr in self._owners]
+            object.__setattr__(self, "_tables", (tables, attrs))
+            values = [table.get(attr) for table, attr in zip(tables, attrs)]
+            if any(v is None for v in values):
+                object.__delattr__(self, "_tables")
+                return [getattr(owner, attr) for owner, attr in self._owners]
+            return values
+
+    def _flat(self, tensors: list) -> Optional[torch.Tensor]:
+        """The flat buffer whose rows are ``tensors``, (re)made if needed; None when stacking per call."""
+        if not self.flat or self._reflattens >= MAX_REFLATTENS:
+            return None
+        group = _GROUPS.get(id(tensors[0]))
+        if group is not None and group.matches(tensors):
+            self._reflattens = 0
+            return group.buffer
+        if torch.is_inference_mode_enabled() or not all(map(_IS_LEAF, tensors)) \
+                or len({(t.shape, t.dtype, t.device) for t in tensors}) != 1:
+            return None
+        self._reflattens += group is not None or self._reflattens > 0
+        group = _FlatGroup(tensors)
+        if id(tensors[0]) not in _GROUPS:
+            weakref.finalize(tensors[0], _GROUPS.pop, id(tensors[0]), None)
+        _GROUPS[id(tensors[0])] = group
+        return group.buffer
 
     def extra_repr(self) -> str:
         first, last = self.targets[0], self.targets[-1]
         return f"{first}, ..., {last} ({len(self.targets)} tensors)" if len(self.targets) > 2 else ", ".join(self.targets)
 
 
-def _read(owner: torch.nn.Module, attr: str) -> torch.Tensor:
-    table = owner._parameters if attr in owner._parameters else owner._buffers
-    value = table.get(attr)
-    return getattr(owner, attr) if value is None else value

@@ -53,8 +53,12 @@ class SolveStats:
     compute_dtype: str
     vectorized: bool = True
     vmap_error: Optional[str] = None  # why steps were evaluated in a per-step loop, if they were
-    autodiff: str = "rev"  # how Jacobians were formed: "rev" (vjp rows) or "fwd" (jvp columns)
+    # how Jacobians were formed: "replicated" (one pullback on a replicated batch), "rev" (vmap'd vjp
+    # rows) or "fwd" (jvp columns); see runtime/jacobians.py
+    autodiff: str = "rev"
     autodiff_error: Optional[str] = None  # why reverse mode was abandoned, if it was
+    replicate_error: Optional[str] = None  # why the replicated batch was abandoned, if it was
+    warm_start: bool = False  # Newton started from the previous call's solution
     forward: PassStats = field(default_factory=PassStats)
     backward: Optional[PassStats] = None
 

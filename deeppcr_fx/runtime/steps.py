@@ -14,6 +14,7 @@ gradients through ``batched_with_params``.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Callable, Sequence
 
@@ -68,6 +69,14 @@ class Steps:
             return looped
         mapped = vmap(one, in_dims=in_dims)
         return self._with_fallback(mapped, looped)
+
+    def replicated(self, copies: int) -> "Steps | None":
+        """These steps on a batch of ``copies * B`` samples (for ``jacobians.jacobian_replicated``);
+        None when the state has no batch dimension to grow."""
+        if not self.spec.batch:
+            return None
+        spec = dataclasses.replace(self.spec, shapes=tuple((copies * s[0], *s[1:]) for s in self.spec.shapes))
+        return Steps(self.step, spec, self.per_step, self.shared, True if self.vectorized else False)
 
     def batched(self, lo: int, hi: int) -> Callable:
         """``Zprev -> Znext`` for steps lo..hi-1, with per-step and shared inputs closed over."""
