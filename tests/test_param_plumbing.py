@@ -186,3 +186,28 @@ def test_inference_mode_stacks_without_flattening():
     with torch.inference_mode():
         torch.testing.assert_close(compiled(x), model(x))
     _assert_grads_equal(_grads(model, compiled, x), _grads(model, model, x))
+
+
+def test_gradients_kept_from_an_earlier_step_never_change():
+    model, compiled, x = _setup()
+    weight = model.layers[1].weight
+    compiled(x).sum().backward()
+    kept, kept_slice = weight.grad, model.layers[2].weight.grad[0]
+    kept_values, slice_values = kept.clone(), kept_slice.clone()
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        (3 * compiled(torch.randn_like(x))).sum().backward()
+        torch.testing.assert_close(kept, kept_values, rtol=0, atol=0)
+        torch.testing.assert_close(kept_slice, slice_values, rtol=0, atol=0)
+    assert weight.grad is not kept
+    del kept, kept_slice  # nothing holds the last buffer now: the next step reuses its views
+    views = [layer.weight.grad for layer in model.layers]
+    del views
+    model.zero_grad(set_to_none=True)
+    _assert_grads_equal(_grads(model, compiled, x), _grads(model, model, x))
+    model.zero_grad(set_to_none=True)
+    compiled(x).sum().backward()
+    ptr = weight.grad.data_ptr()
+    model.zero_grad(set_to_none=True)
+    compiled(x).sum().backward()
+    assert weight.grad.data_ptr() == ptr  # the views were reused

@@ -43,20 +43,19 @@ Finish = Callable[[int, torch.Tensor], None]
 
 def triangular_newton(evaluate: Evaluate, finish: Finish, U: torch.Tensor, mode: str,
                       atol: float, rtol: float, max_iter: int, stats: PassStats,
-                      record: bool = True, on_iteration: Optional[Callable[[int, int, float], None]] = None
-                      ) -> torch.Tensor:
-    """Solve in place from the initial guess ``U`` (rows, B, n); returns ``U``.
+                      record: bool = True, on_iteration: Optional[Callable[[int, int, float], None]] = None,
+                      start: int = 0) -> torch.Tensor:
+    """Solve in place from the initial guess ``U`` (rows, B, n), whose rows before ``start`` are final; returns ``U``.
 
     ``on_iteration(iteration, final_rows, worst_residual)``, if given, is called after each iteration."""
     length = U.shape[0]
-    start = 0
     stats.jacobian = mode
     while True:
         if stats.iterations >= max_iter:
             return _finish(finish, start, U, stats, FinishCause.MAX_ITER)
         vals, jac = evaluate(start, U)
         residual = vals - U[start:]
-        ratio = _scaled_norm(residual, U[start:], atol, rtol)  # NaN/Inf anywhere in a row propagates here
+        ratio = scaled_norm(residual, U[start:], atol, rtol)  # NaN/Inf anywhere in a row propagates here
         worst = float(ratio.max())
         if not math.isfinite(worst):
             return _finish(finish, start, U, stats, FinishCause.NON_FINITE)
@@ -81,7 +80,7 @@ def triangular_newton(evaluate: Evaluate, finish: Finish, U: torch.Tensor, mode:
         start += skip
 
 
-def _scaled_norm(delta: torch.Tensor, u: torch.Tensor, atol: float, rtol: float) -> torch.Tensor:
+def scaled_norm(delta: torch.Tensor, u: torch.Tensor, atol: float, rtol: float) -> torch.Tensor:
     """Per row: max over samples and state of |delta| / (atol + rtol |u|)."""
     return (delta.abs() / (atol + rtol * u.abs())).flatten(1).amax(dim=1)
 

@@ -16,7 +16,7 @@ import torch
 from ..config import Config
 from . import jacobians
 from .adjoint import adjoint
-from .newton import triangular_newton
+from .newton import scaled_norm, triangular_newton
 from .state import StateSpec
 from .stats import PassStats, SolveStats
 from .steps import Steps
@@ -113,14 +113,37 @@ class _Problem:
                 z = U[l] = steps.single(l, z)
 
         U = self._start(x0_flat)
+        start = self._meet_guess(x0_flat, U) if self.stats.warm_start else 0
         triangular_newton(evaluate, finish, U, mode, self.atol, self.rtol,
                           self.config.iteration_cap(length), self.stats.forward, self.config.record_stats,
-                          self.on_iteration)
+                          self.on_iteration, start=start)
         self.stats.autodiff = "replicated" if replicated is not None and jac.replicate_error is None else jac.ad
         self.stats.autodiff_error = jac.rev_error
         self.stats.replicate_error = jac.replicate_error
         self.solution = U.detach()
         return U
+
+    def _meet_guess(self, x0_flat: torch.Tensor, U: torch.Tensor) -> int:
+        """Run the first steps sequentially until a state meets the warm start's guess (within the
+        tolerance), at most ``max_prefix(L)`` of them; returns how many rows are now final.
+
+        A warm start's guess is another input's solution. Chains that forget their input
+        (contractive ones, e.g. a tanh MLP at PyTorch's default init) reach the same
+        trajectory after a few dozen steps: once the sequential state meets the guess, the
+        guess's later rows are already the answer and Newton only has to confirm them (one
+        batched residual). Where the trajectories never meet, this costs ``max_prefix(L)``
+        sequential steps (<= L / 16) and Newton starts from there.
+        """
+        z = x0_flat
+        for l in range(max_prefix(self.stats.length)):
+            z_next = self.steps.single(l, z)
+            met = bool(scaled_norm((z_next - U[l]).unsqueeze(0), z_next.unsqueeze(0), self.atol, self.rtol)[0] <= 1)
+            z = U[l] = z_next
+            if met:
+                self.stats.forward.prefix = l + 1
+                return l + 1
+        self.stats.forward.prefix = max_prefix(self.stats.length)
+        return self.stats.forward.prefix
 
     def _start(self, x0_flat: torch.Tensor) -> torch.Tensor:
         """The initial iterate: a usable ``initial_guess`` (copied), else x0 repeated."""
@@ -182,6 +205,11 @@ class _ChainSolve(torch.autograd.Function):
         for i, d in zip(wrt, dinputs):
             input_grads[i] = d
         return (None, *dx0, *input_grads)
+
+
+def max_prefix(length: int) -> int:
+    """Most sequential steps a warm start runs to meet its guess: L / 16, at most 64."""
+    return min(64, length // 16)
 
 
 def _stack_grads(spec: StateSpec, grads, U: torch.Tensor) -> torch.Tensor:

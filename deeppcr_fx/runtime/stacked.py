@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from .direct_grads import direct_grads_apply, supports_direct_grads
+from .direct_grads import GradBuffer, direct_grads_apply, supports_direct_grads
 
 # A group that had to be re-flattened this many times in a row (its tensors keep being replaced)
 # stops re-flattening and stacks per call.
@@ -51,6 +51,7 @@ class _FlatGroup:
             t.data = row
         self.ids = list(map(id, tensors))
         self.ptrs = list(map(_DATA_PTR, tensors))
+        self.grads = GradBuffer()  # where the tensors' .grad views point (direct gradients)
 
     def matches(self, tensors: list) -> bool:
         """Whether ``tensors`` are still the same tensors, each viewing its row of the buffer."""
@@ -82,16 +83,16 @@ class StackedAttributes(torch.nn.Module):
         # Every per-call pass over the L tensors is a C-level map: at L = 4096 a Python loop per
         # check would cost as much as the solve it feeds.
         tensors = self._tensors()
-        stacked = self._flat(tensors)
+        group = self._flat(tensors)
         grad = torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, tensors))
-        if stacked is None:
+        if group is None:
             self.mode = "stack"
             return torch.stack(tensors)
         self.mode = "flat"
         if not grad:
-            return stacked.detach()
+            return group.buffer.detach()
         if self.direct_grads and supports_direct_grads(tensors):
-            return direct_grads_apply(stacked, tensors)
+            return direct_grads_apply(group.buffer, tensors, group.grads)
         return torch.stack(tensors)  # autograd's own path: hooks, non-leaf or partly frozen tensors
 
     def _tensors(self) -> list:
@@ -107,14 +108,14 @@ class StackedAttributes(torch.nn.Module):
                 return [getattr(owner, attr) for owner, attr in self._owners]
             return values
 
-    def _flat(self, tensors: list) -> Optional[torch.Tensor]:
-        """The flat buffer whose rows are ``tensors``, (re)made if needed; None when stacking per call."""
+    def _flat(self, tensors: list) -> Optional[_FlatGroup]:
+        """The flat group whose buffer rows are ``tensors``, (re)made if needed; None when stacking per call."""
         if not self.flat or self._reflattens >= MAX_REFLATTENS:
             return None
         group = _GROUPS.get(id(tensors[0]))
         if group is not None and group.matches(tensors):
             self._reflattens = 0
-            return group.buffer
+            return group
         if torch.is_inference_mode_enabled() or not all(map(_IS_LEAF, tensors)) \
                 or len({(t.shape, t.dtype, t.device) for t in tensors}) != 1:
             return None
@@ -123,7 +124,7 @@ class StackedAttributes(torch.nn.Module):
         if id(tensors[0]) not in _GROUPS:
             weakref.finalize(tensors[0], _GROUPS.pop, id(tensors[0]), None)
         _GROUPS[id(tensors[0])] = group
-        return group.buffer
+        return group
 
     def extra_repr(self) -> str:
         first, last = self.targets[0], self.targets[-1]

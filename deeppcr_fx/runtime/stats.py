@@ -33,6 +33,7 @@ class PassStats:
     sequential_finish: Optional[FinishCause] = None
     sequential_from: Optional[int] = None  # first step computed by the sequential finish
     jacobian: str = ""
+    prefix: int = 0  # leading steps computed sequentially until they met a warm start's guess
 
     def to_dict(self) -> dict:
         d = asdict(self)
