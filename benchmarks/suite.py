@@ -6,8 +6,13 @@ Every row measures, in this process, with alternating runs and medians over repe
 - ``eager``: the model as a user writes it (per-layer modules in an ``nn.ModuleList``; the
   plain sampling loop driven by a diffusers scheduler); on CUDA also
   ``torch.compile(mode="reduce-overhead")`` of it (``cudagraph``);
-- ``always`` / ``auto``: ``deeppcr.compile(model, policy=...)``;
-- the Newton iterations of the rewritten chain and the max error vs the eager output.
+- ``always`` / ``auto``: ``deeppcr.compile(model, policy=...)`` with default options;
+  ``cold``: policy "always" with ``warm_start=False`` (every solve starts from scratch);
+- the Newton iterations of the rewritten chain's latest solve (``3+19seq``: 3 iterations after
+  19 sequential steps run to meet the warm start's guess) and the max error vs the eager output.
+
+Each timed call gets a fresh input (cycled from ``INPUTS`` random ones), so warm starts never
+see the input they solved; a training step is forward + backward (``zero_grad`` untimed).
 
 Speed-ups are eager time / variant time. Results go to ``benchmarks/results/suite_<suite>_<device>.csv``
 (and a PNG when matplotlib is installed).
@@ -83,12 +88,18 @@ class Sampler(nn.Module):
 # -------------------------------------------------------------------------------------- measuring
 @dataclass
 class Case:
+    """One model and input shape; ``modes`` are measured on the same compiled models."""
+
     suite: str
     name: str
     model: nn.Module
-    x: torch.Tensor
-    train: bool  # time forward + backward (a training step) rather than forward only
+    x: torch.Tensor  # the input's shape and dtype; each timed call draws a fresh input like it
+    modes: tuple  # "forward" (under no_grad) and/or "train" (forward + backward)
     params: dict
+
+
+INPUTS = 8  # distinct inputs cycled through the timed calls (a warm start never sees its own input)
+SLOW_S = 2.0  # a variant whose warm-up call takes longer than this is timed by that call alone
 
 
 def _sync(device: str) -> None:
@@ -96,12 +107,18 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _iterations(compiled) -> Optional[int]:
+def _solves(compiled) -> list:
     gm = getattr(compiled, "graph_module", None)
-    if gm is None:
+    return [] if gm is None else [m for m in gm.modules() if isinstance(m, deeppcr.PCRSolve)]
+
+
+def _iterations(compiled) -> Optional[str]:
+    """Newton iterations of the latest solve per chain (and the sequential prefix run to meet a warm start)."""
+    its = [(m.last_stats.iterations, m.last_stats.forward.prefix) for m in _solves(compiled) if m.last_stats]
+    if not its:
         return None
-    its = [m.last_stats.iterations for m in gm.modules() if isinstance(m, deeppcr.PCRSolve) and m.last_stats]
-    return max(its) if its else None
+    worst = max(its)
+    return f"{worst[0]}" + (f"+{worst[1]}seq" if worst[1] else "")
 
 
 def _rewritten(compiled) -> int:
@@ -109,46 +126,78 @@ def _rewritten(compiled) -> int:
     return 0 if report is None else len(report.rewritten)
 
 
-def measure(case: Case, device: str, repeats: int) -> dict:
-    model, x = case.model.to(device), case.x.to(device)
+def _variants(model: nn.Module, device: str) -> Dict[str, Callable]:
     variants: Dict[str, Callable] = {"eager": model}
-    compiled = {p: deeppcr.compile(model, policy=p) for p in ("always", "auto")}
-    variants.update(compiled)
+    variants["always"] = deeppcr.compile(model, policy="always")
+    variants["cold"] = deeppcr.compile(model, policy="always", warm_start=False)
+    variants["auto"] = deeppcr.compile(model, policy="auto")
     if device == "cuda":
         variants["cudagraph"] = torch.compile(model, mode="reduce-overhead")
+    return variants
 
-    def run(fn):
-        if case.train:
-            model.zero_grad(set_to_none=True)
+
+def _time_mode(case: Case, variants: Dict[str, Callable], mode: str, device: str, repeats: int) -> dict:
+    model = case.model
+    xs = [torch.randn_like(case.x) for _ in range(INPUTS)]
+    calls = [0]
+
+    def run(fn) -> float:
+        x = xs[calls[0] % INPUTS]
+        calls[0] += 1
+        if mode == "train":
+            model.zero_grad(set_to_none=True)  # untimed, as an optimizer's zero_grad() is
+            _sync(device)
+            t0 = time.perf_counter()
             fn(x).sum().backward()
         else:
+            _sync(device)
+            t0 = time.perf_counter()
             with torch.no_grad():
                 fn(x)
         _sync(device)
+        return time.perf_counter() - t0
 
+    errors = {}
     with torch.no_grad():
+        x = xs[-1]
         ref = model(x)
-        errors = {name: float((fn(x) - ref).abs().max()) for name, fn in variants.items() if name != "eager"}
-    times: Dict[str, List[float]] = {name: [] for name in variants}
-    for name, fn in variants.items():  # warm up: specialise, capture graphs
-        run(fn)
+        for name, fn in variants.items():
+            if name != "eager":
+                errors[name] = float((fn(x) - ref).abs().max())
+    with torch.set_grad_enabled(mode == "train"):
+        for fn in variants.values():  # compile untimed: each grad mode is its own specialisation
+            if hasattr(fn, "specialise"):  # a deeppcr CompiledModule
+                fn.specialise((xs[0],))
+    first = {name: run(fn) for name, fn in variants.items()}  # warm up (graph captures, caches)
+    times: Dict[str, List[float]] = {name: [t] if t > SLOW_S else [] for name, t in first.items()}
+    if first["eager"] < 0.05:  # cheap rows get more samples: their medians are the noisiest
+        repeats *= 3
     for _ in range(repeats):
         for name, fn in variants.items():
-            t0 = time.perf_counter()
-            run(fn)
-            times[name].append(time.perf_counter() - t0)
+            if first[name] <= SLOW_S:
+                times[name].append(run(fn))
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    row = dict(suite=case.suite, case=case.name, **case.params, mode="train" if case.train else "forward",
-               device=device, eager_ms=1e3 * med["eager"])
+    row = dict(suite=case.suite, case=case.name, **case.params, mode=mode, device=device,
+               eager_ms=1e3 * med["eager"])
     for name in variants:
         if name == "eager":
             continue
         row[f"{name}_ms"] = 1e3 * med[name]
         row[f"{name}_speedup"] = med["eager"] / med[name]
         row[f"{name}_max_err"] = errors[name]
-    row["always_iterations"] = _iterations(compiled["always"])
-    row["auto_rewrote"] = _rewritten(compiled["auto"])
+    row["always_iterations"] = _iterations(variants["always"])
+    row["cold_iterations"] = _iterations(variants["cold"])
+    row["auto_rewrote"] = _rewritten(variants["auto"])
+    row["repeats"] = min(len(ts) for ts in times.values())
     return row
+
+
+def measure(case: Case, device: str, repeats: int) -> List[dict]:
+    """One row per mode of ``case``: eager, deeppcr.compile (always, always without warm start, auto)."""
+    case.model.to(device)
+    case.x = case.x.to(device)
+    variants = _variants(case.model, device)
+    return [_time_mode(case, variants, mode, device, repeats) for mode in case.modes]
 
 
 # ----------------------------------------------------------------------------------------- suites
@@ -159,10 +208,9 @@ def paper(quick: bool) -> List[Case]:
     for L in grid["L"]:
         for w in grid["w"]:
             for B in grid["B"]:
-                for train in (False, True):
-                    torch.manual_seed(0)
-                    cases.append(Case("paper", "tanh-mlp", TanhMLP(L, w), torch.randn(B, w), train,
-                                      dict(L=L, w=w, B=B)))
+                torch.manual_seed(0)
+                cases.append(Case("paper", "tanh-mlp", TanhMLP(L, w), torch.randn(B, w), ("forward", "train"),
+                                  dict(L=L, w=w, B=B)))
     return cases
 
 
@@ -171,7 +219,7 @@ def resnet(quick: bool) -> List[Case]:
     cases = []
     for L, w in grid:
         torch.manual_seed(0)
-        cases.append(Case("resnet", "residual-mlp", ResidualMLP(L, w), torch.randn(16, w), True,
+        cases.append(Case("resnet", "residual-mlp", ResidualMLP(L, w), torch.randn(16, w), ("train",),
                           dict(L=L, w=w, B=16)))
     return cases
 
@@ -181,8 +229,8 @@ def diffusion(quick: bool) -> List[Case]:
     cases = []
     for kind, steps, dim in grid:
         torch.manual_seed(0)
-        cases.append(Case("diffusion", f"{kind}-{steps}", Sampler(kind, steps, dim), torch.randn(64, dim), False,
-                          dict(L=steps, w=dim, B=64)))
+        cases.append(Case("diffusion", f"{kind}-{steps}", Sampler(kind, steps, dim), torch.randn(64, dim),
+                          ("forward",), dict(L=steps, w=dim, B=64)))
     return cases
 
 
@@ -197,8 +245,8 @@ def _fmt(v) -> str:
 
 
 def print_table(rows: List[dict]) -> None:
-    cols = ["suite", "case", "L", "w", "B", "mode", "eager_ms", "always_ms", "always_speedup", "auto_ms",
-            "auto_speedup", "auto_rewrote", "always_iterations", "always_max_err"]
+    cols = ["suite", "case", "L", "w", "B", "mode", "eager_ms", "always_ms", "always_speedup", "always_iterations",
+            "cold_speedup", "cold_iterations", "auto_ms", "auto_speedup", "auto_rewrote", "always_max_err"]
     cols += [c for c in ("cudagraph_ms", "cudagraph_speedup") if any(c in r for r in rows)]
     widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
@@ -224,11 +272,13 @@ def write(rows: List[dict], suite: str, device: str) -> Path:
         return path
     fig, ax = plt.subplots(figsize=(8, 4))
     labels = [f"{r['case']} L={r['L']} w={r['w']} B={r['B']} {r['mode']}" for r in rows]
-    ax.barh(range(len(rows)), [r["always_speedup"] for r in rows])
+    ax.barh([i - 0.2 for i in range(len(rows))], [r["always_speedup"] for r in rows], height=0.4, label="always")
+    ax.barh([i + 0.2 for i in range(len(rows))], [r["auto_speedup"] for r in rows], height=0.4, label="auto")
+    ax.legend(fontsize=7)
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set_yticks(range(len(rows)), labels, fontsize=6)
     ax.set_xscale("log")
-    ax.set_xlabel("speed-up of deeppcr.compile(policy='always') over eager")
+    ax.set_xlabel("speed-up of deeppcr.compile over eager (policy 'always' and 'auto')")
     fig.tight_layout()
     fig.savefig(path.with_suffix(".png"), dpi=120)
     return path
@@ -250,8 +300,8 @@ def main(argv=None) -> int:
     for suite in (SUITES if args.suite == "all" else [args.suite]):
         rows = []
         for case in SUITES[suite](args.quick):
-            rows.append(measure(case, args.device, repeats))
-            print(f"  measured {case.name} {case.params} {'train' if case.train else 'forward'}", flush=True)
+            rows += measure(case, args.device, repeats)
+            print(f"  measured {case.name} {case.params} {'/'.join(case.modes)}", flush=True)
         print_table(rows)
         print(f"wrote {write(rows, suite, args.device)}")
     return 0

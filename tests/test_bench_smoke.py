@@ -19,10 +19,14 @@ def _suite():
 def test_measure_row_has_every_variant_and_exact_outputs():
     suite = _suite()
     torch.manual_seed(0)
-    case = suite.Case("paper", "tanh-mlp", suite.TanhMLP(12, 3), torch.randn(2, 3), True, dict(L=12, w=3, B=2))
-    row = suite.measure(case, "cpu", repeats=1)
-    for key in ("eager_ms", "always_ms", "always_speedup", "auto_ms", "auto_speedup", "always_iterations"):
-        assert key in row
-    assert row["always_max_err"] < 1e-5 and row["auto_max_err"] < 1e-5
-    assert row["always_iterations"] >= 1 and row["auto_rewrote"] == 0  # auto keeps CPU chains sequential
-    suite.print_table([row])
+    case = suite.Case("paper", "tanh-mlp", suite.TanhMLP(12, 3), torch.randn(2, 3), ("forward", "train"),
+                      dict(L=12, w=3, B=2))
+    rows = suite.measure(case, "cpu", repeats=1)
+    assert [r["mode"] for r in rows] == ["forward", "train"]
+    for row in rows:
+        for key in ("eager_ms", "always_ms", "always_speedup", "cold_ms", "auto_ms", "auto_speedup",
+                    "always_iterations", "cold_iterations", "repeats"):
+            assert key in row
+        assert row["always_max_err"] < 1e-5 and row["cold_max_err"] < 1e-5 and row["auto_max_err"] < 1e-5
+        assert int(row["cold_iterations"]) >= 1 and row["always_iterations"]
+    suite.print_table(rows)

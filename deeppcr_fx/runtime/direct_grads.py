@@ -36,9 +36,11 @@ _VERSION = operator.attrgetter("_version")
 _GRAD = operator.attrgetter("grad")
 
 
-def supports_direct_grads(tensors: list) -> bool:
-    """Whether writing ``.grad`` directly is exactly what autograd would do for these tensors."""
-    return (all(map(_IS_LEAF, tensors)) and all(map(_REQUIRES_GRAD, tensors))
+def supports_direct_grads(tensors: list, requires_grad: Optional[list] = None) -> bool:
+    """Whether writing ``.grad`` directly is exactly what autograd would do for these tensors
+    (``requires_grad``: their flags, if the caller has them)."""
+    flags = list(map(_REQUIRES_GRAD, tensors)) if requires_grad is None else requires_grad
+    return (all(flags) and all(map(_IS_LEAF, tensors))
             and not any(map(_HOOKS, tensors)) and not any(map(_POST_HOOKS, tensors)))
 
 

@@ -84,14 +84,15 @@ class StackedAttributes(torch.nn.Module):
         # check would cost as much as the solve it feeds.
         tensors = self._tensors()
         group = self._flat(tensors)
-        grad = torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, tensors))
+        flags = list(map(_REQUIRES_GRAD, tensors)) if torch.is_grad_enabled() else []
+        grad = any(flags)
         if group is None:
             self.mode = "stack"
             return torch.stack(tensors)
         self.mode = "flat"
         if not grad:
             return group.buffer.detach()
-        if self.direct_grads and supports_direct_grads(tensors):
+        if self.direct_grads and supports_direct_grads(tensors, flags):
             return direct_grads_apply(group.buffer, tensors, group.grads)
         return torch.stack(tensors)  # autograd's own path: hooks, non-leaf or partly frozen tensors
 
