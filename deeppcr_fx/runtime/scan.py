@@ -107,13 +107,14 @@ def _chunked_scan(A: torch.Tensor, r: torch.Tensor, mode: str, chunk: int) -> to
         r = r.unsqueeze(-1)  # column vectors for baddbmm
     P = torch.empty_like(A)
     P[0] = A[0]
+    rs, As, Ps = r.unbind(0), A.unbind(0), P.unbind(0)  # row views made once, not 5 per loop turn
     for k in range(1, chunk):  # every chunk at once: its rows as if the row before it were zero
         if full:
-            r[k].baddbmm_(A[k], r[k - 1])
-            torch.bmm(A[k], P[k - 1], out=P[k])
+            rs[k].baddbmm_(As[k], rs[k - 1])
+            torch.bmm(As[k], Ps[k - 1], out=Ps[k])
         else:
-            r[k].addcmul_(A[k], r[k - 1])
-            torch.mul(A[k], P[k - 1], out=P[k])
+            rs[k].addcmul_(As[k], rs[k - 1])
+            torch.mul(As[k], Ps[k - 1], out=Ps[k])
     # the chunks' last rows: D_c = r_c,last + P_c,last D_{c-1}; chunk 0's P multiplies the zero vector
     per_chunk = (n_chunks, -1, n) + ((n,) if full else ())
     last_r = r[-1].reshape(n_chunks, -1, n)
