@@ -98,6 +98,11 @@ class Case:
     params: dict
 
 
+# One intra-op thread on CPUs: on this project's shared 2-core machine torch's 2 threads made the
+# solver's mid-sized ops 2-10x slower (every parallel region waits for a contended second core;
+# compiled tanh MLP L=4096 w=4 train step 49 ms with 1 thread, 190 ms with 2), and the eager
+# baseline's tiny ops run on one thread either way.
+CPU_THREADS = 1
 INPUTS = 8  # distinct inputs cycled through the timed calls (a warm start never sees its own input)
 SLOW_S = 2.0  # a variant whose warm-up call takes longer than this is timed by that call alone
 
@@ -290,10 +295,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: 1 on cpu, see CPU_THREADS; torch's on cuda)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or (CPU_THREADS if args.device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     repeats = args.repeats or (3 if args.quick else 5)
     print(f"deeppcr_fx bench: suite={args.suite} device={args.device} torch={torch.__version__} "
           f"threads={torch.get_num_threads()} repeats={repeats} (medians of alternating runs)")

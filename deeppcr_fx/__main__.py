@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--suite", choices=("paper", "resnet", "diffusion", "all"), default="paper")
     bench.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     bench.add_argument("--quick", action="store_true", help="a small grid (a few minutes on a CPU)")
-    bench.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    bench.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: 1 on cpu)")
     bench.add_argument("--backward", action="store_true",
                        help="instead: the runtime's backward vs autograd of the sequential model (L=4096, w=4)")
     bench.set_defaults(func=_bench)
