@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import statistics
 import sys
 import time
@@ -103,6 +104,7 @@ class Case:
 # compiled tanh MLP L=4096 w=4 train step 49 ms with 1 thread, 190 ms with 2), and the eager
 # baseline's tiny ops run on one thread either way.
 CPU_THREADS = 1
+SAMPLE_S, MAX_REPEATS = 1.5, 60
 INPUTS = 8  # distinct inputs cycled through the timed calls (a warm start never sees its own input)
 SLOW_S = 2.0  # a variant whose warm-up call takes longer than this is timed by that call alone
 
@@ -175,8 +177,8 @@ def _time_mode(case: Case, variants: Dict[str, Callable], mode: str, device: str
                 fn.specialise((xs[0],))
     first = {name: run(fn) for name, fn in variants.items()}  # warm up (graph captures, caches)
     times: Dict[str, List[float]] = {name: [t] if t > SLOW_S else [] for name, t in first.items()}
-    if first["eager"] < 0.05:  # cheap rows get more samples: their medians are the noisiest
-        repeats *= 3
+    # cheap rows get more samples (about SAMPLE_S of eager time each): their medians are the noisiest
+    repeats = max(repeats, min(MAX_REPEATS, math.ceil(SAMPLE_S / max(first["eager"], 1e-4))))
     for _ in range(repeats):
         for name, fn in variants.items():
             if first[name] <= SLOW_S:
