@@ -92,6 +92,8 @@ def test_step_with_a_fixed_batch_size_falls_back_and_stays_exact():
     res = deeppcr.solve(step, chain.x0, per_step=(W, b), jacobian="full")
     assert res.stats.autodiff == "rev" and "RuntimeError" in res.stats.replicate_error
     _close(res.states, chain.sequential())
+    again = deeppcr.solve(step, chain.x0, per_step=(W, b), jacobian="full")
+    assert again.stats.autodiff == "rev" and again.stats.replicate_error is None  # remembered, not retried
     res.states[-1].sum().backward()  # the backward pass falls back too
     W2, b2 = (p.detach().requires_grad_() for p in chain.per_step)
     chain.sequential(per_step=(W2, b2))[-1].sum().backward()
@@ -128,3 +130,19 @@ def test_independent_samples_pass_the_adjoint_check_in_float32():
     res = deeppcr.solve(chain.step, chain.x0, per_step=(W, b), jacobian="full")
     (res.states * torch.linspace(-3, 3, 4).view(1, 4, 1)).sum().backward()
     assert res.stats.backward.iterations == 1 and res.stats.backward.converged
+
+
+def test_inputs_with_the_batch_dimension_skip_replication(capsys):
+    chain = PROBLEMS["ddim"](12)  # B = 3
+    noise = torch.randn(12, *chain.x0.shape, dtype=chain.x0.dtype)  # per step and per sample
+
+    def step(z, a, s, e, n, Wd):
+        return chain.step(z, a, s, e, Wd) + 0.01 * n
+
+    res = deeppcr.solve(step, chain.x0, per_step=(*chain.per_step, noise), shared=chain.shared, jacobian="full")
+    assert res.stats.autodiff == "rev" and res.stats.replicate_error is None
+    z = chain.x0
+    for l in range(12):
+        z = step(z, *(p[l] for p in (*chain.per_step, noise)), *chain.shared)
+    torch.testing.assert_close(res.states[-1], z)
+    assert capsys.readouterr().err == ""

@@ -90,10 +90,9 @@ def _adjoint_residual_ok(a: torch.Tensor, G: torch.Tensor, products: torch.Tenso
 
 def _full_jacobian(state_pullback, Zprev: torch.Tensor, replicated: Optional[Steps]) -> torch.Tensor:
     if replicated is not None:
-        try:
-            return jacobians.jacobian_replicated(replicated.batched(0, Zprev.shape[0]), Zprev, "full")
-        except Exception:  # the step cannot take the larger batch (the forward pass recorded why)
-            pass
+        J, _ = jacobians.try_replicated(replicated.batched(0, Zprev.shape[0]), Zprev, "full")
+        if J is not None:
+            return J
     return jacobians.jacobian_from_pullback(state_pullback, Zprev, "full")
 
 

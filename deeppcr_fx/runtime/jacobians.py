@@ -33,6 +33,8 @@ falls back to the vmap'd pullback and records why.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import Callable, Optional
 
 import torch
@@ -90,11 +92,8 @@ class Jacobians:
             vals = g(Z)
 
             def jac_replicated():
-                try:
-                    return jacobian_replicated(replicated, Z, self.mode)
-                except Exception as exc:  # the step cannot take the larger batch: use the vmap'd pullback
-                    self.replicate_error = f"{type(exc).__name__}: {exc}"
-                    return self(g, Z)[1]()
+                J, self.replicate_error = try_replicated(replicated, Z, self.mode)
+                return self(g, Z)[1]() if J is None else J  # the vmap'd pullback when the step refused
 
             return vals, jac_replicated
         try:
@@ -164,6 +163,18 @@ def jacobian_replicated(g_replicated: Callable, Z: torch.Tensor, mode: str) -> t
     E = torch.eye(n, dtype=Z.dtype, device=Z.device).view(1, n, 1, n).expand(R, n, B, n)
     rows = pullback(E.reshape(R, n * B, n).contiguous())[0].view(R, n, B, n)  # [r, i, b, j] = J[r, b, i, j]
     return _structure(rows.transpose(1, 2), mode)
+
+
+def try_replicated(g_replicated: Callable, Z: torch.Tensor, mode: str) -> tuple:
+    """``(jacobian_replicated(...), None)``, or ``(None, why)`` when the step cannot take the larger
+    batch (a hard-coded batch size, an input with the batch dimension). torch.fx prints the
+    traceback of any exception raised inside a GraphModule to stderr; that print is suppressed here
+    because the error is expected, handled, and recorded in ``SolveStats.replicate_error``."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return jacobian_replicated(g_replicated, Z, mode), None
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 def _basis(like: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ the linear adjoint (``adjoint.adjoint``).
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -64,7 +65,7 @@ def solve(step: Callable, x0, per_step: Sequence[torch.Tensor] = (), shared: Seq
     shared = tuple(shared) if isinstance(shared, (tuple, list)) else (shared,)
     length = _check_length(per_step, length)
     spec = StateSpec.of(x0, config.batch)
-    step = _bind_constants(step, len(per_step), shared)
+    user_step, step = step, _bind_constants(step, len(per_step), shared)
     shared_tensors = tuple(s for s in shared if isinstance(s, torch.Tensor))
     steps = Steps(step, spec, per_step, shared_tensors, config.vectorize)
     with torch.no_grad():
@@ -77,7 +78,7 @@ def solve(step: Callable, x0, per_step: Sequence[torch.Tensor] = (), shared: Seq
                        compute_dtype=str(spec.compute_dtype).replace("torch.", ""))
     x0_parts = x0 if isinstance(x0, tuple) else (x0,)
     problem = _Problem(steps, spec, config, mode, stats, len(x0_parts), on_iteration)
-    problem.initial_guess = initial_guess
+    problem.initial_guess, problem.step_key = initial_guess, user_step
     outs = _ChainSolve.apply(problem, *x0_parts, *steps.inputs)
     stats.vectorized, stats.vmap_error = steps.vectorized, steps.vmap_error
     return SolveResult(states=outs if spec.is_tuple else outs[0], stats=stats, solution=problem.solution)
@@ -93,6 +94,7 @@ class _Problem:
         self.on_iteration = on_iteration
         self.initial_guess: Optional[torch.Tensor] = None
         self.solution: Optional[torch.Tensor] = None
+        self.step_key: object = None  # the user's step function, to remember that it refused a replicated batch
 
     def forward(self, x0_flat: torch.Tensor) -> torch.Tensor:
         steps, mode, length = self.steps, self.mode, self.stats.length
@@ -120,6 +122,8 @@ class _Problem:
         self.stats.autodiff = "replicated" if replicated is not None and jac.replicate_error is None else jac.ad
         self.stats.autodiff_error = jac.rev_error
         self.stats.replicate_error = jac.replicate_error
+        if jac.replicate_error is not None:  # later solves of this step go straight to the vmap'd pullback
+            _remember_refusal(self.step_key)
         self.solution = U.detach()
         return U
 
@@ -158,7 +162,8 @@ class _Problem:
         """The steps on a replicated batch for the Jacobians, where that is the faster method."""
         steps = steps or self.steps
         n, B = self.spec.width, self.spec.batch_size
-        if self.mode not in jacobians.MODES_WITH_MATRIX or n * B > jacobians.REPLICATE_MAX_SAMPLES:
+        if self.mode not in jacobians.MODES_WITH_MATRIX or n * B > jacobians.REPLICATE_MAX_SAMPLES \
+                or _refused_replication(self.step_key):
             return None
         return steps.replicated(n)
 
@@ -205,6 +210,22 @@ class _ChainSolve(torch.autograd.Function):
         for i, d in zip(wrt, dinputs):
             input_grads[i] = d
         return (None, *dx0, *input_grads)
+
+
+# Step functions whose batch could not be replicated, by id, held weakly (a refusal is permanent).
+_REPLICATE_REFUSED: "dict[int, weakref.ref]" = {}
+
+
+def _refused_replication(step: object) -> bool:
+    ref = _REPLICATE_REFUSED.get(id(step))
+    return ref is not None and ref() is step
+
+
+def _remember_refusal(step: object) -> None:
+    try:
+        _REPLICATE_REFUSED[id(step)] = weakref.ref(step, lambda _, key=id(step): _REPLICATE_REFUSED.pop(key, None))
+    except TypeError:  # not weakly referenceable: retried (and refused again) by each solve
+        pass
 
 
 def max_prefix(length: int) -> int:

@@ -72,9 +72,11 @@ class Steps:
 
     def replicated(self, copies: int) -> "Steps | None":
         """These steps on a batch of ``copies * B`` samples (for ``jacobians.jacobian_replicated``);
-        None when the state has no batch dimension to grow."""
-        if not self.spec.batch:
-            return None
+        None when the state has no batch dimension to grow, or an input seems to have one."""
+        B = self.spec.batch_size
+        if not self.spec.batch or any(p.dim() >= 2 and p.shape[1] == B > 1 for p in self.per_step) \
+                or any(s.dim() >= 1 and s.shape[0] == B > 1 for s in self.shared):
+            return None  # an input with the batch dimension (per-sample noise, conditioning) would not line up
         spec = dataclasses.replace(self.spec, shapes=tuple((copies * s[0], *s[1:]) for s in self.spec.shapes))
         return Steps(self.step, spec, self.per_step, self.shared, True if self.vectorized else False)
 
