@@ -167,14 +167,6 @@ def test_in_place_op_in_block():
     _only_refusal(report, Reason.BUFFER_MUTATION)
 
 
-def test_auto_policy_heuristic():
-    from deeppcr_fx.passes.cost_model import parallel_depth, profitable
-
-    assert parallel_depth(32) == 30 and parallel_depth(16) == 25
-    assert profitable(32, "cuda")[0] and not profitable(16, "cuda")[0]
-    assert not profitable(1024, "cpu")[0]
-
-
 def test_per_step_python_float_the_op_needs_as_float():
     """A constant that differs per step but must stay a Python float (leaky_relu's slope) is refused."""
 

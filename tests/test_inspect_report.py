@@ -29,7 +29,7 @@ def test_zoo_chains_and_lengths(name):
         assert c.end == c.replaced[-1] and c.start_module and c.end_module
         assert c.state_shape == tuple(inputs[0].shape) and c.dtype == "float64"
         assert c.decision.startswith("rewritten (policy='always')")
-        assert c.cost["sequential_depth"] == c.length and c.cost["measured"] is None
+        assert c.cost["sequential_ms"] > 0 and c.cost["parallel_ms"] > 0 and c.cost["measured"] is None
 
 
 def test_three_chains_modules_inputs_and_decisions():
@@ -84,7 +84,7 @@ def test_auto_policy_decision_and_refusal_remedy():
     assert report.reasons() == [Reason.NOT_PROFITABLE] * 3
     c = report.chains[0]
     assert c.decision.startswith("kept sequential: not_profitable") and c.remedy == Reason.NOT_PROFITABLE.remedy
-    assert c.cost["predicted_speedup"] == 0.0 and c.cost["device"] == "cpu"
+    assert c.cost["predicted_speedup"] < c.cost["margin"] and c.cost["device"] == "cpu"
     text = str(report)
     assert "not_profitable" in text and "remedy: " + Reason.NOT_PROFITABLE.remedy in text
 
@@ -130,7 +130,7 @@ def test_graph_history_per_pass():
     x = torch.randn(2, 8)
     compiled(x)
     graphs = compiled.report.graphs
-    assert list(graphs) == ["capture", "shape_prop", "find_chains", "validate", "rewrite", "recompile"]
+    assert list(graphs) == ["capture", "shape_prop", "find_chains", "validate", "decide", "rewrite", "recompile"]
     assert all(isinstance(g, fx.GraphModule) for g in graphs.values())
     assert graphs["recompile"] is compiled.graph_module and graphs["shape_prop"] is graphs["capture"]
     solves = lambda gm: [n for n in gm.graph.nodes  # noqa: E731

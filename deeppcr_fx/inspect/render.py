@@ -35,6 +35,27 @@ def _inputs_summary(c) -> str:
     return f"{per_step}/{shared}/{hoisted}" if c.inputs else "-"
 
 
+def _cost_lines(cost: dict) -> list:
+    """The cost model's prediction and, after autotuning, the measured times."""
+    device = cost.get("device", "?")
+    if cost.get("sequential_ms") is not None:
+        what = "forward + backward" if cost.get("backward") else "forward"
+        lines = [f"    cost: predicted {what} {cost['sequential_ms']:.3g} ms sequential vs {cost['parallel_ms']:.3g} ms "
+                 f"parallel on {device} (~{cost.get('iterations')} Newton iterations; {cost.get('why_iterations', '')}), "
+                 f"speed-up {cost.get('predicted_speedup', 0):.2f}x; policy='auto' rewrites at >= {cost.get('margin')}x"]
+    else:
+        lines = [f"    cost: no prediction for this chain on {device}"]
+    measured = cost.get("measured")
+    if measured:
+        what = "forward + backward" if measured.get("backward") else "forward"
+        seq, par = measured["sequential_ms"], measured["parallel_ms"]
+        its = measured.get("iterations")
+        lines.append(f"    measured (autotune, {measured.get('scope', 'whole model')}, {what}): sequential {seq:.3g} ms vs "
+                     f"parallel {par:.3g} ms ({seq / par if par else 0:.2f}x)"
+                     + ("" if its is None else f", {its} Newton iterations"))
+    return lines
+
+
 def render_chain(c) -> list:
     """The detail lines of one chain."""
     head = f"#{c.index} {c.status}"
@@ -48,11 +69,7 @@ def render_chain(c) -> list:
     if c.decision:
         lines.append(f"    decision: {c.decision}")
     if c.cost:
-        speedup = c.cost.get("predicted_speedup")
-        predicted = "n/a (no prediction for this device)" if not speedup else f"{speedup}x"
-        lines.append(f"    cost: depth {c.cost.get('sequential_depth')} sequential vs ~{c.cost.get('parallel_depth')} "
-                     f"parallel, predicted speed-up {predicted} on {c.cost.get('device')}"
-                     + ("" if c.cost.get("measured") is None else f", measured {c.cost['measured']}"))
+        lines += _cost_lines(c.cost)
     if c.reason is not None:
         lines.append(f"    remedy: {c.remedy}")
     return lines

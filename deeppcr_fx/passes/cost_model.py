@@ -1,51 +1,275 @@
-"""``policy="auto"``: rewrite a chain only where it is predicted to be faster (a documented heuristic).
+"""The per-chain cost model behind ``policy="auto"``: sequential vs parallel time, as sympy expressions.
 
-Until the benchmark issue lands a measured cost model, the prediction compares *depths*:
-a sequential chain is L steps deep; a parallel solve is about ``k * (ceil(log2 L) + 1)``
-deep (k Newton iterations, each one batched step evaluation plus a PCR scan of
-ceil(log2 L) rounds). The iteration count was measured on the test zoo (float32,
-``jacobian="auto"``, ``deeppcr.compile(..., policy="always", min_length=1)``, reading
-``PCRSolve.last_stats.iterations``; ``benchmarks/compile_min_length.py`` reproduces it):
+A chain is described by a ``ChainShape`` (``passes/step_profile.py``): length L, batch B, state
+width n, ops q, module calls m and FLOPs F (whole batch) of one step, per-step tensors P (G
+of them Parameters that get gradients), Jacobian mode, iteration cap. Each way of running it
+is a ``Work``: sympy expressions in the symbols of ``SYMBOLS`` counting what it does. Its
+time is the dot product with the device's unit costs (``UNITS``), calibrated by a
+micro-benchmark (``passes/calibrate.py``: under a second, cached per process and device)::
 
-    chain          L=4  L=8  L=16  L=32  L=64
-    residual         4    4     4     5     5
-    mlp (tanh)       4    5     5     5     5
-    transformer      4    5     6     6     7
+    T = launches·t_op + module_calls·t_module + autograd_nodes·t_autograd + stacked·t_stack
+        + eager_flops·c_forward + bytes / bandwidth + matmuls·t_mm(n) + matvecs·t_mv(n)
+        + forward_ops·t_forward + forward_flops·c_forward(n)        (vmap of the step over L steps)
+        + vjp_ops·t_vjp + vjp_flops·c_vjp(n)                        (its vjp and one pullback)
+        + jacobian_ops·t_jacobian + jacobian_flops·c_jacobian(n)    (the pullback vmap'd over n cotangents)
 
-With k = 5 the parallel depth first drops below L at L = 32 (5 * 6 = 30 < 32), so "auto"
-rewrites chains from L = 32 on. Depth only pays where steps really run in parallel: on
-a CPU (2 cores here) every measured parallel solve was 10-100x slower than the
-sequential loop, so "auto" keeps CPU chains sequential.
+(t_*: seconds per op or item; c_*: seconds per step FLOP, which folds in torch.func's copies.)
 
-``Config.min_length`` (default 8) is a hard floor for every policy, "always" included:
-the measured k was >= 4 at every length, so below 8 steps the parallel depth
-(>= 4 * 4 = 16 at L = 8, 12 at L = 4) is always larger than the sequential one. The
-table suggests raising the default to 32 once the benchmark issue confirms it on GPUs.
+Sequential (eager), per chain::
+
+    forward    launches L·q, module_calls L·m, eager_flops L·F
+    backward   autograd_nodes L·(q + G), eager_flops 2·L·F        (when a backward pass is expected)
+
+Parallel (``PCRSolve``), with N = L·B rows·samples, state bytes SB = N·n·e, Jacobian bytes
+JB = N·n²·e (e bytes per element), k Newton iterations, S steps finished sequentially::
+
+    setup       launches SOLVE_OPS + q, stacked L·P
+    Jacobian    n·B <= 128 (one forward and backward on a batch of n·B copies of each sample):
+                  forward_ops q, forward_flops L·F, vjp_ops q, vjp_flops n·L·F, bytes 4·JB
+                else (n vjps): jacobian_ops q, jacobian_flops L·F, bytes 3·JB
+    iteration   full/diag: the Jacobian; identity/zero: forward_ops q, forward_flops L·F;
+                + Newton bookkeeping: launches NEWTON_OPS, bytes 8·SB
+                + scan, full: chunked on CPUs for L >= 128 (K = min(32, max(8, round(sqrt(L/2)))),
+                  R = ceil(log2(L/K))): launches 8K + 10R + 20 (per chunk row two batched products
+                  and six row views; per PCR round about ten ops), matmuls N + N·R/K,
+                  matvecs 2N + N·R/K, bytes 4·JB + 4·SB; plain PCR (GPUs, short chains,
+                  R = ceil(log2 L)): launches 10R + 5, matmuls N·R, matvecs N·R, bytes R·(4·JB + 3·SB);
+                  diag: the same launches and elementwise bytes; identity: a cumsum; zero: a copy
+    finish      launches S·(q + P + 2), eager_flops S·F
+    forward     setup + k·iteration + finish
+    backward    full: the Jacobian + the transposed scan (+ 4 launches, 2·JB + 2·SB bytes);
+                diag/identity/zero: k·(a pullback: vjp_ops q, vjp_flops L·F + bookkeeping + the
+                transposed scan), plus the diagonal (jacobian_ops q, jacobian_flops L·F) for diag;
+                then the parameter pullback (vjp_ops q, vjp_flops L·F) + BACKWARD_OPS launches
+                + gradients to the Parameters: stacked L·P with Config.direct_grads, else
+                autograd_nodes L·G (one AccumulateGrad per Parameter)
+
+Expected Newton iterations k (``expected_iterations``): ``full`` Jacobians converge in 3-10
+iterations on contractive chains (5 on the benchmarks' tanh MLPs with ``nn.Linear``'s
+initialisation, 7-10 with weights of gain 1), so k = 8;
+chains with a skip path (``ChainShape.residual``: residual blocks, samplers) are not
+contractive and took up to 37 (residual MLP, L = 1024), so k = 40; ``diag``, ``identity`` and
+``zero`` converge linearly at best, so k = the iteration cap, and the remaining L - cap steps
+are counted as a sequential finish. Everything is capped at ``Config.iteration_cap(L)``.
+
+``policy="auto"`` rewrites a chain when the predicted speed-up T_seq / T_par is at least
+``MARGIN`` (1.3): the model ignores caches, threads and Python overheads it does not count,
+and a wrong rewrite costs more than a missed one. It undercounts the sequential side where
+it is unsure (module calls shared by every step are not counted, eager ops cost one small
+add each). ``Config.min_length`` (default 8) is a hard floor for every policy.
+
+``Config.autotune`` replaces the prediction by a measurement on the real inputs
+(``passes/autotune.py``); the report shows both.
 """
 from __future__ import annotations
 
-import math
+import functools
+from dataclasses import dataclass, fields
+from typing import Callable, Optional
 
-NEWTON_ITERATIONS = 5  # typical k measured above
-ACCELERATORS = ("cuda", "xpu", "mps")
+import sympy
+
+from .calibrate import DeviceConstants
+from .step_profile import ChainShape
+
+MARGIN = 1.3  # "auto" rewrites at a predicted speed-up of at least this
+ITERATIONS_CONTRACTIVE = 8  # expected Newton iterations, full Jacobian, no skip path
+ITERATIONS_RESIDUAL = 40  # full Jacobian, a skip path (residual blocks, samplers)
+SOLVE_OPS = 100  # small ops and Python steps of one solve besides its iterations
+NEWTON_OPS = 60  # small ops and Python steps of one Newton iteration besides the step and the scan
+BACKWARD_OPS = 60  # small ops and Python steps of one backward pass besides its products
+CHUNKED_MIN_LENGTH = 128  # the CPU scan is chunked from this length on (runtime/scan.default_chunk)
+REPLICATE_MAX_SAMPLES = 128  # Jacobians from a replicated batch up to n·B samples (runtime/jacobians)
+
+L, B, n, k, q, m, P, G, F, S, e = sympy.symbols("L B n k q m P G F S e", positive=True)
+SYMBOLS = {s.name: s for s in (L, B, n, k, q, m, P, G, F, S, e)}
+UNITS = {name: sympy.Symbol(name, positive=True) for name in (
+    "t_op", "t_module", "t_autograd", "t_stack", "bandwidth", "t_mm", "t_mv",
+    "t_forward", "c_forward", "t_vjp", "c_vjp", "t_jacobian", "c_jacobian")}
+_PRICES = (("launches", "t_op"), ("module_calls", "t_module"), ("autograd_nodes", "t_autograd"),
+           ("stacked", "t_stack"), ("eager_flops", "c_forward"), ("matmuls", "t_mm"), ("matvecs", "t_mv"),
+           ("forward_ops", "t_forward"), ("forward_flops", "c_forward"), ("vjp_ops", "t_vjp"),
+           ("vjp_flops", "c_vjp"), ("jacobian_ops", "t_jacobian"), ("jacobian_flops", "c_jacobian"))
+_ZERO = sympy.S.Zero
 
 
-def parallel_depth(length: int, iterations: int = NEWTON_ITERATIONS) -> int:
-    return iterations * (math.ceil(math.log2(max(length, 1))) + 1)
+@dataclass(frozen=True)
+class Work:
+    """Counts of what a computation does (sympy expressions); ``seconds()`` prices them."""
+
+    launches: sympy.Expr = _ZERO
+    module_calls: sympy.Expr = _ZERO
+    autograd_nodes: sympy.Expr = _ZERO
+    stacked: sympy.Expr = _ZERO
+    eager_flops: sympy.Expr = _ZERO
+    matmuls: sympy.Expr = _ZERO
+    matvecs: sympy.Expr = _ZERO
+    bytes: sympy.Expr = _ZERO
+    forward_ops: sympy.Expr = _ZERO
+    forward_flops: sympy.Expr = _ZERO
+    vjp_ops: sympy.Expr = _ZERO
+    vjp_flops: sympy.Expr = _ZERO
+    jacobian_ops: sympy.Expr = _ZERO
+    jacobian_flops: sympy.Expr = _ZERO
+
+    def __add__(self, other: "Work") -> "Work":
+        return Work(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def __rmul__(self, factor) -> "Work":
+        return Work(*(factor * getattr(self, f.name) for f in fields(self)))
+
+    def seconds(self) -> sympy.Expr:
+        total = self.bytes / UNITS["bandwidth"]
+        for count, unit in _PRICES:
+            total += getattr(self, count) * UNITS[unit]
+        return total
 
 
-def predicted_speedup(length: int, device_type: str) -> float:
-    """Sequential depth over parallel depth; 0 on a CPU, where parallel depth does not pay."""
-    if device_type not in ACCELERATORS:
-        return 0.0
-    return length / parallel_depth(length)
+# ------------------------------------------------------------------------------------------- the model
+def sequential_work(backward: bool) -> Work:
+    forward = Work(launches=L * q, module_calls=L * m, eager_flops=L * F)
+    return forward + Work(autograd_nodes=L * (q + G), eager_flops=2 * L * F) if backward else forward
 
 
-def profitable(length: int, device_type: str) -> tuple[bool, str]:
-    """Whether ``policy="auto"`` rewrites a chain of ``length`` steps, and why (for the report)."""
-    if device_type not in ACCELERATORS:
-        return False, f"inputs are on the {device_type}: parallel depth does not pay there"
-    depth = parallel_depth(length)
-    if depth >= length:
-        return False, f"predicted parallel depth {depth} >= sequential depth {length}"
-    return True, f"predicted parallel depth {depth} < sequential depth {length}"
+def _chunk() -> sympy.Expr:
+    return sympy.Min(32, sympy.Max(8, sympy.floor(sympy.sqrt(L / 2) + sympy.Rational(1, 2))))
+
+
+def _scan(mode: str, chunked: bool) -> Work:
+    N, SB, JB = L * B, L * B * n * e, L * B * n ** 2 * e
+    if mode in ("identity", "zero"):
+        return Work(launches=1, bytes=2 * SB)
+    if chunked:
+        K = _chunk()
+        R = sympy.ceiling(sympy.log(sympy.ceiling(L / K), 2))
+        launches = 8 * K + 10 * R + 20
+        if mode == "full":
+            return Work(launches=launches, matmuls=N + N * R / K, matvecs=2 * N + N * R / K, bytes=4 * JB + 4 * SB)
+        return Work(launches=launches, bytes=12 * SB)
+    R = sympy.ceiling(sympy.log(L, 2))
+    if mode == "full":
+        return Work(launches=10 * R + 5, matmuls=N * R, matvecs=N * R, bytes=R * (4 * JB + 3 * SB))
+    return Work(launches=10 * R + 5, bytes=7 * R * SB)
+
+
+def _jacobian(replicated: bool) -> Work:
+    if replicated:  # the values, then one forward + backward on n·B copies of each sample
+        return Work(forward_ops=q, forward_flops=L * F, vjp_ops=q, vjp_flops=n * L * F, bytes=4 * L * B * n ** 2 * e)
+    return Work(jacobian_ops=q, jacobian_flops=L * F, bytes=3 * L * B * n ** 2 * e)
+
+
+def parallel_work(mode: str, chunked: bool, backward: bool, direct_grads: bool = True,
+                  replicated: bool = True) -> Work:
+    bookkeeping = Work(launches=NEWTON_OPS, bytes=8 * L * B * n * e)
+    scan = _scan(mode, chunked)
+    matrix = mode in ("full", "diag")
+    evaluation = _jacobian(replicated) if matrix else Work(forward_ops=q, forward_flops=L * F)
+    setup = Work(launches=SOLVE_OPS + q, stacked=L * P)
+    finish = Work(launches=S * (q + P + 2), eager_flops=S * F)
+    forward = setup + k * (evaluation + bookkeeping + scan) + finish
+    if not backward:
+        return forward
+    transposed = scan + Work(launches=4, bytes=2 * L * B * n ** 2 * e + 2 * L * B * n * e)
+    if mode == "full":
+        adjoint = _jacobian(replicated) + transposed
+    else:
+        pullback = Work(vjp_ops=q, vjp_flops=L * F)
+        diagonal = Work(jacobian_ops=q, jacobian_flops=L * F) if mode == "diag" else Work()
+        adjoint = diagonal + k * (pullback + bookkeeping + transposed)
+    params = Work(vjp_ops=q, vjp_flops=L * F, launches=BACKWARD_OPS)
+    grads = Work(stacked=L * P) if direct_grads else Work(autograd_nodes=L * G)
+    return forward + adjoint + params + grads
+
+
+@functools.lru_cache(maxsize=None)
+def expressions(mode: str, chunked: bool, backward: bool, direct_grads: bool = True,
+                replicated: bool = True) -> "tuple[sympy.Expr, sympy.Expr]":
+    """``(T_sequential, T_parallel)`` in seconds, as sympy expressions of ``SYMBOLS`` and ``UNITS``."""
+    return (sequential_work(backward).seconds(),
+            parallel_work(mode, chunked, backward, direct_grads, replicated).seconds())
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(mode: str, chunked: bool, backward: bool, direct_grads: bool, replicated: bool) -> Callable:
+    names = list(SYMBOLS) + list(UNITS)
+    args = [SYMBOLS[s] if s in SYMBOLS else UNITS[s] for s in names]
+    fn = sympy.lambdify(args, list(expressions(mode, chunked, backward, direct_grads, replicated)), modules="math")
+    return lambda values: fn(*(values[s] for s in names))
+
+
+# ------------------------------------------------------------------------------------------ predictions
+def expected_iterations(shape: ChainShape) -> "tuple[Optional[int], str]":
+    """Newton iterations the forward solve is expected to take before any cap, and why (see the module
+    docstring); None where it is not expected to converge before the cap (linear convergence)."""
+    if shape.mode != "full":
+        return None, f"'{shape.mode}' converges linearly at best: the cap"
+    if shape.residual:
+        return ITERATIONS_RESIDUAL, "a skip path: not contractive"
+    return ITERATIONS_CONTRACTIVE, "full Jacobian, no skip path"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The cost model's estimate for one chain on one device."""
+
+    sequential_s: float
+    parallel_s: float
+    iterations: int
+    why_iterations: str
+    sequential_finish: int  # steps the solve is expected to finish sequentially after the cap
+    backward: bool
+    mode: str
+    device: str
+
+    @property
+    def speedup(self) -> float:
+        return self.sequential_s / self.parallel_s if self.parallel_s > 0 else 0.0
+
+    def profitable(self, margin: float = MARGIN) -> bool:
+        return self.speedup >= margin
+
+    def describe(self, margin: float = MARGIN) -> str:
+        what = "forward + backward" if self.backward else "forward"
+        verdict = ">=" if self.profitable(margin) else "<"
+        return f"predicted {what} speed-up {self.speedup:.2f}x {verdict} {margin}x on {self.device}"
+
+    def to_dict(self) -> dict:
+        return {"sequential_ms": round(1e3 * self.sequential_s, 4), "parallel_ms": round(1e3 * self.parallel_s, 4),
+                "predicted_speedup": round(self.speedup, 3), "iterations": self.iterations,
+                "why_iterations": self.why_iterations, "sequential_finish": self.sequential_finish,
+                "backward": self.backward, "jacobian": self.mode, "margin": MARGIN}
+
+
+def chunked_scan(shape: ChainShape) -> bool:
+    return shape.device_type == "cpu" and shape.length >= CHUNKED_MIN_LENGTH
+
+
+def predict(shape: ChainShape, constants: DeviceConstants, iterations: Optional[int] = None) -> Prediction:
+    """Evaluate the model for ``shape`` with the device's ``constants`` (``iterations`` overrides k)."""
+    expected, why = expected_iterations(shape) if iterations is None else (iterations, "given")
+    cap = shape.iteration_cap
+    capped = expected is None or expected > cap
+    k_expected = cap if capped else expected
+    finish = shape.length - cap if capped and cap < shape.length else 0
+    if capped and expected is not None:
+        why += f"; capped at max_iter {cap}"
+    c, width = constants, shape.width
+    values = dict(L=shape.length, B=shape.batch, n=width, k=k_expected, q=shape.ops, m=shape.module_calls,
+                  P=shape.per_step_tensors, G=shape.grad_tensors, F=max(shape.flops, 1.0), S=finish,
+                  e=max(shape.itemsize, 4), t_op=c.t_op, t_module=c.t_module, t_autograd=c.t_autograd,
+                  t_stack=c.t_stack, bandwidth=c.bandwidth, t_mm=c.product_time(width, "matmul"),
+                  t_mv=c.product_time(width, "matvec"))
+    for kind in ("forward", "vjp", "jacobian"):
+        values[f"t_{kind}"], values[f"c_{kind}"] = c.op_time(kind), c.flop_time(kind, width)
+    replicated = shape.width * shape.batch <= REPLICATE_MAX_SAMPLES
+    seq, par = _compiled(shape.mode, chunked_scan(shape), shape.backward, shape.direct_grads, replicated)(values)
+    return Prediction(sequential_s=float(seq), parallel_s=float(par), iterations=k_expected, why_iterations=why,
+                      sequential_finish=finish, backward=shape.backward, mode=shape.mode,
+                      device=constants.device)
+
+
+def speedup_at(shape: ChainShape, constants: DeviceConstants, **changes) -> float:
+    """The predicted speed-up with some ``ChainShape`` fields changed (for sanity checks and plots)."""
+    from dataclasses import replace
+
+    return predict(replace(shape, **changes), constants).speedup

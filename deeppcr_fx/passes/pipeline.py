@@ -2,8 +2,12 @@
 
 Each pass is ``pass_(gm, ctx) -> PassResult(graph_module, modified)``; ``ctx`` carries
 the options, the example inputs and what earlier passes learned (shapes, candidates,
-decisions), and collects the ``CompileReport``'s chain records. A failing pass is
-re-raised as ``PassError`` naming the passes that already ran.
+decisions, cost predictions), and collects the ``CompileReport``'s chain records. A failing
+pass is re-raised as ``PassError`` naming the passes that already ran.
+
+Passes: shape propagation, finding chains, validation (typed refusals), ``decide`` (the
+policy: ``"never"`` refuses, ``"auto"`` asks the cost model; ``Context.forced`` overrides
+it per chain), rewriting, recompiling.
 
 The report keeps the graph after each pass (``CompileReport.graphs``): a copy of the
 captured graph, a copy after each pass that modified it, and the emitted graph last.
@@ -25,12 +29,14 @@ import torch.fx as fx
 from ..config import Config
 from ..inspect.report import COEFFICIENT, PER_STEP, REFUSED, REWRITTEN, SHARED, ChainRecord, CompileReport, InputRecord
 from ..runtime import jacobians
-from .cost_model import parallel_depth, predicted_speedup, profitable
+from .calibrate import constants_for
+from .cost_model import MARGIN, Prediction, predict
 from .find_chains import Candidate, find_chains
 from ..runtime.stacked import StackedAttributes
 from .rewrite import covered_modules, rewrite, slots_of
 from .shape_prop import ShapeInfo, info_of, propagate
-from .validate import Refusal, validate
+from .step_profile import profile
+from .validate import Reason, Refusal, validate
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +62,22 @@ class Context:
     shapes: Optional[ShapeInfo] = None
     candidates: list = field(default_factory=list)
     decisions: list = field(default_factory=list)  # (Candidate, Optional[Refusal]) per candidate
+    predictions: dict = field(default_factory=dict)  # candidate index -> cost_model.Prediction
+    # candidate index -> (parallel: bool, why): choices measured by autotuning, applied by ``decide``
+    forced: dict = field(default_factory=dict)
+    backward: bool = False  # whether a backward pass is expected (grad mode on, something requires grad)
 
     @property
     def device_type(self) -> str:
         devices = [x.device.type for x in self.example_inputs if isinstance(x, torch.Tensor)]
         return "cuda" if "cuda" in devices else (devices[0] if devices else "cpu")
+
+    @property
+    def device_index(self) -> Optional[int]:
+        for x in self.example_inputs:
+            if isinstance(x, torch.Tensor) and x.device.type == self.device_type:
+                return x.device.index
+        return None
 
 
 def shape_prop_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
@@ -77,14 +94,52 @@ def find_chains_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
 
 
 def validate_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
-    ctx.decisions = [(c, validate(c, gm, ctx.shapes, ctx.config, ctx.device_type)) for c in ctx.candidates]
+    ctx.decisions = [(c, validate(c, gm, ctx.shapes, ctx.config)) for c in ctx.candidates]
     return PassResult(gm, False)
+
+
+def _expects_backward(gm: fx.GraphModule, ctx: Context) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    tensors = [x for x in ctx.example_inputs if isinstance(x, torch.Tensor)]
+    return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in gm.parameters())
+
+
+def decide_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
+    """The policy: predict every valid chain's cost; "never" refuses, "auto" refuses unprofitable chains;
+    choices in ``ctx.forced`` (autotuning's measurements) override the prediction."""
+    ctx.backward = _expects_backward(gm, ctx)
+    constants = None
+    decisions = []
+    for i, (c, refusal) in enumerate(ctx.decisions):
+        if refusal is None or refusal.reason is Reason.TOO_SHORT:  # too short: the report still shows the estimate
+            shape = profile(c, gm, ctx.config, ctx.device_type, ctx.backward)
+            if shape is not None:
+                constants = constants or constants_for(ctx.device_type, ctx.device_index)
+                ctx.predictions[i] = predict(shape, constants)
+        if refusal is None:
+            refusal = _policy(i, ctx)
+        decisions.append((c, refusal))
+    ctx.decisions = decisions
+    return PassResult(gm, False)
+
+
+def _policy(i: int, ctx: Context) -> Optional[Refusal]:
+    if ctx.config.policy == "never":
+        return Refusal(Reason.POLICY_NEVER)
+    if i in ctx.forced:
+        parallel, why = ctx.forced[i]
+        return None if parallel else Refusal(Reason.NOT_PROFITABLE, why)
+    prediction = ctx.predictions.get(i)
+    if ctx.config.policy == "auto" and (prediction is None or not prediction.profitable()):
+        return Refusal(Reason.NOT_PROFITABLE, prediction.describe() if prediction else "no cost estimate")
+    return None
 
 
 def rewrite_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
     modified, replaced = False, {}
-    for c, refusal in ctx.decisions:
-        record = _record(c, refusal, ctx, gm)
+    for i, (c, refusal) in enumerate(ctx.decisions):
+        record = _record(c, refusal, ctx, gm, ctx.predictions.get(i))
         if refusal is None:
             name = _free_name(gm, "pcr_solve")
             module = rewrite(gm, c, ctx.config, name, replaced)
@@ -104,7 +159,8 @@ def recompile_pass(gm: fx.GraphModule, ctx: Context) -> PassResult:
     return PassResult(gm, False)
 
 
-PIPELINE: tuple[Callable, ...] = (shape_prop_pass, find_chains_pass, validate_pass, rewrite_pass, recompile_pass)
+PIPELINE: tuple[Callable, ...] = (shape_prop_pass, find_chains_pass, validate_pass, decide_pass, rewrite_pass,
+                                  recompile_pass)
 
 
 class _GraphText:
@@ -128,8 +184,13 @@ def _pass_name(p: Callable) -> str:
 
 
 def run_pipeline(gm: fx.GraphModule, ctx: Context, passes=PIPELINE) -> PassResult:
-    ran, modified = [], False
-    history = {"capture": _snapshot(gm, "capture")}
+    """Run ``passes`` over ``gm``; the report keeps the graph after each pass."""
+    return _run_passes(gm, ctx, passes, _snapshot(gm, "capture"))
+
+
+def _run_passes(gm: fx.GraphModule, ctx: Context, passes, capture: fx.GraphModule) -> PassResult:
+    ran = []
+    history = {"capture": capture}
     logger.debug("deeppcr: captured graph (%s):\n%s", ctx.front_end, _GraphText(gm))
     for p in passes:
         try:
@@ -137,7 +198,7 @@ def run_pipeline(gm: fx.GraphModule, ctx: Context, passes=PIPELINE) -> PassResul
         except Exception as exc:
             raise PassError(f"deeppcr pass {p.__name__} failed (after {[r for r in ran]}): "
                             f"{type(exc).__name__}: {exc}") from exc
-        gm, modified = result.graph_module, modified or result.modified
+        gm = result.graph_module
         name = _pass_name(p)
         history[name] = _snapshot(gm, name) if result.modified else history[list(history)[-1]]
         if result.modified:
@@ -145,10 +206,12 @@ def run_pipeline(gm: fx.GraphModule, ctx: Context, passes=PIPELINE) -> PassResul
         ran.append(p.__name__)
     history[list(history)[-1]] = gm  # the emitted graph itself
     ctx.report.graphs = history
-    return PassResult(gm, modified)
+    # modified: some chain of this graph is rewritten (the caller then runs the graph, else the original)
+    return PassResult(gm, any(c.status == REWRITTEN for c in ctx.report.chains if c.graph == ctx.graph_index))
 
 
-def _record(c: Candidate, refusal: Optional[Refusal], ctx: Context, gm: fx.GraphModule) -> ChainRecord:
+def _record(c: Candidate, refusal: Optional[Refusal], ctx: Context, gm: fx.GraphModule,
+            prediction: Optional[Prediction]) -> ChainRecord:
     info = info_of(c.segments[0].state_in)
     shape = info.shape if info is not None and info.is_tensor else None
     width = math.prod(shape[1:] if len(shape) >= 2 else shape) if shape is not None else 0
@@ -164,21 +227,26 @@ def _record(c: Candidate, refusal: Optional[Refusal], ctx: Context, gm: fx.Graph
         inputs=() if slots is None else _inputs(c, slots, gm),
         status=REWRITTEN if refusal is None else REFUSED,
         reason=None if refusal is None else refusal.reason, detail="" if refusal is None else refusal.detail,
-        decision=_decision(c, refusal, ctx), cost=_cost(c, ctx))
+        decision=_decision(len(ctx.report.chains), refusal, ctx, prediction), cost=_cost(ctx, prediction))
 
 
-def _decision(c: Candidate, refusal: Optional[Refusal], ctx: Context) -> str:
+def _decision(i: int, refusal: Optional[Refusal], ctx: Context, prediction: Optional[Prediction]) -> str:
     if refusal is not None:
         return f"kept sequential: {refusal}"
-    if ctx.config.policy == "auto":
-        return f"rewritten (policy='auto'): {profitable(c.length, ctx.device_type)[1]}"
-    return f"rewritten (policy='{ctx.config.policy}'): every valid chain of >= min_length={ctx.config.min_length} steps"
+    policy = ctx.config.policy
+    if i in ctx.forced:
+        return f"rewritten (policy='{policy}', autotune): {ctx.forced[i][1]}"
+    if policy == "auto" and prediction is not None:
+        return f"rewritten (policy='auto'): {prediction.describe()}"
+    return f"rewritten (policy='{policy}'): every valid chain of >= min_length={ctx.config.min_length} steps"
 
 
-def _cost(c: Candidate, ctx: Context) -> dict:
-    """The cost model's estimate (``passes/cost_model.py``); nothing is measured yet (no autotuning)."""
-    return {"device": ctx.device_type, "sequential_depth": c.length, "parallel_depth": parallel_depth(c.length),
-            "predicted_speedup": round(predicted_speedup(c.length, ctx.device_type), 3), "measured": None}
+def _cost(ctx: Context, prediction: Optional[Prediction]) -> dict:
+    """The cost model's estimate (``passes/cost_model.py``) and, after autotuning, the measured times."""
+    cost = {"device": ctx.device_type, "margin": MARGIN, "measured": None}
+    if prediction is not None:
+        cost.update(prediction.to_dict())
+    return cost
 
 
 def _source(n: fx.Node, gm: fx.GraphModule) -> str:

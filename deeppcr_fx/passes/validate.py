@@ -6,7 +6,8 @@ Checks, in order: segment shapes, data-dependent opaque modules, known shapes, s
 type, values escaping the chain, opaque modules, in-place mutation, randomness and
 data-dependent reads inside the state-dependent core, stackable per-step inputs, the
 one-step template run on meta values (and differentiated: Newton needs its Jacobian),
-length (``min_length``), then the policy (``cost_model`` for ``"auto"``).
+then length (``min_length``). The policy (``"never"``, the cost model for ``"auto"``,
+autotuning) is applied afterwards by the pipeline's ``decide`` pass.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..config import Config
-from .cost_model import profitable
 from .find_chains import Candidate
 from .shape_prop import ShapeInfo, info_of
 
@@ -73,8 +73,9 @@ _REMEDIES = {
                                "_transformer_encoder_layer_fwd); Newton needs the step's Jacobian. Call the model "
                                "with gradients enabled or disable the fast path.",
     Reason.POLICY_NEVER: "policy='never' only reports; use policy='always' or 'auto' to rewrite.",
-    Reason.NOT_PROFITABLE: "policy='auto' predicts no speed-up here (CPU inputs, or a chain too short for "
-                           "parallel depth to pay: see passes/cost_model.py); use policy='always' to rewrite anyway.",
+    Reason.NOT_PROFITABLE: "policy='auto' predicts no speed-up of at least the margin here, or autotuning measured "
+                           "the sequential chain faster (the cost line shows both; see passes/cost_model.py); use "
+                           "policy='always' without autotune to rewrite anyway.",
     Reason.TRACE_FAILED: "the model's forward could not be traced by this front end; the original model runs. "
                          "Try torch.compile(model, backend='deeppcr') or make forward traceable.",
     Reason.GRAPH_BREAK: "TorchDynamo split the model into several graphs; chains that cross a graph break "
@@ -167,8 +168,7 @@ def _template_check(c: Candidate) -> Optional[Refusal]:
     return None
 
 
-def validate(c: Candidate, gm: fx.GraphModule, shapes: ShapeInfo, config: Config,
-             device_type: str = "cpu") -> Optional[Refusal]:
+def validate(c: Candidate, gm: fx.GraphModule, shapes: ShapeInfo, config: Config) -> Optional[Refusal]:
     first = c.segments[0]
     if c.shapes_differ:
         shapes_seen = sorted({str(info_of(s.state_out).describe()) if info_of(s.state_out) else "?"
@@ -211,10 +211,4 @@ def validate(c: Candidate, gm: fx.GraphModule, shapes: ShapeInfo, config: Config
         return broken
     if c.length < config.min_length:
         return Refusal(Reason.TOO_SHORT, f"L={c.length} < min_length={config.min_length}")
-    if config.policy == "never":
-        return Refusal(Reason.POLICY_NEVER)
-    if config.policy == "auto":
-        ok, why = profitable(c.length, device_type)
-        if not ok:
-            return Refusal(Reason.NOT_PROFITABLE, why)
     return None
