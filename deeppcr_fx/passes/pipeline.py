@@ -6,8 +6,8 @@ decisions, cost predictions), and collects the ``CompileReport``'s chain records
 pass is re-raised as ``PassError`` naming the passes that already ran.
 
 Passes: shape propagation, finding chains, validation (typed refusals), ``decide`` (the
-policy: ``"never"`` refuses, ``"auto"`` asks the cost model; ``Context.forced`` overrides
-it per chain), rewriting, recompiling.
+policy: ``"never"`` refuses, ``"auto"`` asks the cost model, ``Context.forced`` carries
+autotuning's measured choices), rewriting, recompiling.
 
 The report keeps the graph after each pass (``CompileReport.graphs``): a copy of the
 captured graph, a copy after each pass that modified it, and the emitted graph last.
@@ -16,6 +16,7 @@ Graphs are formatted only when DEBUG logging is on (``_GraphText``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import operator
@@ -29,6 +30,7 @@ import torch.fx as fx
 from ..config import Config
 from ..inspect.report import COEFFICIENT, PER_STEP, REFUSED, REWRITTEN, SHARED, ChainRecord, CompileReport, InputRecord
 from ..runtime import jacobians
+from .autotune import autotune
 from .calibrate import constants_for
 from .cost_model import MARGIN, Prediction, predict
 from .find_chains import Candidate, find_chains
@@ -184,8 +186,26 @@ def _pass_name(p: Callable) -> str:
 
 
 def run_pipeline(gm: fx.GraphModule, ctx: Context, passes=PIPELINE) -> PassResult:
-    """Run ``passes`` over ``gm``; the report keeps the graph after each pass."""
-    return _run_passes(gm, ctx, passes, _snapshot(gm, "capture"))
+    """Run ``passes`` over ``gm``; with ``Config.autotune``, then time the chains' variants on the real
+    inputs and keep the faster (``passes/autotune.py``), re-running the passes on a copy of the
+    captured graph when that changes a decision."""
+    class_name = type(gm).__name__
+    capture = _snapshot(gm, "capture")
+    result = _run_passes(gm, ctx, passes, capture)
+    if not ctx.config.autotune:
+        return result
+
+    def build(forced: dict) -> "tuple[PassResult, Context]":
+        again = dataclasses.replace(ctx, report=dataclasses.replace(ctx.report, chains=[], graphs={}, notes=[]),
+                                    shapes=None, candidates=[], decisions=[], predictions={}, forced=forced)
+        return _run_passes(_snapshot(capture, class_name), again, passes, capture), again
+
+    chosen, chosen_ctx = autotune(result, ctx, capture, build)
+    if chosen_ctx is not ctx:
+        ctx.report.chains, ctx.report.graphs = chosen_ctx.report.chains, chosen_ctx.report.graphs
+        ctx.report.notes.extend(chosen_ctx.report.notes)
+        ctx.decisions, ctx.predictions, ctx.forced = chosen_ctx.decisions, chosen_ctx.predictions, chosen_ctx.forced
+    return chosen
 
 
 def _run_passes(gm: fx.GraphModule, ctx: Context, passes, capture: fx.GraphModule) -> PassResult:
