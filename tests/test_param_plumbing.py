@@ -211,3 +211,12 @@ def test_gradients_kept_from_an_earlier_step_never_change():
     model.zero_grad(set_to_none=True)
     compiled(x).sum().backward()
     assert weight.grad.data_ptr() == ptr  # the views were reused
+
+
+def test_tensors_replaced_on_every_call_fall_back_to_stacking():
+    model, compiled, x = _setup()
+    for i in range(6):
+        model.layers[0].weight.data = torch.randn(3, 3, dtype=torch.float64)  # a new tensor each call
+        torch.testing.assert_close(compiled(x), model(x))
+    assert {m.mode for m in _stacks(compiled)} == {"stack", "flat"}  # weights stack per call; biases stay flat
+    _assert_grads_equal(_grads(model, compiled, x), _grads(model, model, x))

@@ -76,7 +76,8 @@ class StackedAttributes(torch.nn.Module):
         self.targets = tuple(targets)
         self.flat = flat
         self.direct_grads = direct_grads
-        self._reflattens = 0
+        self._flattened = False
+        self._reflattens = 0  # consecutive calls that found the tensors changed and flattened again
         self.mode = "stack"  # how the last call stacked: "flat" or "stack" (for tests and the report)
 
     def forward(self) -> torch.Tensor:
@@ -120,7 +121,9 @@ class StackedAttributes(torch.nn.Module):
         if torch.is_inference_mode_enabled() or not all(map(_IS_LEAF, tensors)) \
                 or len({(t.shape, t.dtype, t.device) for t in tensors}) != 1:
             return None
-        self._reflattens += group is not None or self._reflattens > 0
+        if self._flattened:  # flattened before, and the tensors have changed since
+            self._reflattens += 1
+        self._flattened = True
         group = _FlatGroup(tensors)
         if id(tensors[0]) not in _GROUPS:
             weakref.finalize(tensors[0], _GROUPS.pop, id(tensors[0]), None)
