@@ -18,8 +18,8 @@
   sampler's ``a_t z + b_t eps(z)``); such chains are not contractive and need many Newton
   iterations,
 - the Jacobian mode, the iteration cap, the dtype's size, the device type, whether a backward
-  pass is expected, and how per-step Parameters reach the solve (``Config.flat_params`` /
-  ``Config.direct_grads``, read with defaults so older configs work).
+  pass is expected, and whether parameter gradients bypass autograd's per-Parameter leaves
+  (``Config.direct_grads``, read with a default so configs without the field work).
 """
 from __future__ import annotations
 
@@ -62,7 +62,6 @@ class ChainShape:
     itemsize: int
     device_type: str
     backward: bool
-    flat_params: bool = True
     direct_grads: bool = True
 
     def to_dict(self) -> dict:
@@ -152,6 +151,4 @@ def profile(c: Candidate, gm: fx.GraphModule, config: Config, device_type: str, 
         mode=jacobians.choose_mode(config.jacobian, int(width), config.full_max_state),
         iteration_cap=config.iteration_cap(c.length),
         itemsize=torch.empty((), dtype=info.dtype, device="meta").element_size(),
-        device_type=device_type, backward=backward,
-        flat_params=bool(getattr(config, "flat_params", False)),
-        direct_grads=bool(getattr(config, "direct_grads", False)))
+        device_type=device_type, backward=backward, direct_grads=bool(getattr(config, "direct_grads", False)))
