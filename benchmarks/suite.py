@@ -106,7 +106,7 @@ class Case:
 CPU_THREADS = 1
 SAMPLE_S, MAX_REPEATS = 1.5, 60
 INPUTS = 8  # distinct inputs cycled through the timed calls (a warm start never sees its own input)
-SLOW_S = 2.0  # a variant whose warm-up call takes longer than this is timed by that call alone
+SLOW_S = 2.0  # a variant whose warm-up call takes longer than this is timed by that call alone (its first solve)
 
 
 def _sync(device: str) -> None:
@@ -148,41 +148,43 @@ def _time_mode(case: Case, variants: Dict[str, Callable], mode: str, device: str
     xs = [torch.randn_like(case.x) for _ in range(INPUTS)]
     calls = [0]
 
-    def run(fn) -> float:
-        x = xs[calls[0] % INPUTS]
-        calls[0] += 1
+    def run(fn, x=None, seed=None):
+        """Time one call on the next input (or ``x``); returns (seconds, output)."""
+        if x is None:
+            x = xs[calls[0] % INPUTS]
+            calls[0] += 1
+        if seed is not None:
+            torch.manual_seed(seed)  # the same noise for every variant (a DDPM sampler draws some)
         if mode == "train":
             model.zero_grad(set_to_none=True)  # untimed, as an optimizer's zero_grad() is
             _sync(device)
             t0 = time.perf_counter()
-            fn(x).sum().backward()
+            out = fn(x)
+            out.sum().backward()
         else:
             _sync(device)
             t0 = time.perf_counter()
             with torch.no_grad():
-                fn(x)
+                out = fn(x)
         _sync(device)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, out.detach()
 
-    errors = {}
-    with torch.no_grad():
-        x = xs[-1]
-        ref = model(x)
-        for name, fn in variants.items():
-            if name != "eager":
-                errors[name] = float((fn(x) - ref).abs().max())
     with torch.set_grad_enabled(mode == "train"):
         for fn in variants.values():  # compile untimed: each grad mode is its own specialisation
             if hasattr(fn, "specialise"):  # a deeppcr CompiledModule
                 fn.specialise((xs[0],))
-    first = {name: run(fn) for name, fn in variants.items()}  # warm up (graph captures, caches)
+    # warm up (graph captures, caches) on one input and seed, which also gives each variant's error
+    first, outputs = {}, {}
+    for name, fn in variants.items():
+        first[name], outputs[name] = run(fn, xs[-1], seed=0)
+    errors = {name: float((out - outputs["eager"]).abs().max()) for name, out in outputs.items()}
     times: Dict[str, List[float]] = {name: [t] if t > SLOW_S else [] for name, t in first.items()}
     # cheap rows get more samples (about SAMPLE_S of eager time each): their medians are the noisiest
     repeats = max(repeats, min(MAX_REPEATS, math.ceil(SAMPLE_S / max(first["eager"], 1e-4))))
     for _ in range(repeats):
         for name, fn in variants.items():
             if first[name] <= SLOW_S:
-                times[name].append(run(fn))
+                times[name].append(run(fn)[0])
     med = {name: statistics.median(ts) for name, ts in times.items()}
     row = dict(suite=case.suite, case=case.name, **case.params, mode=mode, device=device,
                eager_ms=1e3 * med["eager"])

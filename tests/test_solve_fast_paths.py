@@ -146,3 +146,10 @@ def test_inputs_with_the_batch_dimension_skip_replication(capsys):
         z = step(z, *(p[l] for p in (*chain.per_step, noise)), *chain.shared)
     torch.testing.assert_close(res.states[-1], z)
     assert capsys.readouterr().err == ""
+
+
+def test_auto_mode_keeps_full_jacobians_within_a_memory_bound():
+    assert jacobians.choose_mode("auto", 4, 64, rows=4096) == "full"
+    assert jacobians.choose_mode("auto", 64, 64, rows=1000 * 64) == "identity"  # 262M Jacobian elements
+    assert jacobians.choose_mode("auto", 64, 64) == "full"  # no row count: the width alone decides
+    assert jacobians.choose_mode("full", 64, 64, rows=1000 * 64) == "full"  # an explicit mode is kept

@@ -235,7 +235,8 @@ def _record(c: Candidate, refusal: Optional[Refusal], ctx: Context, gm: fx.Graph
     info = info_of(c.segments[0].state_in)
     shape = info.shape if info is not None and info.is_tensor else None
     width = math.prod(shape[1:] if len(shape) >= 2 else shape) if shape is not None else 0
-    mode = jacobians.choose_mode(ctx.config.jacobian, width, ctx.config.full_max_state)
+    batch = shape[0] if shape is not None and len(shape) >= 2 else 1
+    mode = jacobians.choose_mode(ctx.config.jacobian, width, ctx.config.full_max_state, c.length * batch)
     slots = slots_of(c) if not c.shapes_differ else None
     return ChainRecord(
         index=len(ctx.report.chains), front_end=ctx.front_end, graph=ctx.graph_index,

@@ -148,7 +148,7 @@ def profile(c: Candidate, gm: fx.GraphModule, config: Config, device_type: str, 
         flops=float(sum(node_flops(n) for n in seg.nodes)),
         per_step_tensors=per_step, grad_tensors=int(grads),
         residual=sum(u in members for u in seg.state_in.users) >= 2,
-        mode=jacobians.choose_mode(config.jacobian, int(width), config.full_max_state),
+        mode=jacobians.choose_mode(config.jacobian, int(width), config.full_max_state, c.length * int(batch)),
         iteration_cap=config.iteration_cap(c.length),
         itemsize=torch.empty((), dtype=info.dtype, device="meta").element_size(),
         device_type=device_type, backward=backward, direct_grads=bool(getattr(config, "direct_grads", False)))

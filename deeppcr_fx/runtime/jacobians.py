@@ -46,10 +46,13 @@ MODES_WITH_MATRIX = ("full", "diag")
 # Replicate the batch (see above) when n * B is at most this: measured faster at n * B = 4, 16, 64
 # (B = 1 and 16) and slower at n * B = 256 (n = 16, B = 16: 30 ms vs 21 ms).
 REPLICATE_MAX_SAMPLES = 128
+# jacobian="auto" uses full Jacobians only while all of them together have at most this many elements
+FULL_MAX_ELEMENTS = 1 << 26
 
 
-def choose_mode(requested: str, width: int, full_max_state: int) -> str:
-    """Resolve ``jacobian="auto"``: ``full`` up to ``full_max_state`` (64) elements per sample, else ``identity``.
+def choose_mode(requested: str, width: int, full_max_state: int, rows: Optional[int] = None) -> str:
+    """Resolve ``jacobian="auto"``: ``full`` up to ``full_max_state`` (64) elements per sample, and
+    up to ``FULL_MAX_ELEMENTS`` Jacobian elements for all ``rows`` (L * B) together; else ``identity``.
 
     The numbers behind it (``benchmarks/jacobian_modes.py``, L=256, B=4, one CPU thread,
     results in ``benchmarks/results/jacobian_modes_*_cpu.csv``):
@@ -65,9 +68,15 @@ def choose_mode(requested: str, width: int, full_max_state: int) -> str:
       converges quickly where chains are near the identity (residual blocks with small
       updates, diffusion samplers); elsewhere the solve finishes sequentially within
       ``max_iter`` (exact) and the compiler's cost model keeps such chains sequential.
+
+    The memory bound: a 1000-step sampler with a 64-dim latent and 64 samples would hold
+    1000 * 64 * 64^2 = 262M Jacobian elements (1 GB in float32, and the scan copies it); it
+    took 190 s per call in ``full`` mode on this project's CPU.
     """
     if requested != "auto":
         return requested
+    if rows is not None and rows * width * width > FULL_MAX_ELEMENTS:
+        return "identity"
     return "full" if width <= full_max_state else "identity"
 
 

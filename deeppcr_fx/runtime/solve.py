@@ -71,7 +71,7 @@ def solve(step: Callable, x0, per_step: Sequence[torch.Tensor] = (), shared: Seq
     with torch.no_grad():
         spec.check_step_output(steps.step(x0, *(p[0] for p in per_step), *shared_tensors))
 
-    mode = jacobians.choose_mode(config.jacobian, spec.width, config.full_max_state)
+    mode = jacobians.choose_mode(config.jacobian, spec.width, config.full_max_state, length * spec.batch_size)
     dtype = spec.dtypes[0]
     stats = SolveStats(length=length, width=spec.width, batch_size=spec.batch_size,
                        jacobian_requested=config.jacobian, jacobian=mode, dtype=str(dtype).replace("torch.", ""),
