@@ -74,8 +74,9 @@ Checked on this project's shared 2-core CPU (one thread; eager vs ``policy="alwa
 In one pass over the paper and resnet grids (L 64-4096, w 2-64, B 1 and 16) every chain
 predicted at >= 1.3x measured >= 1.6x; in other processes (other calibrations) the least
 favourable case, tanh MLP 1024, 2, 16 train, was predicted at up to 1.9x and measured
-1.3-1.4x. With two threads on this machine the batched primitives calibrate 5-10x slower
-(the other core is busy) and "auto" keeps every chain sequential.
+1.3-1.4x. The calibration follows the machine's state when the model is compiled: with two
+threads while the other core was busy, the batched primitives measured 5-10x slower (so did
+the solves) and "auto" kept every chain sequential.
 
 ``Config.autotune`` replaces the prediction by a measurement on the real inputs
 (``passes/autotune.py``); the report shows both.
