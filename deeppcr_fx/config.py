@@ -74,7 +74,8 @@ class Config:
     --------
     policy:
         ``"always"`` rewrites every valid chain, ``"never"`` only traces and reports,
-        ``"auto"`` rewrites where the cost model predicts a speed-up.
+        ``"auto"`` rewrites where the calibrated cost model (``passes/cost_model.py``)
+        predicts a speed-up of at least 1.3x.
     min_length:
         Chains shorter than this stay sequential.
     flat_params:
@@ -92,8 +93,14 @@ class Config:
         module), ``"record"`` (one concrete run recorded op by op: unrolled loops, scheduler Python
         resolved), ``"dynamo"`` (a full-graph TorchDynamo capture) or ``"auto"`` (symbolic, then record).
     autotune:
-        Time sequential and parallel variants of each chain on the first call per input
-        signature and keep the faster.
+        On the first call per input signature, time each chain's sequential and parallel
+        variants on the real inputs and keep the faster. Each timing is of the whole model:
+        forward + backward when gradients are enabled and something requires grad, else
+        forward; a warm-up, then 3 alternating runs. The report shows both times
+        (``ChainRecord.cost["measured"]``). Under ``policy="auto"`` it also times chains the
+        cost model refused but predicted at >= 0.5x; under ``"always"`` it may revert chains to
+        sequential; ``"never"`` tunes nothing. Results, RNG state, ``.grad`` and buffers are
+        unchanged. Not available with ``front_end="dynamo"``. See ``deeppcr_fx.passes.autotune``.
     """
 
     # solver

@@ -88,8 +88,7 @@ def _solves(gm: Optional[fx.GraphModule]) -> list:
 def _cold(gm: fx.GraphModule) -> None:
     """Forget the solves' warm starts so each timed run solves from scratch."""
     for m in _solves(gm):
-        if getattr(m, "_guess", None) is not None:
-            m._guess = None
+        m.reset_warm_start()
 
 
 @contextmanager

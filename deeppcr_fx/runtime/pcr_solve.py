@@ -62,6 +62,10 @@ class PCRSolve(torch.nn.Module):
         self.last_stats = None
         self.history.clear()
 
+    def reset_warm_start(self) -> None:
+        """Forget the previous solution: the next solve starts cold (from the input repeated)."""
+        self._guess = None
+
     @property
     def mode(self) -> str:
         """The Jacobian mode of the last solve, or the planned (else requested) one before the first call."""
