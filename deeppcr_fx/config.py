@@ -65,7 +65,8 @@ class Config:
         dtype and device) instead of from the input repeated. Valid for any input (Newton
         checks every step's residual, so a poor guess costs iterations, never accuracy);
         it pays where consecutive calls have similar trajectories (training steps,
-        contractive chains that forget their input).
+        contractive chains that forget their input). The previous solution (L * B * n
+        elements per chain) stays in memory between calls, up to 2^25 elements.
     progress:
         Show a progress bar (tqdm, ``pip install 'deeppcr_fx[progress]'``) for each compiled
         chain's solve: steps final out of L, Newton iterations, worst residual. Off by default.
@@ -86,8 +87,8 @@ class Config:
         In ``loss.backward()``, write a chain's stacked parameter gradient straight into the
         Parameters' ``.grad`` instead of through one autograd leaf per Parameter (about 6 us
         each). The Parameters are then not nodes of the autograd graph: set ``False`` to use
-        ``torch.autograd.grad(loss, params)`` or ``backward(inputs=params)`` on them.
-        See ``deeppcr_fx.runtime.direct_grads``.
+        ``torch.autograd.grad(loss, params)`` or ``backward(inputs=params)`` on them. Needs
+        ``flat_params``. See ``deeppcr_fx.runtime.direct_grads``.
     front_end:
         How ``deeppcr.compile`` captures the model: ``"symbolic"`` (torch.fx tracing that inlines every
         module), ``"record"`` (one concrete run recorded op by op: unrolled loops, scheduler Python

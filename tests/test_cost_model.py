@@ -158,3 +158,16 @@ def test_report_with_prediction_round_trips_through_json():
     back = deeppcr.CompileReport.from_dict(data)
     assert back == report and str(back) == str(report)
     assert all(c.cost["parallel_ms"] > 0 for c in back.chains)
+
+
+def test_profile_follows_the_runtimes_fast_paths(monkeypatch):
+    shapes = []
+    real = pipeline.predict
+    monkeypatch.setattr(pipeline, "predict", lambda shape, constants: shapes.append(shape) or real(shape, constants))
+    torch.manual_seed(0)
+    model, inputs, _ = ZOO["mlp"]()  # B = 3, w = 8: a replicated batch of 24, trained Parameters
+    deeppcr.explain(model, inputs)
+    deeppcr.explain(model, inputs, flat_params=False)  # autograd stacks the Parameters: one leaf each
+    model, inputs, _ = ZOO["conditioning"]()  # every step reads a (B, c) input: no replicated batch
+    deeppcr.explain(model, inputs)
+    assert [(s.replicated, s.direct_grads) for s in shapes] == [(True, True), (True, False), (False, True)]

@@ -220,3 +220,54 @@ def test_tensors_replaced_on_every_call_fall_back_to_stacking():
         torch.testing.assert_close(compiled(x), model(x))
     assert {m.mode for m in _stacks(compiled)} == {"stack", "flat"}  # weights stack per call; biases stay flat
     _assert_grads_equal(_grads(model, compiled, x), _grads(model, model, x))
+
+
+def test_gradient_kept_alone_from_an_earlier_step_never_changes():
+    model, compiled, x = _setup()
+    compiled(x).sum().backward()
+    kept = model.layers[1].weight.grad  # the tensor itself, no slice of it
+    values = kept.clone()
+    model.zero_grad(set_to_none=True)
+    (5 * compiled(torch.randn_like(x))).sum().backward()
+    torch.testing.assert_close(kept, values, rtol=0, atol=0)
+
+
+class Tied(nn.Module):
+    """Layers A, B, A, B, ... (tied weights) and a ModuleList applied twice."""
+
+    def __init__(self, twice: bool):
+        super().__init__()
+        self.twice = twice
+        self.layers = nn.ModuleList(nn.Linear(3, 3) for _ in range(2 if not twice else 6))
+
+    def forward(self, x):
+        order = [self.layers[i % 2] for i in range(12)] if not self.twice else list(self.layers) * 2
+        for layer in order:
+            x = torch.tanh(layer(x))
+        return x
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_parameters_tied_into_several_steps_get_summed_gradients(twice):
+    torch.manual_seed(0)
+    model = Tied(twice).double()
+    compiled = deeppcr.compile(model, policy="always")
+    x = torch.randn(2, 3, dtype=torch.float64)
+    _assert_grads_equal(_grads(model, compiled, x), _grads(model, model, x))
+    assert compiled.report.rewritten
+    with torch.no_grad():
+        model.layers[0].weight.mul_(1.5)  # seen by the next call
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_frozen_chain_under_grad_mode_keeps_the_values_it_solved_with():
+    model, compiled, x = _setup()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = x.requires_grad_()
+    out = compiled(x)
+    (ref,) = torch.autograd.grad(model(x).sum(), x)
+    with torch.no_grad():
+        model.layers[0].weight.add_(1.0)  # after the forward pass: must not change this backward
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(gx, ref)

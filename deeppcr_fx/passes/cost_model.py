@@ -24,7 +24,8 @@ Parallel (``PCRSolve``), with N = L·B rows·samples, state bytes SB = N·n·e, 
 JB = N·n²·e (e bytes per element), k Newton iterations, S steps finished sequentially::
 
     setup       launches SOLVE_OPS + q, stacked L·P
-    Jacobian    n·B <= 128 (one forward and backward on a batch of n·B copies of each sample):
+    Jacobian    replicated (n·B <= 128, a batched state and no input with the batch dimension, as the
+                runtime requires; one forward and backward on a batch of n·B copies of each sample):
                   forward_ops q, forward_flops L·F, vjp_ops q, vjp_flops n·L·F, bytes 4·JB
                 else (n vjps): jacobian_ops q, jacobian_flops L·F, bytes 3·JB
     iteration   full/diag: the Jacobian; identity/zero: forward_ops q, forward_flops L·F;
@@ -99,7 +100,6 @@ SOLVE_OPS = 100  # small ops and Python steps of one solve besides its iteration
 NEWTON_OPS = 60  # small ops and Python steps of one Newton iteration besides the step and the scan
 BACKWARD_OPS = 60  # small ops and Python steps of one backward pass besides its products
 CHUNKED_MIN_LENGTH = 128  # the CPU scan is chunked from this length on (runtime/scan.default_chunk)
-REPLICATE_MAX_SAMPLES = 128  # Jacobians from a replicated batch up to n·B samples (runtime/jacobians)
 
 L, B, n, k, q, m, P, G, F, S, e = sympy.symbols("L B n k q m P G F S e", positive=True)
 SYMBOLS = {s.name: s for s in (L, B, n, k, q, m, P, G, F, S, e)}
@@ -281,8 +281,7 @@ def predict(shape: ChainShape, constants: DeviceConstants, iterations: Optional[
                   t_mv=c.product_time(width, "matvec"))
     for kind in ("forward", "vjp", "jacobian"):
         values[f"t_{kind}"], values[f"c_{kind}"] = c.op_time(kind), c.flop_time(kind, width)
-    replicated = shape.width * shape.batch <= REPLICATE_MAX_SAMPLES
-    seq, par = _compiled(shape.mode, chunked_scan(shape), shape.backward, shape.direct_grads, replicated)(values)
+    seq, par = _compiled(shape.mode, chunked_scan(shape), shape.backward, shape.direct_grads, shape.replicated)(values)
     return Prediction(sequential_s=float(seq), parallel_s=float(par), iterations=k_expected, why_iterations=why,
                       sequential_finish=finish, backward=shape.backward, mode=shape.mode,
                       device=constants.device)

@@ -142,7 +142,7 @@ def rewrite(gm: fx.GraphModule, c: Candidate, config: Config, name: str, replace
         old.replace_all_uses_with(new, delete_user_cb=lambda u: u not in members)
     for n in reversed(c.nodes):
         graph.erase_node(n)
-    for n in [n for x in slots.per_step_ext for n in (s.externals[x] for s in segs)]:
+    for n in dict.fromkeys(n for x in slots.per_step_ext for n in (s.externals[x] for s in segs)):  # tied: once
         if n.op == "get_attr" and not n.users and n.graph is graph:
             graph.erase_node(n)  # read by the StackedAttributes module now
     graph.lint()

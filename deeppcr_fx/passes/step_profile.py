@@ -62,7 +62,8 @@ class ChainShape:
     itemsize: int
     device_type: str
     backward: bool
-    direct_grads: bool = True
+    direct_grads: bool = True  # the runtime writes the Parameters' .grad directly (runtime/direct_grads.py)
+    replicated: bool = True  # Jacobians come from a replicated batch (runtime/jacobians.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,6 +117,21 @@ def _module_paths(nodes: list) -> set:
     return {path for n in nodes for path, _ in (n.meta.get("nn_module_stack") or {}).values() if path}
 
 
+def _is_parameter(n: fx.Node, gm: fx.GraphModule) -> bool:
+    if n.op != "get_attr":
+        return False
+    try:
+        gm.get_parameter(n.target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _leading(n: fx.Node) -> Optional[int]:
+    info = info_of(n) if isinstance(n, fx.Node) else None
+    return info.shape[0] if info is not None and info.is_tensor and len(info.shape) >= 1 else None
+
+
 def _is_grad_parameter(n: fx.Node, gm: fx.GraphModule) -> bool:
     if n.op != "get_attr":
         return False
@@ -141,6 +157,13 @@ def profile(c: Candidate, gm: fx.GraphModule, config: Config, device_type: str, 
     slots = slots_of(c)
     per_step = len(slots.per_step_ext) + len(slots.per_step_float)
     grads = sum(_is_grad_parameter(seg.externals[i], gm) for i in slots.per_step_ext)
+    params = sum(_is_parameter(seg.externals[i], gm) for i in slots.per_step_ext)
+    # the runtime's own conditions (Steps.replicated, StackedAttributes): no input carries the batch
+    # dimension, and every stacked Parameter is trained (else autograd stacks them, one leaf each)
+    externals = [seg.externals[i] for i in (*slots.per_step_ext, *slots.shared_ext)]
+    batch_sized = any(_leading(x) == batch > 1 for x in externals)
+    replicated = batched and not batch_sized and width * batch <= jacobians.REPLICATE_MAX_SAMPLES
+    direct = bool(getattr(config, "direct_grads", False) and getattr(config, "flat_params", False)) and grads == params
     return ChainShape(
         length=c.length, batch=int(batch), width=int(max(width, 1)),
         ops=max(1, sum(_dispatches(n) for n in seg.nodes)),
@@ -151,4 +174,4 @@ def profile(c: Candidate, gm: fx.GraphModule, config: Config, device_type: str, 
         mode=jacobians.choose_mode(config.jacobian, int(width), config.full_max_state, c.length * int(batch)),
         iteration_cap=config.iteration_cap(c.length),
         itemsize=torch.empty((), dtype=info.dtype, device="meta").element_size(),
-        device_type=device_type, backward=backward, direct_grads=bool(getattr(config, "direct_grads", False)))
+        device_type=device_type, backward=backward, direct_grads=direct, replicated=replicated)

@@ -36,7 +36,7 @@ from .steps import Steps
 
 def adjoint(steps: Steps, Zprev: torch.Tensor, G: torch.Tensor, wrt: Sequence[int],
             mode: str, atol: float, rtol: float, max_iter: int, stats: PassStats,
-            replicated: Optional[Steps] = None) -> tuple:
+            replicated: Optional[Steps] = None, replicate_quietly: bool = True) -> tuple:
     """Gradients w.r.t. ``Zprev`` and the inputs ``steps.inputs[i] for i in wrt``, given ``G`` (L, B, n).
 
     ``replicated``: the steps on a replicated batch, to form full Jacobians by
@@ -66,7 +66,7 @@ def adjoint(steps: Steps, Zprev: torch.Tensor, G: torch.Tensor, wrt: Sequence[in
     _, pullback = vjp(g, Zprev, *(inputs[i] for i in wrt))
     if mode != "full":
         return pullback(_iterate(steps, state_pullback, Zprev, G, mode, atol, rtol, max_iter, stats))
-    J = _full_jacobian(state_pullback, Zprev, replicated)
+    J = _full_jacobian(state_pullback, Zprev, replicated, replicate_quietly)
     a = affine_scan(J, G, "full", transpose=True)
     stats.iterations = 1
     grads = pullback(a)
@@ -88,9 +88,9 @@ def _adjoint_residual_ok(a: torch.Tensor, G: torch.Tensor, products: torch.Tenso
     return bool(((a[:-1] - rhs).abs() <= atol + rtol * scale).all())
 
 
-def _full_jacobian(state_pullback, Zprev: torch.Tensor, replicated: Optional[Steps]) -> torch.Tensor:
+def _full_jacobian(state_pullback, Zprev: torch.Tensor, replicated: Optional[Steps], quietly: bool) -> torch.Tensor:
     if replicated is not None:
-        J, _ = jacobians.try_replicated(replicated.batched(0, Zprev.shape[0]), Zprev, "full")
+        J, _ = jacobians.try_replicated(replicated.batched(0, Zprev.shape[0]), Zprev, "full", quietly)
         if J is not None:
             return J
     return jacobians.jacobian_from_pullback(state_pullback, Zprev, "full")

@@ -12,8 +12,9 @@ private *anchor* leaf: its backward receives the stacked gradient G (L, ...) and
   pass (autograd's own "modified by an inplace operation" check, which a leaf-free graph
   would otherwise lose).
 
-This is only used when it is indistinguishable from autograd's own accumulation: every
-tensor is a leaf that requires grad and has no tensor hooks (``register_hook``,
+This is only used where it does what autograd's own accumulation would: every tensor is a
+distinct leaf (a Parameter tied into several steps needs its gradients summed: autograd
+does that) that requires grad and has no tensor hooks (``register_hook``,
 ``register_post_accumulate_grad_hook``). The one thing it changes: the Parameters are not
 nodes of the graph, so ``torch.autograd.grad(loss, params)`` and ``loss.backward(inputs=params)``
 report them as unused (an error; ``None`` with ``allow_unused=True``). Use
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import sys
 from typing import Optional
 
 import torch
@@ -40,7 +42,7 @@ def supports_direct_grads(tensors: list, requires_grad: Optional[list] = None) -
     """Whether writing ``.grad`` directly is exactly what autograd would do for these tensors
     (``requires_grad``: their flags, if the caller has them)."""
     flags = list(map(_REQUIRES_GRAD, tensors)) if requires_grad is None else requires_grad
-    return (all(flags) and all(map(_IS_LEAF, tensors))
+    return (all(flags) and all(map(_IS_LEAF, tensors)) and len(set(map(id, tensors))) == len(tensors)
             and not any(map(_HOOKS, tensors)) and not any(map(_POST_HOOKS, tensors)))
 
 
@@ -49,23 +51,31 @@ class GradBuffer:
 
     Making L views costs about 2 us each (8 ms at L = 4096), so the views are kept and reused:
     a later backward copies its gradient into the same buffer, but only when nothing outside
-    holds the buffer any more (every ``.grad`` was set to None and no other tensor shares its
-    storage), so no gradient a user kept from an earlier step can change under them."""
+    holds it any more: no view object is referenced from anywhere else (every ``.grad`` was set
+    to None, no ``g = p.grad`` kept) and no other tensor shares its storage (no slice of a
+    gradient kept), so no gradient a user kept from an earlier step can change under them."""
 
     def __init__(self) -> None:
         self.buffer: Optional[torch.Tensor] = None
         self.views: tuple = ()
+        self._free_refs = 0  # sys.getrefcount of a view that only ``views`` holds
 
     def rows(self, grad: torch.Tensor) -> tuple:
         """Views of a buffer holding ``grad``, one per row."""
         buf = self.buffer
         if buf is not None and buf.shape == grad.shape and buf.dtype == grad.dtype and buf.device == grad.device \
-                and torch._C._storage_Use_Count(buf.untyped_storage()._cdata) == 2 + len(self.views):
-            buf.copy_(grad)  # (2 = the buffer itself and the temporary storage object above)
+                and self._unreferenced():
+            buf.copy_(grad)
             return self.views
         self.buffer = grad.clone(memory_format=torch.contiguous_format)
         self.views = self.buffer.unbind(0)
+        self._free_refs = next(map(sys.getrefcount, self.views))
         return self.views
+
+    def _unreferenced(self) -> bool:
+        storage_users = torch._C._storage_Use_Count(self.buffer.untyped_storage()._cdata)
+        # 2 = the buffer itself and the temporary storage object above; then one per view
+        return storage_users == 2 + len(self.views) and all(c == self._free_refs for c in map(sys.getrefcount, self.views))
 
 
 def direct_grads_apply(stacked: torch.Tensor, tensors: list, grad_buffer: Optional[GradBuffer] = None

@@ -92,6 +92,8 @@ class Jacobians:
         self.ad = "rev"
         self.rev_error: str | None = None
         self.replicate_error: str | None = None  # why the replicated batch was abandoned, if it was
+        self.replicate_used = False  # a replicated-batch Jacobian was formed
+        self.replicate_quietly = True  # hide torch.fx's traceback print if the step refuses (first tries)
 
     def __call__(self, g: Callable, Z: torch.Tensor, replicated: Optional[Callable] = None):
         """``replicated``, if given: ``g`` for a batch of n * B samples (see the module docstring)."""
@@ -101,7 +103,8 @@ class Jacobians:
             vals = g(Z)
 
             def jac_replicated():
-                J, self.replicate_error = try_replicated(replicated, Z, self.mode)
+                J, self.replicate_error = try_replicated(replicated, Z, self.mode, self.replicate_quietly)
+                self.replicate_used |= J is not None
                 return self(g, Z)[1]() if J is None else J  # the vmap'd pullback when the step refused
 
             return vals, jac_replicated
@@ -174,13 +177,16 @@ def jacobian_replicated(g_replicated: Callable, Z: torch.Tensor, mode: str) -> t
     return _structure(rows.transpose(1, 2), mode)
 
 
-def try_replicated(g_replicated: Callable, Z: torch.Tensor, mode: str) -> tuple:
+def try_replicated(g_replicated: Callable, Z: torch.Tensor, mode: str, quietly: bool = True) -> tuple:
     """``(jacobian_replicated(...), None)``, or ``(None, why)`` when the step cannot take the larger
-    batch (a hard-coded batch size, an input with the batch dimension). torch.fx prints the
-    traceback of any exception raised inside a GraphModule to stderr; that print is suppressed here
-    because the error is expected, handled, and recorded in ``SolveStats.replicate_error``."""
+    batch (a hard-coded batch size, an input with the batch dimension).
+
+    torch.fx prints the traceback of any exception raised inside a GraphModule to stderr. With
+    ``quietly`` (a step not yet known to accept the larger batch) stderr is redirected during the
+    attempt, because that error is expected, handled, and recorded in ``SolveStats.replicate_error``;
+    callers pass ``quietly=False`` once a step has succeeded, so its own warnings stay visible."""
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()) if quietly else contextlib.nullcontext():
             return jacobian_replicated(g_replicated, Z, mode), None
     except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"

@@ -20,6 +20,8 @@ from .solve import solve
 from .stats import SolveStats
 
 MAX_RECORDED_SOLVES = 1000  # per chain: a training loop keeps only its latest solves' telemetry
+# A warm start keeps the last solution (L * B * n elements) alive between calls; larger ones are dropped.
+WARM_START_MAX_ELEMENTS = 1 << 25
 
 
 class PCRSolve(torch.nn.Module):
@@ -52,7 +54,8 @@ class PCRSolve(torch.nn.Module):
         finally:
             if bar is not None:
                 bar.close()
-        self._guess = res.solution if self.config.warm_start else None
+        keep = self.config.warm_start and res.solution is not None and res.solution.numel() <= WARM_START_MAX_ELEMENTS
+        self._guess = res.solution if keep else None
         self.last_stats = res.stats
         if self.config.record_stats:
             self.history.append(res.stats)

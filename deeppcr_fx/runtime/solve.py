@@ -99,6 +99,7 @@ class _Problem:
     def forward(self, x0_flat: torch.Tensor) -> torch.Tensor:
         steps, mode, length = self.steps, self.mode, self.stats.length
         jac = jacobians.Jacobians(mode)
+        jac.replicate_quietly = self.replicate_quietly
         replicated = self.replicated_steps()
 
         def prev_states(start: int, U: torch.Tensor) -> torch.Tensor:
@@ -123,7 +124,9 @@ class _Problem:
         self.stats.autodiff_error = jac.rev_error
         self.stats.replicate_error = jac.replicate_error
         if jac.replicate_error is not None:  # later solves of this step go straight to the vmap'd pullback
-            _remember_refusal(self.step_key)
+            _remember_replication(self.step_key, False)
+        elif jac.replicate_used:
+            _remember_replication(self.step_key, True)
         self.solution = U.detach()
         return U
 
@@ -158,12 +161,17 @@ class _Problem:
             return guess.clone()
         return x0_flat.unsqueeze(0).repeat(length, *([1] * x0_flat.dim()))
 
+    @property
+    def replicate_quietly(self) -> bool:
+        """Whether a replicated-batch attempt should hide torch.fx's error print (step not yet known good)."""
+        return _replication_outcome(self.step_key) is not True
+
     def replicated_steps(self, steps: Optional[Steps] = None) -> Optional[Steps]:
         """The steps on a replicated batch for the Jacobians, where that is the faster method."""
         steps = steps or self.steps
         n, B = self.spec.width, self.spec.batch_size
         if self.mode not in jacobians.MODES_WITH_MATRIX or n * B > jacobians.REPLICATE_MAX_SAMPLES \
-                or _refused_replication(self.step_key):
+                or _replication_outcome(self.step_key) is False:
             return None
         return steps.replicated(n)
 
@@ -203,7 +211,7 @@ class _ChainSolve(torch.autograd.Function):
         # torch.func transforms differentiate regardless of the ambient no_grad mode.
         dZprev, *dinputs = adjoint(backward_steps, Zprev, G, wrt, problem.mode, problem.atol, problem.rtol,
                                    cfg.iteration_cap(length), problem.stats.backward,
-                                   problem.replicated_steps(backward_steps))
+                                   problem.replicated_steps(backward_steps), problem.replicate_quietly)
         dx0 = spec.unflatten(dZprev[0])
         dx0 = dx0 if spec.is_tuple else (dx0,)
         input_grads: list = [None] * len(inputs)
@@ -212,20 +220,22 @@ class _ChainSolve(torch.autograd.Function):
         return (None, *dx0, *input_grads)
 
 
-# Step functions whose batch could not be replicated, by id, held weakly (a refusal is permanent).
-_REPLICATE_REFUSED: "dict[int, weakref.ref]" = {}
+# Whether a step function's batch could be replicated (jacobians.jacobian_replicated), by id, the
+# function held weakly. A refusal is permanent; a success lets later attempts leave stderr alone.
+_REPLICATION: "dict[int, tuple]" = {}
 
 
-def _refused_replication(step: object) -> bool:
-    ref = _REPLICATE_REFUSED.get(id(step))
-    return ref is not None and ref() is step
+def _replication_outcome(step: object) -> Optional[bool]:
+    ref, ok = _REPLICATION.get(id(step), (None, None))
+    return ok if ref is not None and ref() is step else None
 
 
-def _remember_refusal(step: object) -> None:
+def _remember_replication(step: object, ok: bool) -> None:
     try:
-        _REPLICATE_REFUSED[id(step)] = weakref.ref(step, lambda _, key=id(step): _REPLICATE_REFUSED.pop(key, None))
-    except TypeError:  # not weakly referenceable: retried (and refused again) by each solve
-        pass
+        ref = weakref.ref(step, lambda _, key=id(step): _REPLICATION.pop(key, None))
+    except TypeError:  # not weakly referenceable: each solve finds out again
+        return
+    _REPLICATION[id(step)] = (ref, ok)
 
 
 def max_prefix(length: int) -> int:

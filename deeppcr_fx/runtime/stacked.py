@@ -14,7 +14,7 @@ O(L) small operations per call: the stack itself, and in the backward pass one a
   cache to invalidate. Each call checks in O(L) pointer reads that every entry is still the
   same tensor viewing the same row; a replaced Parameter or ``.data`` assignment (``.to()``,
   ``.half()``) triggers a re-flatten, and entries that keep changing fall back to
-  ``torch.stack`` per call.
+  ``torch.stack`` per call, as does a tensor tied into several steps (it cannot view two rows).
 - **Direct gradients** (``Config.direct_grads``, see ``direct_grads.py``): in a plain
   ``loss.backward()`` the stacked gradient is written into the Parameters' ``.grad`` (as
   views of one buffer) instead of flowing through L autograd leaves.
@@ -92,7 +92,9 @@ class StackedAttributes(torch.nn.Module):
             return torch.stack(tensors)
         self.mode = "flat"
         if not grad:
-            return group.buffer.detach()
+            # Under grad mode the solve may save these values for a backward pass (for an input's
+            # gradient): a copy keeps a later in-place update of the frozen tensors from reaching it.
+            return group.buffer.clone() if torch.is_grad_enabled() else group.buffer.detach()
         if self.direct_grads and supports_direct_grads(tensors, flags):
             return direct_grads_apply(group.buffer, tensors, group.grads)
         return torch.stack(tensors)  # autograd's own path: hooks, non-leaf or partly frozen tensors
@@ -119,7 +121,8 @@ class StackedAttributes(torch.nn.Module):
             self._reflattens = 0
             return group
         if torch.is_inference_mode_enabled() or not all(map(_IS_LEAF, tensors)) \
-                or len({(t.shape, t.dtype, t.device) for t in tensors}) != 1:
+                or len({(t.shape, t.dtype, t.device) for t in tensors}) != 1 \
+                or len(set(map(id, tensors))) != len(tensors):  # one tensor tied into several steps
             return None
         if self._flattened:  # flattened before, and the tensors have changed since
             self._reflattens += 1
