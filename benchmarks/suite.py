@@ -1,6 +1,7 @@
 """The benchmark suites: eager sequential models vs ``deeppcr.compile`` (policy "always" and "auto").
 
     python benchmarks/suite.py --suite paper|resnet|diffusion|all --device cpu|cuda [--quick] [--threads N]
+                               [--L 4096 --w 4 --B 1]   (a subset: suite_<suite>_<device>_subset.csv)
 
 Every row measures, in this process, with alternating runs and medians over repeats:
 - ``eager``: the model as a user writes it (per-layer modules in an ``nn.ModuleList``; the
@@ -197,7 +198,8 @@ def _time_mode(case: Case, variants: Dict[str, Callable], mode: str, device: str
     row["always_iterations"] = _iterations(variants["always"])
     row["cold_iterations"] = _iterations(variants["cold"])
     row["auto_rewrote"] = _rewritten(variants["auto"])
-    row["repeats"] = min(len(ts) for ts in times.values())
+    row["repeats"] = len(times["eager"])  # variants slower than SLOW_S have one timing
+    row["timed_once"] = " ".join(name for name, ts in times.items() if len(ts) == 1 and row["repeats"] > 1)
     return row
 
 
@@ -263,9 +265,9 @@ def print_table(rows: List[dict]) -> None:
         print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(cols, widths)))
 
 
-def write(rows: List[dict], suite: str, device: str) -> Path:
+def write(rows: List[dict], suite: str, device: str, tag: str = "") -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"suite_{suite}_{device}.csv"
+    path = RESULTS / f"suite_{suite}_{device}{'_' + tag if tag else ''}.csv"
     fields = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
@@ -298,6 +300,9 @@ def main(argv=None) -> int:
     ap.add_argument("--suite", choices=[*SUITES, "all"], default="paper")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--L", type=int, nargs="+", help="only cases of these lengths (results get a _subset suffix)")
+    ap.add_argument("--w", type=int, nargs="+", help="only cases of these widths")
+    ap.add_argument("--B", type=int, nargs="+", help="only cases of these batch sizes")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: 1 on cpu, see CPU_THREADS; torch's on cuda)")
@@ -311,10 +316,15 @@ def main(argv=None) -> int:
     for suite in (SUITES if args.suite == "all" else [args.suite]):
         rows = []
         for case in SUITES[suite](args.quick):
+            if any(want and case.params[k] not in want for k, want in (("L", args.L), ("w", args.w), ("B", args.B))):
+                continue
             rows += measure(case, args.device, repeats)
             print(f"  measured {case.name} {case.params} {'/'.join(case.modes)}", flush=True)
+        if not rows:
+            continue
         print_table(rows)
-        print(f"wrote {write(rows, suite, args.device)}")
+        subset = "subset" if (args.L or args.w or args.B) else ""
+        print(f"wrote {write(rows, suite, args.device, subset)}")
     return 0
 
 
