@@ -3,7 +3,8 @@
     python benchmarks/suite.py --suite paper|resnet|diffusion|all --device cpu|cuda [--quick] [--threads N]
                                [--L 4096 --w 4 --B 1]   (a subset: suite_<suite>_<device>_subset.csv)
 
-Every row measures, in this process, with alternating runs and medians over repeats:
+Every row measures, in this process, with alternating runs (in an order rotated each round) and
+medians over repeats:
 - ``eager``: the model as a user writes it (per-layer modules in an ``nn.ModuleList``; the
   plain sampling loop driven by a diffusers scheduler); on CUDA also
   ``torch.compile(mode="reduce-overhead")`` of it (``cudagraph``);
@@ -182,10 +183,13 @@ def _time_mode(case: Case, variants: Dict[str, Callable], mode: str, device: str
     times: Dict[str, List[float]] = {name: [t] if t > SLOW_S else [] for name, t in first.items()}
     # cheap rows get more samples (about SAMPLE_S of eager time each): their medians are the noisiest
     repeats = max(repeats, min(MAX_REPEATS, math.ceil(SAMPLE_S / max(first["eager"], 1e-4))))
-    for _ in range(repeats):
-        for name, fn in variants.items():
+    names = list(variants)
+    for r in range(repeats):
+        # rotate the order each round: a variant that evicts the caches (a large solve) would
+        # otherwise always slow down the same successor
+        for name in names[r % len(names):] + names[:r % len(names)]:
             if first[name] <= SLOW_S:
-                times[name].append(run(fn)[0])
+                times[name].append(run(variants[name])[0])
     med = {name: statistics.median(ts) for name, ts in times.items()}
     row = dict(suite=case.suite, case=case.name, **case.params, mode=mode, device=device,
                eager_ms=1e3 * med["eager"])
