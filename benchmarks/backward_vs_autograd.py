@@ -1,13 +1,15 @@
 """Backward (and forward) time of deeppcr.solve vs autograd through the sequential nn.ModuleList model.
 
-    python benchmarks/backward_vs_autograd.py [--L 4096] [--w 4] [--B 1] [--repeats 7] [--device cpu]
+    python benchmarks/backward_vs_autograd.py [--L 4096] [--w 4] [--B 1] [--repeats 7] [--device cpu] [--threads 1]
 
 Three variants of one tanh MLP (L Linear(w, w) layers), same weights:
 - ``sequential``: the nn.ModuleList model, run and differentiated by plain autograd;
 - ``solve``: ``deeppcr.solve`` (jacobian="full") on the weights stacked once into leaf
   tensors W (L, w, w) and b (L, w): the runtime on its own;
 - ``solve+stack``: the same, stacking the layers' Parameters inside the forward so the
-  gradients land in the 2L original Parameters (what a compiled model does).
+  gradients land in the 2L original Parameters through autograd (one leaf each);
+- ``compiled``: ``deeppcr.compile(model, policy="always")`` of the nn.ModuleList model, with its
+  defaults (flat parameters, direct gradients, warm starts; every call gets a fresh input).
 
 Gradients are compared with the sequential model's before timing. Every timing is a median
 over alternating runs in this process; ``.grad`` is reset to None (untimed) before each
@@ -32,11 +34,27 @@ def _step(z, W, b):
     return torch.tanh(F.linear(z, W, b))
 
 
+class _MLP(torch.nn.Module):
+    def __init__(self, layers: torch.nn.ModuleList) -> None:
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, x):
+        for m in self.layers:
+            x = torch.tanh(m(x))
+        return x
+
+
 class Variants:
     def __init__(self, L: int, w: int, B: int, device: str, seed: int = 0) -> None:
         torch.manual_seed(seed)
         self.layers = torch.nn.ModuleList([torch.nn.Linear(w, w) for _ in range(L)]).to(device)
         self.x = torch.randn(B, w, device=device)
+        self.xs = [torch.randn(B, w, device=device) for _ in range(8)]
+        self.calls = 0
+        self.model = _MLP(self.layers)
+        self.compiled_model = deeppcr.compile(self.model, policy="always")
+        self.compiled_model(self.x)  # compile (untimed)
         self.W = torch.stack([m.weight for m in self.layers]).detach().requires_grad_()
         self.b = torch.stack([m.bias for m in self.layers]).detach().requires_grad_()
         self.stats = None
@@ -52,6 +70,10 @@ class Variants:
         self.stats = res.stats
         return res.states[-1]
 
+    def compiled(self):
+        self.calls += 1
+        return self.compiled_model(self.xs[self.calls % len(self.xs)])
+
     def solve_stack(self):
         W = torch.stack([m.weight for m in self.layers])
         b = torch.stack([m.bias for m in self.layers])
@@ -65,7 +87,7 @@ class Variants:
 def run(L: int, w: int, B: int, repeats: int, device: str = "cpu") -> dict:
     v = Variants(L, w, B, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    fns = {"sequential": v.sequential, "solve": v.solve, "solve+stack": v.solve_stack}
+    fns = {"sequential": v.sequential, "solve": v.solve, "solve+stack": v.solve_stack, "compiled": v.compiled}
 
     # correctness first: outputs and gradients against the sequential model
     v.zero_grad()
@@ -77,6 +99,9 @@ def run(L: int, w: int, B: int, repeats: int, device: str = "cpu") -> dict:
     y_par.sum().backward()
     max_err = float((y_par.detach() - y_seq).abs().max())
     max_grad_err = float((v.W.grad - g_seq).abs().max())
+    v.zero_grad()
+    v.compiled_model(v.x).sum().backward()
+    max_grad_err = max(max_grad_err, float((torch.stack([m.weight.grad for m in v.layers]) - g_seq).abs().max()))
 
     fwd = {k: [] for k in fns}
     bwd = {k: [] for k in fns}
@@ -98,7 +123,7 @@ def run(L: int, w: int, B: int, repeats: int, device: str = "cpu") -> dict:
     for name in fns:
         row[f"fwd_{name}_ms"] = 1e3 * med(fwd[name])
         row[f"bwd_{name}_ms"] = 1e3 * med(bwd[name])
-    for name in ("solve", "solve+stack"):
+    for name in ("solve", "solve+stack", "compiled"):
         row[f"fwd_speedup_{name}"] = row["fwd_sequential_ms"] / row[f"fwd_{name}_ms"]
         row[f"bwd_speedup_{name}"] = row["bwd_sequential_ms"] / row[f"bwd_{name}_ms"]
     return row
@@ -111,14 +136,16 @@ def main(argv=None) -> None:
     ap.add_argument("--B", type=int, nargs="+", default=[1])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, as the suite)")
     ap.add_argument("--csv", default=None, help="default: benchmarks/results/backward_vs_autograd_<device>.csv")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     rows = [run(L, w, B, args.repeats, args.device) for L in args.L for w in args.w for B in args.B]
     for r in rows:
         print(f"L={r['L']} w={r['w']} B={r['B']} {r['device']}: {r['iterations']} Newton iterations, "
               f"max |y - y_seq| = {r['max_err']:.2e}, max |dW - dW_seq| = {r['max_grad_err']:.2e}")
         print(f"  {'variant':<12} {'forward ms':>11} {'backward ms':>12} {'fwd speedup':>12} {'bwd speedup':>12}")
-        for name in ("sequential", "solve", "solve+stack"):
+        for name in ("sequential", "solve", "solve+stack", "compiled"):
             fs = 1.0 if name == "sequential" else r[f"fwd_speedup_{name}"]
             bs = 1.0 if name == "sequential" else r[f"bwd_speedup_{name}"]
             print(f"  {name:<12} {r[f'fwd_{name}_ms']:>11.2f} {r[f'bwd_{name}_ms']:>12.2f} {fs:>11.2f}x {bs:>11.2f}x")
