@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import math
 import statistics
 import sys
@@ -171,6 +172,16 @@ def _time_mode(case: Case, variants: Dict[str, Callable], mode: str, device: str
         _sync(device)
         return time.perf_counter() - t0, out.detach()
 
+    gc.collect()
+    gc.disable()  # as timeit does: a collection of one variant's garbage would land on whichever call comes next
+    try:
+        return _time_variants(case, variants, mode, device, repeats, run, xs)
+    finally:
+        gc.enable()
+
+
+def _time_variants(case: Case, variants: Dict[str, Callable], mode: str, device: str, repeats: int,
+                   run: Callable, xs: list) -> dict:
     with torch.set_grad_enabled(mode == "train"):
         for fn in variants.values():  # compile untimed: each grad mode is its own specialisation
             if hasattr(fn, "specialise"):  # a deeppcr CompiledModule
@@ -185,6 +196,7 @@ def _time_mode(case: Case, variants: Dict[str, Callable], mode: str, device: str
     repeats = max(repeats, min(MAX_REPEATS, math.ceil(SAMPLE_S / max(first["eager"], 1e-4))))
     names = list(variants)
     for r in range(repeats):
+        gc.collect()  # untimed
         # rotate the order each round: a variant that evicts the caches (a large solve) would
         # otherwise always slow down the same successor
         for name in names[r % len(names):] + names[:r % len(names)]:
