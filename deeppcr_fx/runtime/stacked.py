@@ -25,20 +25,17 @@ the user's Parameter objects, as ``get_attr`` would read them) and reads ``owner
 """
 from __future__ import annotations
 
-import operator
 import weakref
 from typing import Optional
 
 import torch
 
-from .direct_grads import GradBuffer, direct_grads_apply, supports_direct_grads
+from .direct_grads import _IS_LEAF, _REQUIRES_GRAD, GradBuffer, direct_grads_apply, supports_direct_grads
 
 # A group that had to be re-flattened this many times in a row (its tensors keep being replaced)
 # stops re-flattening and stacks per call.
 MAX_REFLATTENS = 3
 _DATA_PTR = torch.Tensor.data_ptr
-_IS_LEAF = operator.attrgetter("is_leaf")
-_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
 class _FlatGroup:
