@@ -41,14 +41,41 @@ class CompileError(RuntimeError):
 
 _TRAINING = operator.attrgetter("training")
 
+# torch.nn classes whose forward never reads ``self.training`` (checked against torch's source by
+# tests/test_compile_signature.py): the per-call signature skips their flags, so it costs O(1)
+# instead of O(depth) on a deep stack of Linear/Tanh layers. Exact types only: a user's subclass
+# may read the flag, and so may any other module (Dropout, BatchNorm, a user's block).
+_TRAINING_FREE = frozenset(getattr(torch.nn, name) for name in (
+    "Linear", "Bilinear", "Identity", "Flatten", "Unflatten",
+    "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+    "LayerNorm", "GroupNorm", "RMSNorm", "Embedding",
+    "Tanh", "ReLU", "ReLU6", "GELU", "SiLU", "Sigmoid", "Softplus", "LeakyReLU", "ELU", "SELU", "CELU",
+    "Mish", "Hardtanh", "Hardswish", "Hardsigmoid", "LogSigmoid", "Softsign", "Tanhshrink", "PReLU",
+    "Softmax", "LogSoftmax", "GLU",
+    "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
+    "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "Upsample", "PixelShuffle",
+    "Sequential", "ModuleList", "ModuleDict", "ParameterList", "ParameterDict",
+) if hasattr(torch.nn, name))
 
-def _signature(args: tuple, modules: list) -> tuple:
-    def one(x):
-        if isinstance(x, torch.Tensor):
-            return ("tensor", tuple(x.shape), x.dtype, x.device)
-        return ("value", type(x).__name__, repr(x))
 
-    return tuple(one(a) for a in args) + (tuple(map(_TRAINING, modules)), torch.is_grad_enabled())
+def _training_sensitive(model: torch.nn.Module) -> list:
+    """The modules of ``model`` whose train/eval flag may change what their forward computes."""
+    return [m for m in model.modules() if type(m) not in _TRAINING_FREE]
+
+
+def _signature(args: tuple, flag_modules: list) -> tuple:
+    """What a specialisation depends on: grad mode, the train/eval flags of ``flag_modules``, and
+    each input's shape, dtype and device (or a value's repr). Built on every call: keep it cheap."""
+    if len(args) == 1 and isinstance(args[0], torch.Tensor):  # the common case, without a loop
+        x = args[0]
+        return torch.is_grad_enabled(), tuple(map(_TRAINING, flag_modules)), x.shape, x.dtype, x.device
+    key = [torch.is_grad_enabled(), tuple(map(_TRAINING, flag_modules))]
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key += (a.shape, a.dtype, a.device)
+        else:
+            key += ("value", type(a).__name__, repr(a))
+    return tuple(key)
 
 
 def _describe(args: tuple) -> str:
@@ -71,8 +98,9 @@ class CompiledModule(torch.nn.Module):
         object.__setattr__(self, "_original", model)  # not a submodule: keeps state_dict keys equal
         object.__setattr__(self, "_specialisations", {})
         object.__setattr__(self, "_last", None)
-        # the module tree as compiled: scanning model.modules() on every call costs O(depth) Python time
-        object.__setattr__(self, "_all_modules", list(model.modules()))
+        # the flags a specialisation depends on, found once: scanning model.modules() on every call
+        # costs O(depth) Python time, which a 1 ms model run as written (no chain rewritten) would feel
+        object.__setattr__(self, "_flag_modules", _training_sensitive(model))
         self.config = config
         for name, child in model.named_children():
             self.add_module(name, child)
@@ -138,11 +166,12 @@ class CompiledModule(torch.nn.Module):
         return spec.runner(*args)
 
     def specialise(self, args: tuple) -> _Specialisation:
-        key = _signature(args, self._all_modules)
+        key = _signature(args, self._flag_modules)
         spec = self._specialisations.get(key)
         if spec is None:
             spec = self._specialisations[key] = self._build(args)
-        object.__setattr__(self, "_last", spec)
+        if spec is not self._last:
+            object.__setattr__(self, "_last", spec)
         return spec
 
     # --- building -----------------------------------------------------------------------
