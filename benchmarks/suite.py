@@ -3,8 +3,9 @@
     python benchmarks/suite.py --suite paper|resnet|diffusion|all --device cpu|cuda [--quick] [--threads N]
                                [--L 4096 --w 4 --B 1]   (a subset: suite_<suite>_<device>_subset.csv)
 
-Every row measures, in this process, with alternating runs (in an order rotated each round) and
-medians over repeats:
+Every row measures, in this process, with alternating runs (in an order shuffled each round, so
+no variant always follows the same neighbour) and medians over repeats (a speed-up is the median
+of each round's eager/variant ratio):
 - ``eager``: the model as a user writes it (per-layer modules in an ``nn.ModuleList``; the
   plain sampling loop driven by a diffusers scheduler); on CUDA also
   ``torch.compile(mode="reduce-overhead")`` of it (``cudagraph``);
@@ -14,7 +15,10 @@ medians over repeats:
   19 sequential steps run to meet the warm start's guess) and the max error vs the eager output.
 
 Each timed call gets a fresh input (cycled from ``INPUTS`` random ones), so warm starts never
-see the input they solved; a training step is forward + backward (``zero_grad`` untimed).
+see the input they solved; a training step is forward + backward (``zero_grad`` untimed). A
+variant faster than ``SETTLE_S`` runs once untimed before its timed calls in a round (a user
+calls the same model over and over, so its caches hold that model, not the previous variant's
+solve), and the round keeps the faster of ``BEST_OF`` timed calls (as ``timeit``'s best-of).
 
 Speed-ups are eager time / variant time. Results go to ``benchmarks/results/suite_<suite>_<device>.csv``
 (and a PNG when matplotlib is installed).
@@ -25,6 +29,7 @@ import argparse
 import csv
 import gc
 import math
+import random
 import statistics
 import sys
 import time
@@ -107,8 +112,10 @@ class Case:
 # compiled tanh MLP L=4096 w=4 train step 49 ms with 1 thread, 190 ms with 2), and the eager
 # baseline's tiny ops run on one thread either way.
 CPU_THREADS = 1
-SAMPLE_S, MAX_REPEATS = 1.5, 60
+SAMPLE_S, MAX_REPEATS = 3.0, 150
 INPUTS = 8  # distinct inputs cycled through the timed calls (a warm start never sees its own input)
+SETTLE_S = 0.05  # a variant faster than this runs once untimed, then BEST_OF timed calls, each round
+BEST_OF = 2
 SLOW_S = 2.0  # a variant whose warm-up call takes longer than this is timed by that call alone (its first solve)
 
 
@@ -173,11 +180,25 @@ def _time_mode(case: Case, variants: Dict[str, Callable], mode: str, device: str
         return time.perf_counter() - t0, out.detach()
 
     gc.collect()
+    gc.freeze()  # the untimed collection each round then scans only new objects (a full one took 0.4 s)
     gc.disable()  # as timeit does: a collection of one variant's garbage would land on whichever call comes next
     try:
         return _time_variants(case, variants, mode, device, repeats, run, xs)
     finally:
         gc.enable()
+        gc.unfreeze()
+
+
+def _round_order(names: List[str], rng: random.Random) -> List[str]:
+    """A fresh random order each round (rotating one order would keep each variant's predecessor,
+    and a variant that evicts the caches, a large solve, would always slow the same successor), with
+    "eager" and "auto" next to each other: "auto" often runs the user's model as written, and its
+    ratio to eager (which must stay >= 0.95) is only as precise as the two calls are close in time."""
+    pair = ["eager", "auto"]
+    rng.shuffle(pair)
+    blocks = [pair] + [[n] for n in names if n not in pair]
+    rng.shuffle(blocks)
+    return [n for block in blocks for n in block]
 
 
 def _time_variants(case: Case, variants: Dict[str, Callable], mode: str, device: str, repeats: int,
@@ -194,13 +215,16 @@ def _time_variants(case: Case, variants: Dict[str, Callable], mode: str, device:
     times: Dict[str, List[float]] = {name: [t] if t > SLOW_S else [] for name, t in first.items()}
     # cheap rows get more samples (about SAMPLE_S of eager time each): their medians are the noisiest
     repeats = max(repeats, min(MAX_REPEATS, math.ceil(SAMPLE_S / max(first["eager"], 1e-4))))
-    names = list(variants)
-    for r in range(repeats):
+    rng = random.Random(0)
+    for _ in range(repeats):
         gc.collect()  # untimed
-        # rotate the order each round: a variant that evicts the caches (a large solve) would
-        # otherwise always slow down the same successor
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            if first[name] <= SLOW_S:
+        for name in _round_order(list(variants), rng):
+            if first[name] <= SETTLE_S:
+                run(variants[name])  # untimed: the caches hold this model, as in a user's loop
+                # best of BEST_OF calls: this shared host often runs a call at half speed for a
+                # moment, and a median over a two-mode mixture jumps between the modes
+                times[name].append(min(run(variants[name])[0] for _ in range(BEST_OF)))
+            elif first[name] <= SLOW_S:
                 times[name].append(run(variants[name])[0])
     med = {name: statistics.median(ts) for name, ts in times.items()}
     row = dict(suite=case.suite, case=case.name, **case.params, mode=mode, device=device,
@@ -209,7 +233,11 @@ def _time_variants(case: Case, variants: Dict[str, Callable], mode: str, device:
         if name == "eager":
             continue
         row[f"{name}_ms"] = 1e3 * med[name]
-        row[f"{name}_speedup"] = med["eager"] / med[name]
+        paired = len(times[name]) == len(times["eager"]) > 1
+        # paired: the median of each round's ratio, which cancels the host's slow spells (seconds
+        # long) better than a ratio of medians; a variant timed once is compared with eager's median
+        row[f"{name}_speedup"] = (statistics.median(e / v for e, v in zip(times["eager"], times[name])) if paired
+                                  else med["eager"] / med[name])
         row[f"{name}_max_err"] = errors[name]
     row["always_iterations"] = _iterations(variants["always"])
     row["cold_iterations"] = _iterations(variants["cold"])
