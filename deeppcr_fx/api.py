@@ -66,9 +66,6 @@ def _training_sensitive(model: torch.nn.Module) -> list:
 def _signature(args: tuple, flag_modules: list) -> tuple:
     """What a specialisation depends on: grad mode, the train/eval flags of ``flag_modules``, and
     each input's shape, dtype and device (or a value's repr). Built on every call: keep it cheap."""
-    if len(args) == 1 and isinstance(args[0], torch.Tensor):  # the common case, without a loop
-        x = args[0]
-        return torch.is_grad_enabled(), tuple(map(_TRAINING, flag_modules)), x.shape, x.dtype, x.device
     key = [torch.is_grad_enabled(), tuple(map(_TRAINING, flag_modules))]
     for a in args:
         if isinstance(a, torch.Tensor):
