@@ -40,9 +40,13 @@ _GRAD = operator.attrgetter("grad")
 
 def supports_direct_grads(tensors: list, requires_grad: Optional[list] = None) -> bool:
     """Whether writing ``.grad`` directly is exactly what autograd would do for these tensors
-    (``requires_grad``: their flags, if the caller has them)."""
+    (``requires_grad``: their flags, if the caller has them).
+
+    ``tensors`` must be distinct (a tensor tied into several steps needs its gradients summed):
+    the caller's flat group guarantees it, each tensor viewing its own row, so this per-call
+    check does not pay for a set of L ids again (0.7 ms at L = 8192)."""
     flags = list(map(_REQUIRES_GRAD, tensors)) if requires_grad is None else requires_grad
-    return (all(flags) and all(map(_IS_LEAF, tensors)) and len(set(map(id, tensors))) == len(tensors)
+    return (all(flags) and all(map(_IS_LEAF, tensors))
             and not any(map(_HOOKS, tensors)) and not any(map(_POST_HOOKS, tensors)))
 
 
