@@ -7,20 +7,21 @@
     deeppcr.explain(model, (x,))                         # the CompileReport only
     deeppcr.draw(compiled, "graph.svg"); deeppcr.plot_convergence(compiled.stats(), "conv.png")  # optional extras
 """
-from .api import CompileError, compile, explain
+from .api import compile, explain
 from .config import Config
-from .inspect import (ChainRecord, ChainStats, CompileReport, InputRecord, MissingDependency, draw,
-                      plot_convergence)
-from .passes.validate import Reason
-from .runtime import FinishCause, PassStats, SolveResult, SolveStats, solve
+from .inspect import ChainRecord, ChainStats, CompileReport, InputRecord, draw, plot_convergence
+from .results import CompileError, DeepPCRError, FinishCause, MissingDependency, Reason, Refusal
+from .runtime import PassStats, SolveResult, SolveStats, solve
 from .runtime.pcr_solve import PCRSolve
 
 __all__ = [
     # compile and inspect
-    "compile", "explain", "CompileError", "CompileReport", "ChainRecord", "InputRecord", "Reason",
+    "compile", "explain", "CompileReport", "ChainRecord", "InputRecord", "Reason", "Refusal",
     "ChainStats", "PCRSolve", "draw", "plot_convergence", "MissingDependency",
     # the runtime
     "solve", "SolveResult", "SolveStats", "PassStats", "FinishCause",
+    # errors (every one derives from DeepPCRError)
+    "DeepPCRError", "CompileError",
     # options
     "Config",
 ]

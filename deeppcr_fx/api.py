@@ -26,17 +26,13 @@ from .inspect.report import CompileReport
 from .inspect.telemetry import ChainStats, collect
 from .passes.dynamo import DynamoBackend, make_backend
 from .passes.pipeline import Context, run_pipeline
-from .passes.record import RecordFailure, record
-from .passes.trace import TraceFailure, trace
-from .passes.validate import Reason
+from .passes.record import record
+from .passes.trace import trace
+from .results import CompileError, Reason, RecordFailure, TraceFailure
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CompileError", "CompiledModule", "compile", "dynamo_backend", "explain", "make_backend"]
-
-
-class CompileError(RuntimeError):
-    """``policy="always"`` and the model cannot be compiled (the report says why)."""
 
 
 _TRAINING = operator.attrgetter("training")

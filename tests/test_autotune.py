@@ -16,7 +16,7 @@ from compile_zoo import ZOO
 from deeppcr_fx.passes import autotune as at
 from deeppcr_fx.passes import cost_model as cm
 from deeppcr_fx.passes import pipeline
-from deeppcr_fx.passes.validate import Reason
+from deeppcr_fx.results import Reason
 
 
 def timer(*outcomes):

@@ -15,7 +15,7 @@ from deeppcr_fx.passes import calibrate as cal
 from deeppcr_fx.passes import cost_model as cm
 from deeppcr_fx.passes import pipeline
 from deeppcr_fx.passes.step_profile import ChainShape
-from deeppcr_fx.passes.validate import Reason
+from deeppcr_fx.results import Reason
 
 # Fixed unit costs (a made-up CPU): the sanity checks below never depend on a measurement.
 CONSTANTS = cal.DeviceConstants(

@@ -13,7 +13,8 @@ from typing import Union
 
 import torch.fx as fx
 
-from .optional import MissingDependency, require
+from .._optional import require
+from ..results import MissingDependency
 
 FORMATS = {".svg": "svg", ".png": "png", ".pdf": "pdf", ".dot": "raw", ".gv": "raw"}
 

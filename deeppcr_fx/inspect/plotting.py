@@ -31,7 +31,7 @@ def plot_convergence(stats, path: Union[str, Path], title: str = "deeppcr: Newto
     or a list of them). Every recorded solve of a chain is drawn, the latest one solid. Needs
     matplotlib (``pip install 'deeppcr_fx[plot]'``). Returns the path written.
     """
-    from .optional import require
+    from .._optional import require
 
     require("matplotlib", "plot", "deeppcr.plot_convergence")
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend

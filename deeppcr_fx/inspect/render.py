@@ -1,7 +1,7 @@
 """Text rendering of ``CompileReport`` and ``ChainRecord`` (kept apart from the data)."""
 from __future__ import annotations
 
-from .report import COEFFICIENT, PER_STEP, SHARED
+from ..results import COEFFICIENT, PER_STEP, SHARED
 
 
 def _table(rows: list, header: tuple) -> list:

@@ -10,14 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
-from ..passes.validate import Reason
-
-REWRITTEN = "rewritten"
-REFUSED = "refused"
-
-PER_STEP = "per_step"  # a tensor per step, stacked along a new leading dimension L
-SHARED = "shared"  # the same value for every step
-COEFFICIENT = "coefficient"  # a Python float that differs per step, passed as a float64 tensor
+from ..results import COEFFICIENT, PER_STEP, REFUSED, REWRITTEN, SHARED, Reason
 
 
 def _tuple(x):

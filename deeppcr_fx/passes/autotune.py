@@ -39,8 +39,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
-from ..inspect.report import REWRITTEN
-from .validate import Reason
+from ..results import REWRITTEN, Reason
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,8 @@ import torch
 import torch.fx as fx
 
 from ..config import Config
-from ..inspect.report import COEFFICIENT, PER_STEP, REFUSED, REWRITTEN, SHARED, ChainRecord, CompileReport, InputRecord
+from ..inspect.report import ChainRecord, CompileReport, InputRecord
+from ..results import COEFFICIENT, PER_STEP, REFUSED, REWRITTEN, SHARED
 from ..runtime import jacobians
 from .autotune import autotune
 from .calibrate import constants_for
@@ -38,7 +39,8 @@ from ..runtime.stacked import StackedAttributes
 from .rewrite import covered_modules, rewrite, slots_of
 from .shape_prop import ShapeInfo, info_of, propagate
 from .step_profile import profile
-from .validate import Reason, Refusal, validate
+from ..results import PassError, Reason, Refusal
+from .validate import validate
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +49,6 @@ logger = logging.getLogger(__name__)
 class PassResult:
     graph_module: fx.GraphModule
     modified: bool
-
-
-class PassError(RuntimeError):
-    pass
 
 
 @dataclass

@@ -29,11 +29,9 @@ import torch
 import torch.fx as fx
 from torch.overrides import TorchFunctionMode
 
+from ..results import RecordFailure
+
 logger = logging.getLogger(__name__)
-
-
-class RecordFailure(RuntimeError):
-    """The run reads input-dependent values into Python (data-dependent control flow)."""
 
 
 _CONCRETE_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,

@@ -29,13 +29,10 @@ import torch.fx as fx
 from torch.func import functional_call
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
+from ..results import TraceFailure
 from .shape_prop import _to_meta, meta_cache_key
 
 logger = logging.getLogger(__name__)
-
-
-class TraceFailure(RuntimeError):
-    """The model's own ``forward`` cannot be traced symbolically."""
 
 
 @dataclass

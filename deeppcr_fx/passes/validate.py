@@ -11,9 +11,7 @@ autotuning) is applied afterwards by the pipeline's ``decide`` pass.
 """
 from __future__ import annotations
 
-import enum
 import operator
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -21,79 +19,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..config import Config
+from ..results import Reason, Refusal
 from .find_chains import Candidate
 from .shape_prop import ShapeInfo, info_of
-
-
-class Reason(str, enum.Enum):
-    """Why a chain (or a whole model) was left sequential."""
-
-    TOO_SHORT = "too_short"
-    SHAPES_DIFFER = "shapes_differ"
-    SHAPES_UNKNOWN = "shapes_unknown"
-    UNSUPPORTED_STATE = "unsupported_state"
-    ESCAPING_VALUE = "escaping_value"
-    BUFFER_MUTATION = "buffer_mutation"
-    RANDOMNESS = "randomness"
-    DATA_DEPENDENT_CONTROL_FLOW = "data_dependent_control_flow"
-    OPAQUE_MODULE = "opaque_module"
-    UNSTACKABLE_INPUT = "unstackable_input"
-    NOT_DIFFERENTIABLE = "not_differentiable"
-    POLICY_NEVER = "policy_never"
-    NOT_PROFITABLE = "not_profitable"
-    TRACE_FAILED = "trace_failed"
-    GRAPH_BREAK = "graph_break"
-
-    @property
-    def remedy(self) -> str:
-        return _REMEDIES[self]
-
-
-_REMEDIES = {
-    Reason.TOO_SHORT: "shorter than Config.min_length: parallel depth does not pay for short chains; lower "
-                      "min_length to force it.",
-    Reason.SHAPES_DIFFER: "the repeated blocks map the state to different shapes (or use differently shaped "
-                          "weights); only same-shaped segments form a chain. Make the widths equal or leave it.",
-    Reason.SHAPES_UNKNOWN: "shape propagation could not compute these values on the meta device; pass "
-                           "example_inputs that run the model, or make the blocks traceable.",
-    Reason.UNSUPPORTED_STATE: "the value carried from step to step must be one floating-point tensor.",
-    Reason.ESCAPING_VALUE: "a value computed inside a step (not the step's output) is used after the chain; "
-                           "return only the per-step states.",
-    Reason.BUFFER_MUTATION: "a step mutates a tensor in place (e.g. BatchNorm in train mode updates running "
-                            "stats); call model.eval(), or use LayerNorm/GroupNorm, or an out-of-place op.",
-    Reason.RANDOMNESS: "a step draws random numbers from its state-dependent part (e.g. dropout in train "
-                       "mode); call model.eval() or draw the noise outside the step so it can be hoisted.",
-    Reason.DATA_DEPENDENT_CONTROL_FLOW: "a step branches on tensor values (if x.sum() > 0, .item()); make the "
-                                        "branch a tensor op (torch.where) so every step runs the same graph.",
-    Reason.OPAQUE_MODULE: "a step calls a module whose forward could not be traced; make its forward "
-                          "traceable by torch.fx or use the TorchDynamo backend.",
-    Reason.UNSTACKABLE_INPUT: "a per-step input is not a tensor of one shape and dtype in every step (e.g. a "
-                              "Python int that differs per step); make it a tensor or a constant.",
-    Reason.NOT_DIFFERENTIABLE: "an op in the step has no derivative (e.g. a fused inference fast path such as "
-                               "_transformer_encoder_layer_fwd); Newton needs the step's Jacobian. Call the model "
-                               "with gradients enabled or disable the fast path.",
-    Reason.POLICY_NEVER: "policy='never' only reports; use policy='always' or 'auto' to rewrite.",
-    Reason.NOT_PROFITABLE: "policy='auto' predicts no speed-up of at least the margin here, or autotuning measured "
-                           "the sequential chain faster (the cost line shows both; see passes/cost_model.py); use "
-                           "policy='always' without autotune to rewrite anyway.",
-    Reason.TRACE_FAILED: "the model's forward could not be traced by this front end; the original model runs. "
-                         "Try torch.compile(model, backend='deeppcr') or make forward traceable.",
-    Reason.GRAPH_BREAK: "TorchDynamo split the model into several graphs; chains that cross a graph break "
-                        "cannot be found. Remove the Python that breaks the graph (see torch._dynamo.explain).",
-}
-
-
-@dataclass(frozen=True)
-class Refusal:
-    reason: Reason
-    detail: str = ""
-
-    @property
-    def remedy(self) -> str:
-        return self.reason.remedy
-
-    def __str__(self) -> str:
-        return f"{self.reason.value}: {self.detail}" if self.detail else self.reason.value
 
 
 _RANDOM_FUNCTIONS = {torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like,

@@ -40,7 +40,7 @@ from typing import Callable, Optional
 import torch
 from torch.func import jvp, vjp, vmap
 
-from .steps import VectorizeError
+from ..results import VectorizeError
 
 MODES_WITH_MATRIX = ("full", "diag")
 # Replicate the batch (see above) when n * B is at most this: measured faster at n * B = 4, 16, 64

@@ -27,7 +27,8 @@ from typing import Callable, Optional
 import torch
 
 from .scan import affine_scan
-from .stats import FinishCause, PassStats
+from ..results import FinishCause
+from .stats import PassStats
 
 # evaluate(start, U) -> (vals for rows start..L-1, jac) where jac() forms the Jacobians of those rows
 # in the mode's structure (None for identity/zero) only when called

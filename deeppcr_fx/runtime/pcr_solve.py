@@ -45,7 +45,7 @@ class PCRSolve(torch.nn.Module):
         per_step, shared = inputs[:self.n_per_step], inputs[self.n_per_step:]
         bar = None
         if self.config.progress:
-            from ..inspect.progress import SolveProgress  # tqdm is optional
+            from .progress import SolveProgress  # tqdm is optional
 
             bar = SolveProgress(self.length, self.describe())
         try:

@@ -25,6 +25,18 @@ def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def sample_layout(shape: Sequence[int], batch: Optional[bool]) -> tuple[int, int]:
+    """``(B, n)``: how the solver splits a single-tensor state of ``shape`` into samples.
+
+    The one rule behind ``StateSpec.of`` for a single tensor, for code that knows only a shape
+    (the compiler's report and cost model): with ``batch=None`` a tensor of >= 2 dims is B
+    samples of n elements; ``batch=False`` (or a 0-d/1-d tensor) is one sample of all elements.
+    """
+    shape = tuple(shape)
+    batched = len(shape) >= 2 if batch is None else bool(batch) and len(shape) >= 1
+    return (shape[0], math.prod(shape[1:])) if batched else (1, math.prod(shape))
+
+
 @dataclass(frozen=True)
 class StateSpec:
     shapes: tuple  # per component, full shape including the batch dim when batched

@@ -1,25 +1,10 @@
 """What one solve did: iterations, residuals, windows and sequential finishes, as data."""
 from __future__ import annotations
 
-import enum
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-
-class FinishCause(str, enum.Enum):
-    """Why a solve (or its adjoint) finished its last steps sequentially."""
-
-    MAX_ITER = "max_iter"
-    NON_FINITE = "non_finite"
-
-    @property
-    def remedy(self) -> str:
-        return {
-            FinishCause.MAX_ITER: "Newton did not converge within max_iter: raise Config.max_iter, use "
-                                  "jacobian='full' for exact Newton steps, or keep this chain sequential.",
-            FinishCause.NON_FINITE: "a Newton iterate or residual was NaN/Inf (chaotic or diverging dynamics, "
-                                    "or non-finite inputs); the sequential finish reproduces the plain loop.",
-        }[self]
+from ..results import FinishCause
 
 
 @dataclass

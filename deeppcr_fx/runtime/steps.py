@@ -21,13 +21,10 @@ from typing import Callable, Sequence
 import torch
 from torch.func import vmap
 
+from ..results import VectorizeError
 from .state import StateSpec
 
 logger = logging.getLogger(__name__)
-
-
-class VectorizeError(RuntimeError):
-    """``Config(vectorize=True)`` and vmap cannot batch the step."""
 
 
 class Steps:

@@ -1,12 +1,10 @@
-"""Optional dependencies of the inspection tools, imported on use with an install hint."""
+"""Optional dependencies (drawing, plotting, progress bars), imported on use with an install hint."""
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
 
-
-class MissingDependency(ImportError):
-    """An optional package is not installed; the message says what to install."""
+from .results import MissingDependency
 
 
 def require(module: str, extra: str, purpose: str) -> ModuleType:

@@ -1,7 +1,7 @@
 """A tqdm progress bar for one solve (``Config.progress``), fed by the Newton loop's ``on_iteration``."""
 from __future__ import annotations
 
-from .optional import require
+from .._optional import require
 
 
 class SolveProgress:
