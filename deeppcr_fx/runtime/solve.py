@@ -38,7 +38,7 @@ class SolveResult:
 def solve(step: Callable, x0, per_step: Sequence[torch.Tensor] = (), shared: Sequence[Any] = (),
           config: Optional[Config] = None, length: Optional[int] = None,
           on_iteration: Optional[Callable[[int, int, float], None]] = None,
-          initial_guess: Optional[torch.Tensor] = None, **options) -> SolveResult:
+          initial_guess: Optional[torch.Tensor] = None, group: Any = None, **options) -> SolveResult:
     """Compute the chain ``z_l = step(z_{l-1}, *per_step[l-1], *shared)`` for l = 1..L in parallel.
 
     Args:
@@ -54,12 +54,20 @@ def solve(step: Callable, x0, per_step: Sequence[torch.Tensor] = (), shared: Seq
         initial_guess: where Newton starts, in the flat layout (L, B, n) of ``SolveResult.solution``
             (default: x0 repeated). Any finite guess gives the same answer; a close one (the
             previous call's solution) saves iterations. Ignored if its shape, dtype or device differ.
+        group: a ``torch.distributed`` process group (e.g. ``dist.group.WORLD``): solve one chain
+            split by depth over its ranks (layer-parallel, ``runtime/distributed.py``). Each rank
+            passes its contiguous slice of the per-step tensors and gets its own states; ``x0``
+            is read on the group's first rank; every rank must call ``solve`` (and ``backward``).
 
     Returns:
         ``SolveResult(states, stats)``; ``states`` is differentiable w.r.t. x0, per-step and
         shared tensors. If Newton does not converge within ``max_iter`` or meets a
         non-finite value, the remaining steps run sequentially (exact), and ``stats`` says so.
     """
+    if group is not None:
+        from .distributed import solve_distributed
+        return solve_distributed(step, x0, per_step, shared, config=config, length=length, on_iteration=on_iteration,
+                                 initial_guess=initial_guess, group=group, **options)
     config = (config or Config()).replace(**options) if options else (config or Config())
     per_step = tuple(per_step)
     shared = tuple(shared) if isinstance(shared, (tuple, list)) else (shared,)
