@@ -1,0 +1,189 @@
+"""Multi-process helpers for tests/test_distributed.py: spawn a gloo group, run cases, collect results.
+
+``spawn_group(entry, nprocs, tmp_path, ...)`` starts ``nprocs`` processes with
+``torch.multiprocessing.spawn``; each joins a gloo process group through a ``file://`` store
+in ``tmp_path`` (no port to pick), runs ``entry(rank, nprocs, *args)`` (a function of this
+module, so the children can import it) and writes what it returns to ``rank<r>.pt``. Every
+group has a timeout, so a hang becomes an error.
+
+Run as a script under torchrun (``python -m torch.distributed.run ... tests/distributed_helpers.py
+OUT_DIR``) it runs ``CASES_TORCHRUN`` with ``init_method="env://"``.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from chains import Chain, mlp, residual, tuple_state  # noqa: E402
+
+
+# --- chains -----------------------------------------------------------------------------------
+def gru(L: int, H: int = 4, D: int = 3, B: int = 2, seed: int = 4) -> Chain:
+    """A GRU cell over time: per-step inputs x_t, weights shared by every step."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(L, B, D, generator=g, dtype=torch.float64)
+    W_ih = torch.randn(3 * H, D, generator=g, dtype=torch.float64) / D ** 0.5
+    W_hh = torch.randn(3 * H, H, generator=g, dtype=torch.float64) / H ** 0.5
+    b_ih = torch.randn(3 * H, generator=g, dtype=torch.float64) * 0.1
+    b_hh = torch.randn(3 * H, generator=g, dtype=torch.float64) * 0.1
+    h0 = torch.randn(B, H, generator=g, dtype=torch.float64)
+
+    def step(h, x_t, W_ih, W_hh, b_ih, b_hh):
+        i_r, i_z, i_n = F.linear(x_t, W_ih, b_ih).chunk(3, dim=-1)
+        h_r, h_z, h_n = F.linear(h, W_hh, b_hh).chunk(3, dim=-1)
+        r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+        return (1 - z) * torch.tanh(i_n + r * h_n) + z * h
+
+    return Chain("gru", step, h0, (x,), (W_ih, W_hh, b_ih, b_hh))
+
+
+CHAINS = {
+    "tanh": lambda L: mlp("tanh", L, w=4, B=2),
+    "residual": lambda L: residual(L, w=4, B=2),
+    "gru": lambda L: gru(L),
+    "tuple": lambda L: tuple_state(L, w=3, B=2),
+}
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(True)
+
+
+def _parts(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def run_case(rank: int, name: str, L: int, cuts: list, **options) -> dict:
+    """One chain solved across the group; errors against the sequential loop (float64) and the stats."""
+    import deeppcr_fx as deeppcr
+
+    ch = CHAINS[name](L)
+    lo, hi = cuts[rank], cuts[rank + 1]
+    per_step = [_leaf(p[lo:hi]) for p in ch.per_step]
+    shared = [_leaf(s) for s in ch.shared]
+    x0 = tuple(_leaf(p) for p in _parts(ch.x0))
+    x0 = x0 if isinstance(ch.x0, tuple) else x0[0]
+    res = deeppcr.solve(ch.step, x0 if rank == 0 else None, per_step=per_step, shared=shared,
+                        group=dist.group.WORLD, **options)
+    g = torch.Generator().manual_seed(7)
+    C = [torch.randn(L, *p.shape, generator=g, dtype=torch.float64) for p in _parts(ch.x0)]
+    sum(((s * c[lo:hi]).sum() for s, c in zip(_parts(res.states), C))).backward()
+
+    ref_ps = [_leaf(p) for p in ch.per_step]
+    ref_sh = [_leaf(s) for s in ch.shared]
+    ref_x0 = tuple(_leaf(p) for p in _parts(ch.x0))
+    ref = ch.sequential(ref_x0 if isinstance(ch.x0, tuple) else ref_x0[0], ref_ps, ref_sh)
+    sum(((s * c).sum() for s, c in zip(_parts(ref), C))).backward()
+
+    def err(a, b):
+        return float((a - b).abs().max())
+
+    out = {
+        "states": max(err(s, r[lo:hi]) for s, r in zip(_parts(res.states), _parts(ref))),
+        "per_step_grads": max(err(p.grad, r.grad[lo:hi]) for p, r in zip(per_step, ref_ps)),
+        "shared_grads": max([err(s.grad, r.grad) for s, r in zip(shared, ref_sh)], default=0.0),
+        "stats": res.stats.to_dict(),
+        "volume": res.volume,
+        "offsets": res.offsets,
+        "shape": tuple(_parts(res.states)[0].shape),
+    }
+    if rank == 0:
+        out["x0_grad"] = max(err(p.grad, r.grad) for p, r in zip(_parts(x0), ref_x0))
+    return out
+
+
+# --- process groups ------------------------------------------------------------------------------
+def _worker(rank: int, nprocs: int, init: str, out_dir: str, entry: str, args: tuple, timeout_s: float) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=nprocs,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    result = globals()[entry](rank, nprocs, *args)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    try:
+        dist.destroy_process_group()
+    except Exception:  # a peer died on purpose (the fault cases)
+        pass
+
+
+def spawn_group(entry: str, nprocs: int, tmp_path, *args, timeout_s: float = 30.0) -> list:
+    """Run ``entry(rank, nprocs, *args)`` on ``nprocs`` spawned processes; their results by rank."""
+    import torch.multiprocessing as mp
+
+    out_dir = str(tmp_path)
+    init = f"file://{os.path.join(out_dir, 'store')}"
+    mp.spawn(_worker, args=(nprocs, init, out_dir, entry, args, timeout_s), nprocs=nprocs, join=True)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(nprocs)]
+
+
+# --- entries (run on every rank) ------------------------------------------------------------------
+def run_cases(rank: int, nprocs: int, cases: list) -> dict:
+    """``cases``: (key, chain name, L, cuts, options); returns {key: run_case(...)}."""
+    return {key: run_case(rank, name, L, cuts, **options) for key, name, L, cuts, options in cases}
+
+
+def _capture(fn) -> dict:
+    start = time.monotonic()
+    try:
+        fn()
+    except Exception as exc:
+        return {"type": type(exc).__name__, "message": str(exc), "seconds": time.monotonic() - start,
+                "classes": [c.__name__ for c in type(exc).__mro__]}
+    return {"type": None, "seconds": time.monotonic() - start}
+
+
+def run_cases_then_faults(rank: int, nprocs: int, cases: list, out_dir: str) -> dict:
+    """``run_cases``, then the fault cases: mismatched layouts and a failing step (every rank must
+    raise), then rank 1 exits (it writes its results first) and rank 0 must get errors, not hang."""
+    import deeppcr_fx as deeppcr
+
+    group = dist.group.WORLD
+    ch = mlp("tanh", 8, w=4, B=2)
+    W, b = ch.per_step[0][4 * rank:4 * rank + 4], ch.per_step[1][4 * rank:4 * rank + 4]
+    result = run_cases(rank, nprocs, cases)
+    out = result["faults"] = {}
+    # rank 1's per-step weights have another width: the slices are not one chain
+    W_bad = torch.zeros(4, 5, 5, dtype=torch.float64) if rank == 1 else W
+    out["per_step_mismatch"] = _capture(lambda: deeppcr.solve(ch.step, ch.x0, per_step=(W_bad, b), group=group))
+    # rank 1 passes an x0 of another shape
+    x0_bad = torch.zeros(3, 4, dtype=torch.float64) if rank == 1 else ch.x0
+    out["x0_mismatch"] = _capture(lambda: deeppcr.solve(ch.step, x0_bad, per_step=(W, b), group=group))
+    # options differ
+    out["options_mismatch"] = _capture(lambda: deeppcr.solve(ch.step, ch.x0, per_step=(W, b), group=group,
+                                                             jacobian="diag" if rank == 1 else "full"))
+    # the step fails on rank 1 only
+    def step(z, W, b):
+        if rank == 1:
+            raise RuntimeError("boom on rank 1")
+        return ch.step(z, W, b)
+    out["step_raises"] = _capture(lambda: deeppcr.solve(step, ch.x0, per_step=(W, b), group=group))
+    # the group still works after those errors
+    res = deeppcr.solve(ch.step, ch.x0, per_step=(W, b), group=group)
+    out["after_errors"] = float((res.states - ch.sequential()[4 * rank:4 * rank + 4]).abs().max())
+    # a rank dies between the forward and the backward pass
+    W1, b1 = W.clone().requires_grad_(), b.clone().requires_grad_()
+    res = deeppcr.solve(ch.step, ch.x0, per_step=(W1, b1), group=group)
+    dist.barrier()
+    if rank == 1:
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        os._exit(0)  # dies without a word
+    out["dead_rank_backward"] = _capture(lambda: res.states.sum().backward())
+    out["dead_rank_solve"] = _capture(lambda: deeppcr.solve(ch.step, ch.x0, per_step=(W, b), group=group))
+    return result
+
+
+# --- torchrun ------------------------------------------------------------------------------------
+CASES_TORCHRUN = [("tanh", "tanh", 16, [0, 9, 16], {})]
+
+if __name__ == "__main__":  # python -m torch.distributed.run --nproc-per-node 2 tests/distributed_helpers.py OUT
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method="env://", timeout=datetime.timedelta(seconds=30))
+    rank = dist.get_rank()
+    torch.save(run_cases(rank, dist.get_world_size(), CASES_TORCHRUN), os.path.join(sys.argv[1], f"rank{rank}.pt"))
+    dist.destroy_process_group()

@@ -1,0 +1,129 @@
+"""Layer-parallel deeppcr.solve(..., group=...) across processes (CPU, gloo): issue 15.
+
+Each group of processes is spawned once (module-scoped fixtures) and runs several cases;
+the tests check what the ranks wrote back. States and gradients are compared with the
+single-process sequential loop in float64.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from distributed_helpers import spawn_group
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+TOL = 1e-10
+
+CASES_2 = [
+    ("tanh_full", "tanh", 32, [0, 16, 32], {"jacobian": "full"}),
+    ("tanh_diag", "tanh", 24, [0, 10, 24], {"jacobian": "diag"}),  # max_iter: the sequential finish across ranks
+    ("tanh_identity", "tanh", 16, [0, 8, 16], {"jacobian": "identity"}),
+    ("tanh_zero", "tanh", 16, [0, 5, 16], {"jacobian": "zero"}),
+    ("tanh_full_L64", "tanh", 64, [0, 32, 64], {"jacobian": "full"}),
+    ("tanh_cap", "tanh", 32, [0, 16, 32], {"jacobian": "full", "max_iter": 3}),
+    ("residual_uneven", "residual", 32, [0, 5, 32], {}),
+    ("gru", "gru", 24, [0, 12, 24], {}),
+    ("gru_diag", "gru", 16, [0, 7, 16], {"jacobian": "diag", "rtol": 1e-12}),  # default rtol: 2e-10 off, as in one process
+    ("tuple", "tuple", 16, [0, 9, 16], {}),
+]
+CASES_3 = [
+    ("tanh_uneven", "tanh", 40, [0, 1, 31, 40], {}),
+    ("residual", "residual", 30, [0, 10, 20, 30], {"jacobian": "identity", "rtol": 1e-12}),
+    ("gru", "gru", 18, [0, 6, 13, 18], {}),
+    ("tuple", "tuple", 15, [0, 4, 9, 15], {"jacobian": "diag", "rtol": 1e-12}),
+]
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    """Two processes: CASES_2, then the fault cases (the last one kills rank 1)."""
+    out_dir = tmp_path_factory.mktemp("two")
+    return spawn_group("run_cases_then_faults", 2, out_dir, CASES_2, str(out_dir), timeout_s=15.0)
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    return spawn_group("run_cases", 3, tmp_path_factory.mktemp("three"), CASES_3)
+
+
+def _check(results, key):
+    for rank, out in enumerate(results):
+        case = out[key]
+        assert case["states"] < TOL, (rank, case["states"])
+        assert case["per_step_grads"] < TOL, (rank, case["per_step_grads"])
+        assert case["shared_grads"] < TOL, (rank, case["shared_grads"])
+        if rank == 0:
+            assert case["x0_grad"] < TOL
+        assert case["stats"] == results[0][key]["stats"], f"stats differ between rank 0 and rank {rank}"
+        lo, hi = case["offsets"][rank], case["offsets"][rank + 1]
+        assert case["shape"][0] == hi - lo
+
+
+@pytest.mark.parametrize("key", [c[0] for c in CASES_2])
+def test_two_processes_match_sequential(two, key):
+    _check(two, key)
+
+
+@pytest.mark.parametrize("key", [c[0] for c in CASES_3])
+def test_three_processes_match_sequential(three, key):
+    _check(three, key)
+
+
+def test_full_mode_converges_like_one_process(two):
+    stats = two[0]["tanh_full"]["stats"]
+    assert stats["forward"]["converged"] and stats["forward"]["sequential_finish"] is None
+    assert stats["backward"]["converged"] and stats["backward"]["iterations"] == 1
+    assert stats["jacobian"] == "full" and stats["length"] == 32
+
+
+def test_sequential_finish_is_exact_and_global(two):
+    for key, cause in (("tanh_cap", "max_iter"), ("tanh_diag", "max_iter")):
+        forward = two[0][key]["stats"]["forward"]
+        assert forward["sequential_finish"] == cause and not forward["converged"]
+
+
+def test_communication_does_not_grow_with_length(two):
+    """Per iteration (full mode, converged): halo P B n + check 3 P + maps P (B n^2 + B n) elements
+    received per rank; the last iteration sends no maps. Independent of L."""
+    P, B, n = 2, 2, 4
+    for key in ("tanh_full", "tanh_full_L64"):
+        out = two[0][key]
+        its = out["stats"]["forward"]["iterations"]
+        assert out["stats"]["forward"]["converged"]
+        expected = its * (P * B * n + 3 * P) + (its - 1) * P * (B * n * n + B * n)
+        assert out["volume"] == expected, (key, out["volume"], expected)
+
+
+def test_faults_raise_on_every_rank(two):
+    results = [out["faults"] for out in two]
+    for rank, out in enumerate(results):
+        for key in ("per_step_mismatch", "x0_mismatch", "options_mismatch"):
+            assert out[key]["type"] == "DistributedLayoutError", (rank, key, out[key])
+            assert "DeepPCRError" in out[key]["classes"]
+        assert "rank 1" in out["per_step_mismatch"]["message"]
+        assert out["step_raises"]["type"] == "DistributedSolveError", (rank, out["step_raises"])
+        assert "boom on rank 1" in out["step_raises"]["message"]
+        assert out["after_errors"] < TOL
+    dead = results[0]
+    for key in ("dead_rank_backward", "dead_rank_solve"):
+        assert dead[key]["type"] == "DistributedSolveError", (key, dead[key])
+        assert dead[key]["seconds"] < 14.0  # an error, not a hang past the group's timeout
+
+
+def test_torchrun(tmp_path):
+    """The same solve launched by torchrun (env:// rendezvous)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    helpers = os.path.join(os.path.dirname(__file__), "distributed_helpers.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           helpers, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in range(2):
+        case = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["tanh"]
+        assert case["states"] < TOL and case["per_step_grads"] < TOL
