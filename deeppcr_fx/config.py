@@ -14,12 +14,14 @@ import torch
 JACOBIAN_MODES = ("auto", "full", "diag", "identity", "zero")
 POLICIES = ("auto", "always", "never")
 
-# Default convergence tolerances per *compute* dtype: |r_l| <= atol + rtol * |z_l| (max norm) for
-# the residual r_l = f(z_{l-1}) - z_l. float32: rtol ~8 ulp, above the round-off of re-evaluating a
-# step with batched kernels; float64: ~5e5 ulp.
+# Default convergence tolerances per *compute* dtype, forward and adjoint alike:
+# ||r_{l,b}|| <= atol + rtol * ||u_{l,b}|| (max norm over one sample's state at one row) for the
+# residual r_l of row l of the state (forward) or cotangent (adjoint) u. Relative: atol is only
+# the dtype's smallest normal number, a floor below which everything is round-off. float32: rtol
+# ~8 ulp, above the round-off of re-evaluating a step with batched kernels; float64: ~5e5 ulp.
 _DEFAULT_TOLERANCES = {
-    torch.float64: (1e-13, 1e-10),
-    torch.float32: (1e-7, 1e-6),
+    torch.float64: (torch.finfo(torch.float64).tiny, 1e-10),
+    torch.float32: (torch.finfo(torch.float32).tiny, 1e-6),
 }
 
 
@@ -42,9 +44,21 @@ class Config:
         steps sequentially (the result is then exact, and ``stats`` says so). ``None``
         means ``min(L, 64)``.
     atol, rtol:
-        Per-step convergence test on the residual ``r_l = f(z_{l-1}) - z_l``:
-        ``|r_l| <= atol + rtol * |z_l|`` (max norm); ``None`` takes the default for the
-        compute dtype (float64: 1e-13, 1e-10; float32 and half types: 1e-7, 1e-6).
+        Per-step convergence test of the forward solve, relative to the states' magnitudes, on
+        the residual ``r_l = f(z_{l-1}) - z_l``: ``||r_{l,b}|| <= atol + rtol * ||z_{l,b}||``
+        for every step l and sample b (``||.||``: max norm over the sample's state). In the
+        approximate Jacobian modes (``diag``, ``identity``, ``zero``), whose last residuals add
+        up coherently along the chain, steps are held to ``0.3 * rtol``
+        (``deeppcr_fx.runtime.newton.step_rtol``). ``None`` takes the default for the compute
+        dtype: rtol 1e-10 (float64), 1e-6 (float32 and half types, solved in float32); atol the
+        dtype's smallest normal number (``torch.finfo(dtype).tiny``), so the test is relative
+        at every scale. ``converged`` in the stats means every step met the test.
+    adjoint_atol, adjoint_rtol:
+        The same test for the backward pass (the linear adjoint), relative to the cotangents'
+        magnitudes: ``||res_{l,b}|| <= adjoint_atol + adjoint_rtol * ||a_{l,b}||`` on the
+        residual of the adjoint equation ``a_l = dLoss/dz_l + J_{l+1}^T a_{l+1}``, so gradients
+        of a loss at any scale (1e-8 or 1e8) are solved to the same relative accuracy.
+        ``None`` takes the same dtype defaults as ``atol``/``rtol`` (not their values).
     batch:
         Whether dim 0 of every state tensor indexes independent samples (so Jacobians are
         per sample). ``None``: yes when every state tensor has >= 2 dims and the same
@@ -109,6 +123,8 @@ class Config:
     max_iter: Optional[int] = None
     atol: Optional[float] = None
     rtol: Optional[float] = None
+    adjoint_atol: Optional[float] = None
+    adjoint_rtol: Optional[float] = None
     batch: Optional[bool] = None
     vectorize: object = "auto"
     full_max_state: int = 64
@@ -128,6 +144,10 @@ class Config:
             raise ValueError(f"Config.jacobian={self.jacobian!r} is not one of {JACOBIAN_MODES}.")
         if self.policy not in POLICIES:
             raise ValueError(f"Config.policy={self.policy!r} is not one of {POLICIES}.")
+        for name in ("atol", "rtol", "adjoint_atol", "adjoint_rtol"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"Config.{name} must be >= 0 (or None), got {value!r}.")
         if self.max_iter is not None and self.max_iter < 1:
             raise ValueError(f"Config.max_iter must be >= 1 (or None), got {self.max_iter}.")
         if self.vectorize not in ("auto", True, False):
@@ -147,9 +167,15 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     def tolerances(self, compute_dtype: torch.dtype) -> tuple[float, float]:
-        """``(atol, rtol)`` for a solve carried out in ``compute_dtype``."""
+        """``(atol, rtol)`` of the forward solve carried out in ``compute_dtype``."""
         atol, rtol = _DEFAULT_TOLERANCES.get(compute_dtype, _DEFAULT_TOLERANCES[torch.float32])
         return (atol if self.atol is None else self.atol, rtol if self.rtol is None else self.rtol)
+
+    def adjoint_tolerances(self, compute_dtype: torch.dtype) -> tuple[float, float]:
+        """``(adjoint_atol, adjoint_rtol)`` of the backward pass carried out in ``compute_dtype``."""
+        atol, rtol = _DEFAULT_TOLERANCES.get(compute_dtype, _DEFAULT_TOLERANCES[torch.float32])
+        return (atol if self.adjoint_atol is None else self.adjoint_atol,
+                rtol if self.adjoint_rtol is None else self.adjoint_rtol)
 
     def iteration_cap(self, length: int) -> int:
         return min(length, 64) if self.max_iter is None else self.max_iter

@@ -28,7 +28,7 @@ import torch
 from torch.func import vjp
 
 from . import jacobians
-from .newton import triangular_newton
+from .newton import scaled_norm, triangular_newton
 from .scan import affine_scan
 from .stats import PassStats
 from .steps import Steps
@@ -38,6 +38,9 @@ def adjoint(steps: Steps, Zprev: torch.Tensor, G: torch.Tensor, wrt: Sequence[in
             mode: str, atol: float, rtol: float, max_iter: int, stats: PassStats,
             replicated: Optional[Steps] = None, replicate_quietly: bool = True) -> tuple:
     """Gradients w.r.t. ``Zprev`` and the inputs ``steps.inputs[i] for i in wrt``, given ``G`` (L, B, n).
+
+    ``atol``, ``rtol``: the adjoint's tolerances (``Config.adjoint_tolerances``), relative to the
+    cotangents' magnitudes, so a loss scaled by 1e-8 gets the same relative accuracy as one of 1.
 
     ``replicated``: the steps on a replicated batch, to form full Jacobians by
     ``jacobians.jacobian_replicated`` (else the state's pullback is vmapped over cotangents).
@@ -82,10 +85,14 @@ def adjoint(steps: Steps, Zprev: torch.Tensor, G: torch.Tensor, wrt: Sequence[in
 
 
 def _adjoint_residual_ok(a: torch.Tensor, G: torch.Tensor, products: torch.Tensor, atol: float, rtol: float) -> bool:
-    """Whether a_k = G_k + J_{k+1}^T a_{k+1} holds for every k, given ``products[k]`` = J_k^T a_k."""
+    """Whether a_k = G_k + J_{k+1}^T a_{k+1} holds for every k, given ``products[k]`` = J_k^T a_k.
+
+    Relative to the cotangents, normwise per sample like the forward test (``newton.scaled_norm``):
+    ``||a_k - rhs_k|| <= atol + rtol ||a_k||``, where the scale also counts ``|G_k| + |J_{k+1}^T a_{k+1}|``
+    (their round-off, where they cancel, is what the sum's is)."""
     rhs = G[:-1] + products[1:]
     scale = a[:-1].abs() + G[:-1].abs() + products[1:].abs()
-    return bool(((a[:-1] - rhs).abs() <= atol + rtol * scale).all())
+    return bool((scaled_norm(a[:-1] - rhs, scale, atol, rtol) <= 1).all())
 
 
 def _full_jacobian(state_pullback, Zprev: torch.Tensor, replicated: Optional[Steps], quietly: bool) -> torch.Tensor:

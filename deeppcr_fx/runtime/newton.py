@@ -6,14 +6,24 @@ window of rows ``start..L-1`` (rows before ``start`` are final):
 
     vals_l = F_l(u_{l-1})          all window rows in one batched call (+ Jacobians A_l)
     r_l    = vals_l - u_l          the residual at the current iterate
-    start  = first row with |r_l| > atol + rtol |u_l|     (rows before it are final)
+    start  = first row with ratio_l > COHERENT            (rows before it are final)
     delta  = affine_scan(A, r)     PCR from ``start``: delta_l = A_l delta_{l-1} + r_l, delta_{start-1} = 0
     u     += delta                 row ``start`` is set to vals exactly: it is now final
 
-A row becomes final once it and every row before it have a small *residual* (max norm over
-samples and state): then its error is the sequential loop's propagation of residuals no
-larger than the tolerance. (A small *update* would not do: with an approximate Jacobian
-a row's update can be small while the row is still off by ``(J - A) delta_{l-1}``.)
+Tolerances are relative to the magnitudes involved (DESIGN invariant 7), normwise per sample
+(``||.||`` is the max norm over one sample's state at one row; ``scaled_norm``):
+
+    ratio_l = max_b ||r_{l,b}|| / (atol + rtol ||u_{l,b}||)      (atol: a floor, the dtype's tiny)
+    a row becomes final when it and every row before it have  ratio <= COHERENT (0.3)
+    converged:  every row has ratio <= 1 (full)  or  <= COHERENT (diag, identity, zero)
+
+A final row keeps its residual for good and later rows inherit it through the chain, so the
+error of row l is the chain's propagation of the final rows' residuals, as a sequential loop's is
+of its round-off. The thresholds bound how those residuals add up over L steps (see COHERENT): at
+most round-off-sized, randomly signed ones when every row passes together in full mode; a third of
+the tolerance (float32: ~2.5 ulp) for rows that freeze while the iteration still moves, whose
+residuals share a sign. (A small *update* would not do as a test: with an approximate Jacobian a
+row's update can be small while the row is still off by ``(J - A) delta_{l-1}``.)
 Because ``delta_{start-1} = 0``, the first window row is exact after each update, so the
 loop ends in at most L + 1 evaluations whatever the Jacobian approximation (Newton,
 quasi-Newton, Picard and Jacobi alike). It stops earlier and hands the rest to ``finish``
@@ -34,12 +44,22 @@ from .stats import PassStats
 # in the mode's structure (None for identity/zero) only when called
 Evaluate = Callable[[int, torch.Tensor], "tuple[torch.Tensor, Callable[[], Optional[torch.Tensor]]]"]
 
-# CONVERGED: a solve ends as soon as every residual meets the tolerance, without one more "polishing"
+# CONVERGED: a solve ends as soon as every row passes both tests, without one more "polishing"
 # Newton update. The result is then the sequential loop with a perturbation of at most
-# atol + rtol |z| per step (float32: ~8 ulp, the size of re-evaluating a step with other kernels),
-# and a polishing update would cost a whole iteration (Jacobians and a scan) for digits below that.
+# atol + rtol ||z|| per step (float32: ~8 ulp, the size of re-evaluating a step with other kernels),
+# accumulated within the bound above, and a polishing update would cost a whole iteration
+# (Jacobians and a scan) for digits below that.
 # finish(start, U): overwrite rows start..L-1 of U with the exact sequential values
 Finish = Callable[[int, torch.Tensor], None]
+
+# Residuals that stay behind add up over the chain. Exact Newton (``full``) converges quadratically:
+# when every row passes, its residuals are round-off-sized with random signs and add up like a
+# sequential loop's (~sqrt(L)). But a row that becomes final while later rows still iterate, and every
+# row of the approximate modes (which converge linearly), keeps a truncation error of the iteration,
+# of one sign row after row on a smooth chain: such residuals add up coherently (~L) and grow with
+# the chain. So rows become final only at COHERENT * tolerance (float32: ~2.5 ulp, still above
+# round-off), and the approximate modes converge only when every row meets that.
+COHERENT = 0.3
 
 
 def triangular_newton(evaluate: Evaluate, finish: Finish, U: torch.Tensor, mode: str,
@@ -51,6 +71,7 @@ def triangular_newton(evaluate: Evaluate, finish: Finish, U: torch.Tensor, mode:
     ``on_iteration(iteration, final_rows, worst_residual)``, if given, is called after each iteration."""
     length = U.shape[0]
     stats.jacobian = mode
+    converge_at = 1.0 if mode == "full" else COHERENT
     while True:
         if stats.iterations >= max_iter:
             return _finish(finish, start, U, stats, FinishCause.MAX_ITER)
@@ -64,13 +85,14 @@ def triangular_newton(evaluate: Evaluate, finish: Finish, U: torch.Tensor, mode:
         if record:
             stats.window_starts.append(start)
             stats.residuals.append(worst)
-        unconverged = (ratio > 1).nonzero()
-        if on_iteration is not None:
-            on_iteration(stats.iterations, length if unconverged.numel() == 0 else start + int(unconverged[0]) + 1, worst)
-        if unconverged.numel() == 0:  # every row is final (no polishing update: see CONVERGED)
+        if worst <= converge_at:  # every row is final (no polishing update: see CONVERGED)
+            if on_iteration is not None:
+                on_iteration(stats.iterations, length, worst)
             stats.converged = True
             return U
-        skip = int(unconverged[0])
+        skip = int((ratio > COHERENT).nonzero()[0])
+        if on_iteration is not None:
+            on_iteration(stats.iterations, start + skip + 1, worst)
         A = jac()
         # A non-finite delta needs no check here: it only reaches unfrozen rows, and the next
         # iteration's residual sees it and finishes sequentially from the frozen prefix.
@@ -81,9 +103,19 @@ def triangular_newton(evaluate: Evaluate, finish: Finish, U: torch.Tensor, mode:
         start += skip
 
 
-def scaled_norm(delta: torch.Tensor, u: torch.Tensor, atol: float, rtol: float) -> torch.Tensor:
-    """Per row: max over samples and state of |delta| / (atol + rtol |u|)."""
-    return (delta.abs() / (atol + rtol * u.abs())).flatten(1).amax(dim=1)
+def scaled_norm(delta: torch.Tensor, u: torch.Tensor, atol: float, rtol) -> torch.Tensor:
+    """Per row (dim 0): max over samples (dim 1) of ``||delta_b||_inf / (atol + rtol ||u_b||_inf)``.
+
+    ``rtol``: a number, or a tensor broadcasting against (rows, samples). Normwise per sample, so the
+    test is relative to each sample's magnitude whatever its scale (an element far below its sample's
+    largest carries round-off of the largest one's size). ``0 / 0`` is 0 (a zero row meets any
+    tolerance exactly); a finite residual never reads as non-finite."""
+    num = delta.abs().flatten(2).amax(dim=2)
+    den = u.abs().flatten(2).amax(dim=2).mul_(rtol).add_(atol)
+    ratio = (num / den).clamp_(max=torch.finfo(num.dtype).max)  # finite / tiny: large, not Inf
+    ratio = torch.where(num.isfinite(), ratio, num * math.inf)  # a NaN or Inf residual stays non-finite
+    ratio = torch.where(num == 0, torch.zeros_like(ratio), ratio)
+    return ratio.amax(dim=1)
 
 
 def _finish(finish: Finish, start: int, U: torch.Tensor, stats: PassStats, cause: FinishCause) -> torch.Tensor:

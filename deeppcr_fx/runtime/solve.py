@@ -99,6 +99,7 @@ class _Problem:
                  n_x0: int, on_iteration: Optional[Callable[[int, int, float], None]]) -> None:
         self.steps, self.spec, self.config, self.mode, self.stats, self.n_x0 = steps, spec, config, mode, stats, n_x0
         self.atol, self.rtol = config.tolerances(spec.compute_dtype)
+        self.adjoint_atol, self.adjoint_rtol = config.adjoint_tolerances(spec.compute_dtype)
         self.on_iteration = on_iteration
         self.initial_guess: Optional[torch.Tensor] = None
         self.solution: Optional[torch.Tensor] = None
@@ -217,7 +218,8 @@ class _ChainSolve(torch.autograd.Function):
         problem.stats.backward = PassStats()
         cfg = problem.config
         # torch.func transforms differentiate regardless of the ambient no_grad mode.
-        dZprev, *dinputs = adjoint(backward_steps, Zprev, G, wrt, problem.mode, problem.atol, problem.rtol,
+        dZprev, *dinputs = adjoint(backward_steps, Zprev, G, wrt, problem.mode,
+                                   problem.adjoint_atol, problem.adjoint_rtol,
                                    cfg.iteration_cap(length), problem.stats.backward,
                                    problem.replicated_steps(backward_steps), problem.replicate_quietly)
         dx0 = spec.unflatten(dZprev[0])
