@@ -89,11 +89,15 @@ def test_step_with_a_fixed_batch_size_falls_back_and_stays_exact():
         return torch.tanh(F.linear(z.reshape(B, w), W, b))
 
     W, b = (p.detach().requires_grad_() for p in chain.per_step)
-    res = deeppcr.solve(step, chain.x0, per_step=(W, b), jacobian="full")
+    memo = jacobians.ReplicationMemo()  # what PCRSolve holds for its chain
+    res = deeppcr.solve(step, chain.x0, per_step=(W, b), jacobian="full", replication=memo)
     assert res.stats.autodiff == "rev" and "RuntimeError" in res.stats.replicate_error
+    assert memo.accepts is False
     _close(res.states, chain.sequential())
-    again = deeppcr.solve(step, chain.x0, per_step=(W, b), jacobian="full")
+    again = deeppcr.solve(step, chain.x0, per_step=(W, b), jacobian="full", replication=memo)
     assert again.stats.autodiff == "rev" and again.stats.replicate_error is None  # remembered, not retried
+    alone = deeppcr.solve(step, chain.x0, per_step=chain.per_step, jacobian="full")  # no memo: tried again
+    assert alone.stats.autodiff == "rev" and "RuntimeError" in alone.stats.replicate_error
     res.states[-1].sum().backward()  # the backward pass falls back too
     W2, b2 = (p.detach().requires_grad_() for p in chain.per_step)
     chain.sequential(per_step=(W2, b2))[-1].sum().backward()

@@ -1,9 +1,9 @@
 """Direct gradients: a stacked per-step gradient written into L Parameters' ``.grad`` at once.
 
 Autograd gives every leaf tensor its own ``AccumulateGrad`` node, and the engine runs each
-of them separately: about 6 us per leaf on a CPU, 50 ms for the 8192 Parameters of a
-4096-layer MLP, which is more than the parallel solve's whole forward and backward. So a
-stacked per-step input (``StackedAttributes``) can instead enter the graph through one
+of them separately: for a deep chain's thousands of Parameters that costs more than the
+parallel solve's whole forward and backward (``benchmarks/results/backward_vs_autograd_cpu.csv``:
+``bwd_solve_ms`` against ``bwd_solve+stack_ms``). So a stacked per-step input (``StackedAttributes``) can instead enter the graph through one
 private *anchor* leaf: its backward receives the stacked gradient G (L, ...) and
 
 - sets ``p.grad = G[l]`` (views of G) where ``.grad`` is None, or adds ``G[l]`` to the
@@ -44,7 +44,7 @@ def supports_direct_grads(tensors: list, requires_grad: Optional[list] = None) -
 
     ``tensors`` must be distinct (a tensor tied into several steps needs its gradients summed):
     the caller's flat group guarantees it, each tensor viewing its own row, so this per-call
-    check does not pay for a set of L ids again (0.7 ms at L = 8192)."""
+    check does not pay for a set of L ids again."""
     flags = list(map(_REQUIRES_GRAD, tensors)) if requires_grad is None else requires_grad
     return (all(flags) and all(map(_IS_LEAF, tensors))
             and not any(map(_HOOKS, tensors)) and not any(map(_POST_HOOKS, tensors)))
@@ -53,11 +53,17 @@ def supports_direct_grads(tensors: list, requires_grad: Optional[list] = None) -
 class GradBuffer:
     """The stacked gradient buffer a group of Parameters' ``.grad`` views last pointed into.
 
-    Making L views costs about 2 us each (8 ms at L = 4096), so the views are kept and reused:
+    Making L view objects costs O(L) Python work per backward, so the views are kept and reused:
     a later backward copies its gradient into the same buffer, but only when nothing outside
     holds it any more: no view object is referenced from anywhere else (every ``.grad`` was set
     to None, no ``g = p.grad`` kept) and no other tensor shares its storage (no slice of a
-    gradient kept), so no gradient a user kept from an earlier step can change under them."""
+    gradient kept), so no gradient a user kept from an earlier step can change under them.
+
+    Both checks read reference counts: ``sys.getrefcount`` of each view (a ``.grad`` that still
+    holds it, or any Python name, adds one) and ``torch._C._storage_Use_Count`` of the buffer's
+    storage (every tensor sharing it adds one; the temporary ``untyped_storage()`` object is one
+    more). ``tests/test_runtime_state.py`` pins exactly these counts, so a torch release that
+    changes them fails there instead of reusing a buffer a user still holds."""
 
     def __init__(self) -> None:
         self.buffer: Optional[torch.Tensor] = None

@@ -20,22 +20,28 @@ to the exact answer (the residual is exact), only more slowly.
 
 Replicated batch (small states). The vmap over n cotangents above makes torch.func batch the
 step's *backward* over a new dimension, and for per-step weights that means n copies of every
-weight and batched matmuls of an awkward shape (13 ms per Jacobian at L=1024, n=16, B=1 on
-this project's CPU). When samples are independent and n * B is small, one plain
-forward-and-backward on a batch of n * B samples does the same job: sample i * B + b is a copy
-of sample b, and its cotangent is e_i, so its input gradient is row i of J[r, b]
+weight and batched matmuls of an awkward shape. When samples are independent and n * B is
+small, one plain forward-and-backward on a batch of n * B samples does the same job: sample
+i * B + b is a copy of sample b, and its cotangent is e_i, so its input gradient is row i of J[r, b]
 
     Zr[r, i*B + b] = Z[r, b]     rows = pullback_of_g_on_Zr(E)[r, i*B + b, j] = J[r, b, i, j]
 
-(2.9 ms in the case above; ``benchmarks/results/jacobian_methods_cpu.txt``). The step must
-accept a larger batch; if it does not (a hard-coded batch size, an op that fails), the solve
-falls back to the vmap'd pullback and records why.
+(several times faster for small n * B: ``benchmarks/results/jacobian_methods_cpu.txt``, made by
+``benchmarks/jacobian_methods.py``). ``replicates`` is the rule for when it is used, shared by the
+runtime and the compiler's cost model. The step must accept a larger batch; if it does not (a
+hard-coded batch size, an op that fails), the solve falls back to the vmap'd pullback and records
+why in ``SolveStats.replicate_error``; a ``ReplicationMemo`` remembers the refusal for a chain's
+later solves.
+
+No stderr output. A ``torch.fx.GraphModule`` called through ``__call__`` prints the traceback of
+any exception raised in its generated code to stderr (``torch/fx/graph_module.py``,
+``_WrappedCall``) before re-raising it. A refused replication is expected and handled, so the
+solver calls a GraphModule step's generated ``forward`` directly (``steps.direct_call``): the
+exception keeps its own traceback and nothing is printed, with no process-wide redirection.
 """
 from __future__ import annotations
 
-import contextlib
-import io
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch.func import jvp, vjp, vmap
@@ -43,9 +49,13 @@ from torch.func import jvp, vjp, vmap
 from ..results import VectorizeError
 
 MODES_WITH_MATRIX = ("full", "diag")
-# Replicate the batch (see above) when n * B is at most this: measured faster at n * B = 4, 16, 64
-# (B = 1 and 16) and slower at n * B = 256 (n = 16, B = 16: 30 ms vs 21 ms).
+# Replicate the batch (see above) when n * B is at most this: faster up to n * B = 64 and no faster
+# at 256 in benchmarks/results/jacobian_methods_cpu.txt.
 REPLICATE_MAX_SAMPLES = 128
+# What a step raises when it cannot take a replicated batch: torch's shape and size checks (and
+# out of memory) are RuntimeErrors; Python code that unpacks, indexes or asserts on a shape raises
+# ValueError, IndexError, TypeError or AssertionError; an op without support, NotImplementedError.
+STEP_REFUSALS = (RuntimeError, ValueError, IndexError, TypeError, AssertionError, NotImplementedError)
 # jacobian="auto" uses full Jacobians only while all of them together have at most this many elements
 FULL_MAX_ELEMENTS = 1 << 26
 
@@ -54,30 +64,76 @@ def choose_mode(requested: str, width: int, full_max_state: int, rows: Optional[
     """Resolve ``jacobian="auto"``: ``full`` up to ``full_max_state`` (64) elements per sample, and
     up to ``FULL_MAX_ELEMENTS`` Jacobian elements for all ``rows`` (L * B) together; else ``identity``.
 
-    The numbers behind it (``benchmarks/jacobian_modes.py``, L=256, B=4, one CPU thread,
-    results in ``benchmarks/results/jacobian_modes_*_cpu.csv``):
+    Arguments:
+        requested: ``Config.jacobian``: ``"auto"``, or a mode, which is returned unchanged.
+        width: n, the state's elements per sample.
+        full_max_state: ``Config.full_max_state``, the widest state ``auto`` gives full Jacobians.
+        rows: L * B, the Jacobians formed at once; None to decide on the width alone.
+
+    Returns:
+        The mode: ``"full"``, ``"diag"``, ``"identity"`` or ``"zero"``.
+
+    The evidence behind it is ``benchmarks/jacobian_modes.py`` (L=256, B=4, one CPU thread;
+    results in ``benchmarks/results/jacobian_modes_tanh_cpu.csv`` and ``..._residual_cpu.csv``):
 
     - Only ``full`` converged on every non-residual chain (tanh MLP, gain 1): 8-10 Newton
       iterations for n <= 32, 29 at n = 64. ``diag`` hit max_iter at every width and
       ``identity`` (Picard) diverged to NaN at every width, so below the threshold the
       exact Jacobian is worth its cost.
-    - ``full`` costs n Jacobian passes and O(n^3) per step and scan round: a Newton
-      iteration took ~7 ms at n = 4, 33 ms at n = 32, ~100 ms at n = 64 and ~1.8 s at
-      n = 128, while an ``identity`` iteration stayed at 1-9 ms. Beyond 64 elements the
+    - ``full`` costs n Jacobian passes and O(n^3) per step and scan round, so its iterations
+      grow steeply with n while an ``identity`` iteration stays cheap. Beyond 64 elements the
       dense Jacobian is too expensive to win, and ``identity`` is the mode that still
       converges quickly where chains are near the identity (residual blocks with small
       updates, diffusion samplers); elsewhere the solve finishes sequentially within
       ``max_iter`` (exact) and the compiler's cost model keeps such chains sequential.
 
     The memory bound: a 1000-step sampler with a 64-dim latent and 64 samples would hold
-    1000 * 64 * 64^2 = 262M Jacobian elements (1 GB in float32, and the scan copies it); it
-    took 190 s per call in ``full`` mode on this project's CPU.
+    1000 * 64 * 64^2 = 262M Jacobian elements (1 GB in float32, and the scan copies it).
     """
     if requested != "auto":
         return requested
     if rows is not None and rows * width * width > FULL_MAX_ELEMENTS:
         return "identity"
     return "full" if width <= full_max_state else "identity"
+
+
+def replicates(batched: bool, batch: int, width: int, sample_dims: Iterable[Optional[int]] = ()) -> bool:
+    """Whether a chain's Jacobians come from a replicated batch (see the module docstring): the one
+    rule, used by the solver (``solve._Problem.replicated_steps``) and the compiler's cost model
+    (``passes/step_profile.py``).
+
+    Arguments:
+        batched: whether the state has a batch dimension (``StateSpec.batch``, ``state.batched_layout``).
+        batch: B, samples per state.
+        width: n, elements per sample.
+        sample_dims: each input's per-sample dimension as seen by one step (dim 0 of a shared
+            tensor or of one step's slice of a per-step tensor; None where it has none).
+
+    Returns:
+        True when the state is batched, n * B <= ``REPLICATE_MAX_SAMPLES``, and no input has a
+        dimension of size B > 1 where a sample's would be (per-sample noise or conditioning would
+        not line up with n * B copies of the samples).
+    """
+    return batched and width * batch <= REPLICATE_MAX_SAMPLES and not any(d == batch > 1 for d in sample_dims)
+
+
+class ReplicationMemo:
+    """Whether one chain's step accepted a replicated batch, remembered for the chain's lifetime.
+
+    ``PCRSolve`` holds one per chain and passes it to every ``solve`` (``replication=``), so a step
+    that refused once is not asked again (each attempt costs a failed forward pass). A ``solve``
+    called without one remembers only within that call (its forward and backward pass).
+    ``accepts`` is None until the first attempt; ``reset()`` forgets the outcome.
+    """
+
+    def __init__(self) -> None:
+        self.accepts: Optional[bool] = None
+
+    def reset(self) -> None:
+        self.accepts = None
+
+    def __repr__(self) -> str:
+        return f"ReplicationMemo(accepts={self.accepts})"
 
 
 class Jacobians:
@@ -93,7 +149,6 @@ class Jacobians:
         self.rev_error: str | None = None
         self.replicate_error: str | None = None  # why the replicated batch was abandoned, if it was
         self.replicate_used = False  # a replicated-batch Jacobian was formed
-        self.replicate_quietly = True  # hide torch.fx's traceback print if the step refuses (first tries)
 
     def __call__(self, g: Callable, Z: torch.Tensor, replicated: Optional[Callable] = None):
         """``replicated``, if given: ``g`` for a batch of n * B samples (see the module docstring)."""
@@ -103,7 +158,7 @@ class Jacobians:
             vals = g(Z)
 
             def jac_replicated():
-                J, self.replicate_error = try_replicated(replicated, Z, self.mode, self.replicate_quietly)
+                J, self.replicate_error = try_replicated(replicated, Z, self.mode)
                 self.replicate_used |= J is not None
                 return self(g, Z)[1]() if J is None else J  # the vmap'd pullback when the step refused
 
@@ -177,18 +232,15 @@ def jacobian_replicated(g_replicated: Callable, Z: torch.Tensor, mode: str) -> t
     return _structure(rows.transpose(1, 2), mode)
 
 
-def try_replicated(g_replicated: Callable, Z: torch.Tensor, mode: str, quietly: bool = True) -> tuple:
+def try_replicated(g_replicated: Callable, Z: torch.Tensor, mode: str, quietly: object = None) -> tuple:
     """``(jacobian_replicated(...), None)``, or ``(None, why)`` when the step cannot take the larger
-    batch (a hard-coded batch size, an input with the batch dimension).
+    batch (a hard-coded batch size, an input with the batch dimension): one of ``STEP_REFUSALS``.
 
-    torch.fx prints the traceback of any exception raised inside a GraphModule to stderr. With
-    ``quietly`` (a step not yet known to accept the larger batch) stderr is redirected during the
-    attempt, because that error is expected, handled, and recorded in ``SolveStats.replicate_error``;
-    callers pass ``quietly=False`` once a step has succeeded, so its own warnings stay visible."""
+    Nothing is printed either way (see "No stderr output" in the module docstring); ``quietly`` is
+    accepted for callers written when a redirection of stderr hid torch.fx's print, and ignored."""
     try:
-        with contextlib.redirect_stderr(io.StringIO()) if quietly else contextlib.nullcontext():
-            return jacobian_replicated(g_replicated, Z, mode), None
-    except Exception as exc:
+        return jacobian_replicated(g_replicated, Z, mode), None
+    except STEP_REFUSALS as exc:
         return None, f"{type(exc).__name__}: {exc}"
 
 

@@ -3,9 +3,15 @@
 It holds the step template (a small GraphModule of one segment, without parameters:
 weights arrive as stacked per-step inputs built from the user's Parameters at call
 time) and calls ``deeppcr_fx.solve``. With ``Config.warm_start`` each solve starts from the
-previous call's solution. The last call's ``SolveStats`` is kept in ``last_stats``; with ``Config.record_stats`` every solve's stats are also kept in ``history``
-(the latest ``MAX_RECORDED_SOLVES``; ``reset_stats()`` clears them). With ``Config.progress``
-each solve shows a progress bar (tqdm) fed by the Newton loop's ``on_iteration`` hook.
+previous call's solution. The last call's ``SolveStats`` is kept in ``last_stats``; with
+``Config.record_stats`` every solve's stats are also kept in ``history`` (the latest
+``MAX_RECORDED_SOLVES``; ``reset_stats()`` clears them). With ``Config.progress`` each solve
+shows a progress bar (tqdm) fed by the Newton loop's ``on_iteration`` hook.
+
+What the module remembers between calls, all of it its own (it lives as long as the module):
+the warm start's guess (``reset_warm_start()``), the stats (``reset_stats()``), and whether the
+step accepts a replicated batch for its Jacobians (``replication``, a
+``jacobians.ReplicationMemo``; ``replication.reset()`` forgets it).
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import torch
 import torch.fx as fx
 
 from ..config import Config
+from .jacobians import ReplicationMemo
 from .solve import solve
 from .stats import SolveStats
 
@@ -25,7 +32,21 @@ WARM_START_MAX_ELEMENTS = 1 << 25
 
 
 class PCRSolve(torch.nn.Module):
-    """``forward(x0, *per_step, *shared) -> states (L, *x0.shape)`` for a chain of L steps."""
+    """``forward(x0, *per_step, *shared) -> states (L, *x0.shape)`` for a chain of L steps.
+
+    Arguments:
+        step: the step template, ``step(z, *per_step_slices, *shared) -> z_next`` (a GraphModule
+            of one segment, without parameters of its own).
+        length: L, the number of steps.
+        n_per_step: how many of ``forward``'s inputs after x0 are per-step (leading dimension L);
+            the rest are shared by every step.
+        config: the ``Config`` every solve runs with.
+        covers: names of the original modules (or nodes) the chain replaces (for the report).
+        period: graph segments per step (for the report).
+
+    ``forward`` returns the states z_1..z_L stacked, differentiable w.r.t. x0 and the inputs
+    (``SolveResult.states`` of ``deeppcr_fx.solve``).
+    """
 
     def __init__(self, step: fx.GraphModule, length: int, n_per_step: int, config: Config,
                  covers: tuple = (), period: int = 1) -> None:
@@ -40,6 +61,7 @@ class PCRSolve(torch.nn.Module):
         self.last_stats: Optional[SolveStats] = None
         self.history: deque = deque(maxlen=MAX_RECORDED_SOLVES)
         self._guess: Optional[torch.Tensor] = None  # the last solution, where the next solve starts
+        self.replication = ReplicationMemo()  # whether ``step`` accepts a replicated batch
 
     def forward(self, x0: torch.Tensor, *inputs):
         per_step, shared = inputs[:self.n_per_step], inputs[self.n_per_step:]
@@ -50,7 +72,8 @@ class PCRSolve(torch.nn.Module):
             bar = SolveProgress(self.length, self.describe())
         try:
             res = solve(self.step, x0, per_step=per_step, shared=shared, config=self.config, length=self.length,
-                        on_iteration=bar, initial_guess=self._guess if self.config.warm_start else None)
+                        on_iteration=bar, initial_guess=self._guess if self.config.warm_start else None,
+                        replication=self.replication)
         finally:
             if bar is not None:
                 bar.close()

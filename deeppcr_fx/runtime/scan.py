@@ -35,7 +35,8 @@ Inputs are not modified.
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Callable, Optional
 
 import torch
 
@@ -45,16 +46,64 @@ def rounds(length: int) -> int:
     return max(0, (length - 1).bit_length())
 
 
+# The chunking rule, in one place: the runtime (``default_chunk``) and the compiler's cost model
+# (``passes/cost_model.py``, which builds a sympy expression from ``chunk_formula``) both read it.
+CHUNK_MIN_LENGTH = 128  # CPU chains at least this long use the chunked scan
+CHUNK_MIN, CHUNK_MAX = 8, 32  # K = round(sqrt(L / 2)) clamped to this range
+
+
+def chunked(length: int, device_type: str) -> bool:
+    """Whether ``default_chunk`` chunks a chain of ``length`` rows on a device of ``device_type``."""
+    return device_type == "cpu" and length >= CHUNK_MIN_LENGTH
+
+
+def chunk_formula(length, sqrt: Callable = math.sqrt, floor: Callable = math.floor,
+                  minimum: Callable = min, maximum: Callable = max):
+    """K = round(sqrt(L / 2)) clamped to [CHUNK_MIN, CHUNK_MAX], written once for numbers and symbols.
+
+    Arguments:
+        length: L, a number (the runtime) or a sympy expression (the cost model).
+        sqrt, floor, minimum, maximum: the functions to build it with (``math``'s and the
+            builtins by default; ``sympy.sqrt``, ``sympy.floor``, ``sympy.Min``, ``sympy.Max``
+            for an expression).
+
+    Returns:
+        K as ``floor((sqrt(2 L) + 1) / 2)`` clamped (round half up, exact in sympy).
+    """
+    return minimum(CHUNK_MAX, maximum(CHUNK_MIN, floor((sqrt(2 * length) + 1) / 2)))
+
+
 def default_chunk(length: int, device: torch.device) -> int:
-    """Chunk size for the work-efficient scan: none (0, plain PCR) on accelerators and short chains."""
-    if device.type != "cpu" or length < 128:
+    """Chunk size for the work-efficient scan: none (0, plain PCR) on accelerators and short chains.
+
+    Arguments:
+        length: L, the number of rows.
+        device: where the scan runs.
+
+    Returns:
+        ``chunk_formula(L)`` where ``chunked(L, device.type)``, else 0.
+    """
+    if not chunked(length, device.type):
         return 0
-    return min(32, max(8, int(round((length / 2) ** 0.5))))
+    return int(chunk_formula(length))
 
 
 def affine_scan(A: Optional[torch.Tensor], r: torch.Tensor, mode: str, transpose: bool = False,
                 chunk: Optional[int] = None) -> torch.Tensor:
-    """Solve ``delta_l = A_l delta_{l-1} + r_l`` (or its adjoint) for all rows; returns ``delta``."""
+    """Solve ``delta_l = A_l delta_{l-1} + r_l`` (or its adjoint) for all rows.
+
+    Arguments:
+        A: the matrices in ``mode``'s structure: (L, B, n, n) for ``full``, (L, B, n) for ``diag``,
+            None for ``identity`` and ``zero``. Row 0 is never read.
+        r: the right-hand sides, (L, B, n).
+        mode: ``"full"``, ``"diag"``, ``"identity"`` or ``"zero"`` (see the module docstring).
+        transpose: solve the adjoint recurrence ``a_l = A_{l+1}^T a_{l+1} + r_l`` instead (backward pass).
+        chunk: rows per chunk of the work-efficient variant; 0 or 1 for plain PCR; None chooses
+            (``default_chunk``).
+
+    Returns:
+        ``delta`` (or ``a``), shaped like ``r``. ``A`` and ``r`` are not modified.
+    """
     if mode == "zero":
         return r.clone()
     if transpose:

@@ -8,7 +8,6 @@ the linear adjoint (``adjoint.adjoint``).
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -20,15 +19,20 @@ from .adjoint import adjoint
 from .newton import scaled_norm, triangular_newton
 from .state import StateSpec
 from .stats import PassStats, SolveStats
-from .steps import Steps
+from .steps import Steps, direct_call
 
 
 @dataclass
 class SolveResult:
-    """``states``: z_1..z_L stacked, shape (L, *x0.shape) (a tuple of such for tuple states).
+    """What ``solve`` returns.
 
-    ``solution``: the same states in the solver's flat layout (L, B, n), detached: pass it as
-    ``initial_guess`` to a later solve of the same shapes (a warm start)."""
+    Attributes:
+        states: z_1..z_L stacked, shape (L, *x0.shape) (a tuple of such for tuple states);
+            differentiable w.r.t. x0, the per-step and the shared tensors.
+        stats: the ``SolveStats`` of this solve (its ``backward`` is filled when a backward pass runs).
+        solution: the same states in the solver's flat layout (L, B, n), detached: pass it as
+            ``initial_guess`` to a later solve of the same shapes (a warm start).
+    """
 
     states: Any
     stats: SolveStats
@@ -38,10 +42,11 @@ class SolveResult:
 def solve(step: Callable, x0, per_step: Sequence[torch.Tensor] = (), shared: Sequence[Any] = (),
           config: Optional[Config] = None, length: Optional[int] = None,
           on_iteration: Optional[Callable[[int, int, float], None]] = None,
-          initial_guess: Optional[torch.Tensor] = None, group: Any = None, **options) -> SolveResult:
+          initial_guess: Optional[torch.Tensor] = None,
+          replication: Optional[jacobians.ReplicationMemo] = None, group: Any = None, **options) -> SolveResult:
     """Compute the chain ``z_l = step(z_{l-1}, *per_step[l-1], *shared)`` for l = 1..L in parallel.
 
-    Args:
+    Arguments:
         step: ``step(z, *per_step_slices, *shared) -> z_next``, a plain function of one step
             that returns the state's structure, shape and dtype.
         x0: the initial state: a floating tensor or a tuple of them.
@@ -54,14 +59,17 @@ def solve(step: Callable, x0, per_step: Sequence[torch.Tensor] = (), shared: Seq
         initial_guess: where Newton starts, in the flat layout (L, B, n) of ``SolveResult.solution``
             (default: x0 repeated). Any finite guess gives the same answer; a close one (the
             previous call's solution) saves iterations. Ignored if its shape, dtype or device differ.
+        replication: a ``jacobians.ReplicationMemo`` that remembers across solves of one step
+            whether it accepts a replicated batch (``PCRSolve`` passes its chain's); without one,
+            a refusal is remembered only within this solve's forward and backward pass.
         group: a ``torch.distributed`` process group (e.g. ``dist.group.WORLD``): solve one chain
             split by depth over its ranks (layer-parallel, ``runtime/distributed.py``). Each rank
             passes its contiguous slice of the per-step tensors and gets its own states; ``x0``
             is read on the group's first rank; every rank must call ``solve`` (and ``backward``).
 
     Returns:
-        ``SolveResult(states, stats)``; ``states`` is differentiable w.r.t. x0, per-step and
-        shared tensors. If Newton does not converge within ``max_iter`` or meets a
+        ``SolveResult(states, stats, solution)``; ``states`` is differentiable w.r.t. x0, per-step
+        and shared tensors. If Newton does not converge within ``max_iter`` or meets a
         non-finite value, the remaining steps run sequentially (exact), and ``stats`` says so.
     """
     if group is not None:
@@ -73,7 +81,7 @@ def solve(step: Callable, x0, per_step: Sequence[torch.Tensor] = (), shared: Seq
     shared = tuple(shared) if isinstance(shared, (tuple, list)) else (shared,)
     length = _check_length(per_step, length)
     spec = StateSpec.of(x0, config.batch)
-    user_step, step = step, _bind_constants(step, len(per_step), shared)
+    step = _bind_constants(direct_call(step), len(per_step), shared)
     shared_tensors = tuple(s for s in shared if isinstance(s, torch.Tensor))
     steps = Steps(step, spec, per_step, shared_tensors, config.vectorize)
     with torch.no_grad():
@@ -86,9 +94,11 @@ def solve(step: Callable, x0, per_step: Sequence[torch.Tensor] = (), shared: Seq
                        compute_dtype=str(spec.compute_dtype).replace("torch.", ""))
     x0_parts = x0 if isinstance(x0, tuple) else (x0,)
     problem = _Problem(steps, spec, config, mode, stats, len(x0_parts), on_iteration)
-    problem.initial_guess, problem.step_key = initial_guess, user_step
+    problem.initial_guess = initial_guess
+    if replication is not None:
+        problem.replication = replication
     outs = _ChainSolve.apply(problem, *x0_parts, *steps.inputs)
-    stats.vectorized, stats.vmap_error = steps.vectorized, steps.vmap_error
+    steps.record(stats)
     return SolveResult(states=outs if spec.is_tuple else outs[0], stats=stats, solution=problem.solution)
 
 
@@ -103,12 +113,11 @@ class _Problem:
         self.on_iteration = on_iteration
         self.initial_guess: Optional[torch.Tensor] = None
         self.solution: Optional[torch.Tensor] = None
-        self.step_key: object = None  # the user's step function, to remember that it refused a replicated batch
+        self.replication = jacobians.ReplicationMemo()  # whether the step accepts a replicated batch
 
     def forward(self, x0_flat: torch.Tensor) -> torch.Tensor:
         steps, mode, length = self.steps, self.mode, self.stats.length
         jac = jacobians.Jacobians(mode)
-        jac.replicate_quietly = self.replicate_quietly
         replicated = self.replicated_steps()
 
         def prev_states(start: int, U: torch.Tensor) -> torch.Tensor:
@@ -133,9 +142,9 @@ class _Problem:
         self.stats.autodiff_error = jac.rev_error
         self.stats.replicate_error = jac.replicate_error
         if jac.replicate_error is not None:  # later solves of this step go straight to the vmap'd pullback
-            _remember_replication(self.step_key, False)
+            self.replication.accepts = False
         elif jac.replicate_used:
-            _remember_replication(self.step_key, True)
+            self.replication.accepts = True
         self.solution = U.detach()
         return U
 
@@ -170,19 +179,14 @@ class _Problem:
             return guess.clone()
         return x0_flat.unsqueeze(0).repeat(length, *([1] * x0_flat.dim()))
 
-    @property
-    def replicate_quietly(self) -> bool:
-        """Whether a replicated-batch attempt should hide torch.fx's error print (step not yet known good)."""
-        return _replication_outcome(self.step_key) is not True
-
     def replicated_steps(self, steps: Optional[Steps] = None) -> Optional[Steps]:
-        """The steps on a replicated batch for the Jacobians, where that is the faster method."""
+        """The steps on a replicated batch for the Jacobians, where that is the faster method
+        (``jacobians.replicates``) and the step has not refused one."""
         steps = steps or self.steps
-        n, B = self.spec.width, self.spec.batch_size
-        if self.mode not in jacobians.MODES_WITH_MATRIX or n * B > jacobians.REPLICATE_MAX_SAMPLES \
-                or _replication_outcome(self.step_key) is False:
+        if self.mode not in jacobians.MODES_WITH_MATRIX or self.replication.accepts is False \
+                or not jacobians.replicates(self.spec.batch, self.spec.batch_size, self.spec.width, steps.sample_dims()):
             return None
-        return steps.replicated(n)
+        return steps.replicated(self.spec.width)
 
 
 class _ChainSolve(torch.autograd.Function):
@@ -221,31 +225,14 @@ class _ChainSolve(torch.autograd.Function):
         dZprev, *dinputs = adjoint(backward_steps, Zprev, G, wrt, problem.mode,
                                    problem.adjoint_atol, problem.adjoint_rtol,
                                    cfg.iteration_cap(length), problem.stats.backward,
-                                   problem.replicated_steps(backward_steps), problem.replicate_quietly)
+                                   problem.replicated_steps(backward_steps))
+        backward_steps.record(problem.stats)  # vmap can fail in the backward pass alone
         dx0 = spec.unflatten(dZprev[0])
         dx0 = dx0 if spec.is_tuple else (dx0,)
         input_grads: list = [None] * len(inputs)
         for i, d in zip(wrt, dinputs):
             input_grads[i] = d
         return (None, *dx0, *input_grads)
-
-
-# Whether a step function's batch could be replicated (jacobians.jacobian_replicated), by id, the
-# function held weakly. A refusal is permanent; a success lets later attempts leave stderr alone.
-_REPLICATION: "dict[int, tuple]" = {}
-
-
-def _replication_outcome(step: object) -> Optional[bool]:
-    ref, ok = _REPLICATION.get(id(step), (None, None))
-    return ok if ref is not None and ref() is step else None
-
-
-def _remember_replication(step: object, ok: bool) -> None:
-    try:
-        ref = weakref.ref(step, lambda _, key=id(step): _REPLICATION.pop(key, None))
-    except TypeError:  # not weakly referenceable: each solve finds out again
-        return
-    _REPLICATION[id(step)] = (ref, ok)
 
 
 def max_prefix(length: int) -> int:

@@ -3,8 +3,9 @@
 A rewritten chain needs ``torch.stack([layers.0.weight, ..., layers.L-1.weight])`` on every
 call, and its gradient must reach the user's L Parameters. Done naively both directions cost
 O(L) small operations per call: the stack itself, and in the backward pass one autograd
-``AccumulateGrad`` node per Parameter (about 6 us each; 50 ms for the 8192 Parameters of a
-4096-layer MLP, more than the whole parallel solve). This module removes both:
+``AccumulateGrad`` node per Parameter (on a deep chain more than the whole parallel solve: the
+``solve`` and ``solve+stack`` columns of ``benchmarks/results/backward_vs_autograd_cpu.csv``).
+This module removes both:
 
 - **Flat storage** (``Config.flat_params``). On first use the Parameters' values are copied
   into one stacked buffer and each Parameter's ``.data`` becomes a view of its row (values,
@@ -22,6 +23,12 @@ O(L) small operations per call: the stack itself, and in the backward pass one a
 The module keeps each owner module and attribute name (in the GraphModule's tree, which holds
 the user's Parameter objects, as ``get_attr`` would read them) and reads ``owner._parameters``
 (or ``_buffers``) directly. It owns no Parameters itself: ``state_dict`` is unchanged.
+
+Which buffer a run of Parameters views is a fact about the Parameters, shared by every module
+that stacks them: the specialisations of one compiled model (one per input signature), and
+every compiled wrapper of the same model. So the flat groups live in one registry,
+``FLAT_GROUPS`` (a ``FlatGroups``), that those modules share; each entry lives as long as the
+first tensor of its run, and ``FLAT_GROUPS.clear()`` resets it (see ``FlatGroups``).
 """
 from __future__ import annotations
 
@@ -55,16 +62,57 @@ class _FlatGroup:
         return list(map(id, tensors)) == self.ids and list(map(_DATA_PTR, tensors)) == self.ptrs
 
 
-# The flat group of a run of tensors, keyed by the id of its first tensor; the entry goes when that
-# tensor does (tensors compare elementwise, so they cannot be dictionary keys themselves).
-_GROUPS: "dict[int, _FlatGroup]" = {}
+class FlatGroups:
+    """The flat groups of runs of tensors, found by the id of each run's first tensor.
+
+    Lifetime: an entry lives as long as its first tensor (a ``weakref.finalize`` removes it when
+    that tensor is collected; tensors compare elementwise, so they cannot be keys themselves), or
+    until ``clear()``. ``clear()`` is always safe: the Parameters keep their values (their
+    ``.data`` still views the old buffer, which they keep alive), the next call of each module
+    flattens them into a new buffer, and ``.grad`` views made before stay valid.
+
+    ``StackedAttributes`` use ``FLAT_GROUPS`` unless given another registry (``groups=``); modules
+    given different registries for the same Parameters take turns re-flattening them and soon
+    fall back to stacking per call (``MAX_REFLATTENS``). Each operation is one dictionary
+    operation (atomic under the GIL); as with any change of a Parameter's ``.data``, first calls
+    of one model from two threads at once are not supported.
+    """
+
+    def __init__(self) -> None:
+        self._groups: "dict[int, _FlatGroup]" = {}
+
+    def get(self, tensors: list) -> Optional[_FlatGroup]:
+        """The group whose buffer rows are ``tensors`` now, if there is one."""
+        group = self._groups.get(id(tensors[0]))
+        return group if group is not None and group.matches(tensors) else None
+
+    def flatten(self, tensors: list) -> _FlatGroup:
+        """Copy ``tensors`` into a new stacked buffer, make each view its row, and register the group."""
+        group = _FlatGroup(tensors)
+        key = id(tensors[0])
+        if key not in self._groups:
+            weakref.finalize(tensors[0], self._groups.pop, key, None)
+        self._groups[key] = group
+        return group
+
+    def clear(self) -> None:
+        """Forget every group (see the class docstring: safe at any time)."""
+        self._groups.clear()
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+
+FLAT_GROUPS = FlatGroups()  # the registry every StackedAttributes shares by default (see the module docstring)
 
 
 class StackedAttributes(torch.nn.Module):
     """``forward() -> torch.stack([owner.<name> for each (owner, name)])``, kept as flat storage."""
 
-    def __init__(self, root: torch.nn.Module, targets: list, flat: bool = True, direct_grads: bool = True) -> None:
+    def __init__(self, root: torch.nn.Module, targets: list, flat: bool = True, direct_grads: bool = True,
+                 groups: Optional[FlatGroups] = None) -> None:
         super().__init__()
+        self.groups = groups  # None: the shared FLAT_GROUPS, looked up per call (so a copy of the module shares it)
         owners = []
         for target in targets:
             path, _, attr = target.rpartition(".")
@@ -113,8 +161,9 @@ class StackedAttributes(torch.nn.Module):
         """The flat group whose buffer rows are ``tensors``, (re)made if needed; None when stacking per call."""
         if not self.flat or self._reflattens >= MAX_REFLATTENS:
             return None
-        group = _GROUPS.get(id(tensors[0]))
-        if group is not None and group.matches(tensors):
+        registry = FLAT_GROUPS if self.groups is None else self.groups
+        group = registry.get(tensors)
+        if group is not None:
             self._reflattens = 0
             return group
         if torch.is_inference_mode_enabled() or not all(map(_IS_LEAF, tensors)) \
@@ -124,11 +173,7 @@ class StackedAttributes(torch.nn.Module):
         if self._flattened:  # flattened before, and the tensors have changed since
             self._reflattens += 1
         self._flattened = True
-        group = _FlatGroup(tensors)
-        if id(tensors[0]) not in _GROUPS:
-            weakref.finalize(tensors[0], _GROUPS.pop, id(tensors[0]), None)
-        _GROUPS[id(tensors[0])] = group
-        return group
+        return registry.flatten(tensors)
 
     def extra_repr(self) -> str:
         first, last = self.targets[0], self.targets[-1]

@@ -33,8 +33,14 @@ def sample_layout(shape: Sequence[int], batch: Optional[bool]) -> tuple[int, int
     samples of n elements; ``batch=False`` (or a 0-d/1-d tensor) is one sample of all elements.
     """
     shape = tuple(shape)
-    batched = len(shape) >= 2 if batch is None else bool(batch) and len(shape) >= 1
-    return (shape[0], math.prod(shape[1:])) if batched else (1, math.prod(shape))
+    return (shape[0], math.prod(shape[1:])) if batched_layout(shape, batch) else (1, math.prod(shape))
+
+
+def batched_layout(shape: Sequence[int], batch: Optional[bool]) -> bool:
+    """Whether ``sample_layout`` (and ``StateSpec.of``, its ``batch``) reads a single-tensor state of
+    ``shape`` as a batch of samples along dim 0 (B may be 1): ``batch=None`` and >= 2 dims, or
+    ``batch=True`` and >= 1 dim."""
+    return len(shape) >= 2 if batch is None else bool(batch) and len(shape) >= 1
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,10 @@ Newton driver and the adjoint need, all on flat states ``(rows, B, n)``:
 Per-step and shared tensors are closed over, so ``torch.func`` transforms of these
 functions differentiate with respect to the state only; the backward pass gets parameter
 gradients through ``batched_with_params``.
+
+A ``torch.fx.GraphModule`` step (a compiled chain's step template) is called through
+``direct_call``, so an exception the solver handles (vmap cannot batch an op, the step refuses
+a replicated batch) prints nothing: see ``direct_call``.
 """
 from __future__ import annotations
 
@@ -19,12 +23,46 @@ import logging
 from typing import Callable, Sequence
 
 import torch
+import torch.fx as fx
+import torch.nn.modules.module as nn_module
 from torch.func import vmap
 
 from ..results import VectorizeError
 from .state import StateSpec
 
 logger = logging.getLogger(__name__)
+
+# What torch.func.vmap raises when it cannot batch a step (torch/_functorch: RuntimeError for
+# data-dependent control flow, .item(), unsupported in-place ops and missing batching rules,
+# ValueError for outputs or inputs it cannot map, NotImplementedError for unsupported features).
+VMAP_ERRORS = (RuntimeError, ValueError, NotImplementedError)
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def direct_call(step: Callable) -> Callable:
+    """``step``, or for a hook-free ``torch.fx.GraphModule`` its generated ``forward``.
+
+    ``GraphModule.__call__`` catches any exception raised in its generated code, prints the
+    traceback and five lines of that code to stderr, and re-raises the exception without its
+    traceback (``torch/fx/graph_module.py``, ``_WrappedCall``). The solver handles some
+    exceptions on purpose (vmap cannot batch the step; the step refuses a replicated batch)
+    and records why in ``SolveStats``, so the print is noise. For a module without hooks
+    ``nn.Module.__call__`` does nothing but call ``forward``, so calling ``forward`` directly is
+    the same computation without the print (and the exception keeps its traceback). A
+    GraphModule with hooks (its own or global ones), under ``torch.jit`` tracing, or compiled
+    with ``Module.compile()`` is returned as it is. A lazily recompiled GraphModule is
+    recompiled here first (its first ``forward`` would otherwise go through ``__call__``).
+    """
+    if not isinstance(step, fx.GraphModule) or torch._C._get_tracing_state() is not None \
+            or getattr(step, "_compiled_call_impl", None) is not None:
+        return step
+    if step._forward_hooks or step._forward_pre_hooks or step._backward_hooks or step._backward_pre_hooks \
+            or any(getattr(nn_module, name, None) for name in _GLOBAL_HOOKS):
+        return step
+    if getattr(type(step), "_needs_recompile", lambda: False)():  # torch.fx._lazy_graph_module
+        step.real_recompile()
+    return step.forward
 
 
 class Steps:
@@ -45,6 +83,20 @@ class Steps:
     @property
     def vectorized(self) -> bool:
         return self.vectorize is not False and self.vmap_error is None
+
+    def record(self, stats) -> None:
+        """Write whether these steps ran vectorised, and why not, into ``stats`` (a ``SolveStats``):
+        called after the forward pass and again after the backward pass (its steps can fall back
+        on their own); the first reason recorded is kept."""
+        stats.vectorized = stats.vectorized and self.vectorized
+        if stats.vmap_error is None:
+            stats.vmap_error = self.vmap_error
+
+    def sample_dims(self) -> tuple:
+        """Each input's per-sample dimension as one step sees it (``jacobians.replicates``): dim 1 of a
+        per-step tensor (dim 0 of its slice), dim 0 of a shared tensor; None where there is none."""
+        return tuple(p.shape[1] if p.dim() >= 2 else None for p in self.per_step) \
+            + tuple(s.shape[0] if s.dim() >= 1 else None for s in self.shared)
 
     # one step ---------------------------------------------------------------------------
     def single(self, l: int, z_flat: torch.Tensor, per_step: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
@@ -69,11 +121,10 @@ class Steps:
 
     def replicated(self, copies: int) -> "Steps | None":
         """These steps on a batch of ``copies * B`` samples (for ``jacobians.jacobian_replicated``);
-        None when the state has no batch dimension to grow, or an input seems to have one."""
-        B = self.spec.batch_size
-        if not self.spec.batch or any(p.dim() >= 2 and p.shape[1] == B > 1 for p in self.per_step) \
-                or any(s.dim() >= 1 and s.shape[0] == B > 1 for s in self.shared):
-            return None  # an input with the batch dimension (per-sample noise, conditioning) would not line up
+        None when the state has no batch dimension to grow. Whether to use them is
+        ``jacobians.replicates``'s decision (the caller's)."""
+        if not self.spec.batch:
+            return None
         spec = dataclasses.replace(self.spec, shapes=tuple((copies * s[0], *s[1:]) for s in self.spec.shapes))
         return Steps(self.step, spec, self.per_step, self.shared, True if self.vectorized else False)
 
@@ -97,7 +148,7 @@ class Steps:
             if self.vmap_error is None:
                 try:
                     return mapped(*args)
-                except Exception as exc:  # vmap could not batch an op in the user's step
+                except VMAP_ERRORS as exc:  # vmap could not batch an op in the user's step
                     if self.vectorize is True:
                         raise VectorizeError(
                             "Config(vectorize=True) but torch.func.vmap cannot batch this step: "
