@@ -56,7 +56,7 @@ def test_calibration_is_cached_per_device(monkeypatch):
         calls.append(device)
         return dataclasses.replace(CONSTANTS, device=str(device))
 
-    monkeypatch.setattr(cal, "_CACHE", {})
+    monkeypatch.setattr(cal, "CACHE", cal.CalibrationCache())
     monkeypatch.setattr(cal, "measure", fake)
     first = cal.calibrate("cpu")
     assert cal.calibrate("cpu") is first and cal.calibrate(torch.device("cpu")) is first and len(calls) == 1

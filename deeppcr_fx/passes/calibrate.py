@@ -1,9 +1,13 @@
 """Per-device constants for the cost model: a short micro-benchmark, cached per process and device.
 
-``calibrate(device)`` times a handful of primitives (well under a second on a 2-core CPU)
-and returns a frozen ``DeviceConstants``; the result is kept in a module-level cache keyed by
-the device and torch's CPU thread count, so a process measures each device once
-(``refresh=True`` measures again). What it times, and what the cost model uses it for:
+``calibrate(device)`` times a handful of primitives (``DeviceConstants.seconds`` says how long
+that took) and returns a frozen ``DeviceConstants``. The result is kept in ``CACHE``, a
+``CalibrationCache`` keyed by the device and torch's CPU thread count, so a process measures
+each device once. The cache lives as long as the process (the constants describe the machine,
+not a model); it is thread-safe (one lock: a device is measured once even when two threads
+compile at the same time, and two measurements never run at once), and ``clear()`` (or
+``calibrate(device, refresh=True)`` for one device) makes the next compilation measure again,
+e.g. after the machine's load changed. What it times, and what the cost model uses it for:
 
 =================  ================================================================  ========================
 constant           primitive                                                         stands for
@@ -27,16 +31,18 @@ constant           primitive                                                    
 ``matvec[n]``      batched ``n x n @ n x 1`` products, per product                   matrix-vector products
 =================  ================================================================  ========================
 
-The first calibration in a process also pays torch.func's one-time warm-up (about a second
-on a 2-core CPU; the first parallel solve would pay it anyway); later devices or thread
-counts take about 0.2 s. On CUDA every timed block ends with a synchronisation, so the
-per-op times are the launch throughput of small kernels. Each time is the minimum over a
-few repeats (the least disturbed run on a shared machine). Nothing here changes global state
-besides the cache (thread count and RNG are left as they are).
+The first calibration in a process also pays torch.func's one-time warm-up (the first
+parallel solve would pay it anyway), so it takes longer than later ones. On CUDA every timed
+block ends with a synchronisation, so the per-op times are the launch throughput of small
+kernels. Each time is the minimum over a few repeats (the least disturbed run on a shared
+machine). Nothing here changes global state besides the cache (thread count and RNG are left
+as they are).
 """
 from __future__ import annotations
 
+import logging
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Union
@@ -49,7 +55,12 @@ SIZES = (2, 4, 8, 16, 32, 64)  # matrix sizes n timed for the scan's small produ
 BATCHED_SIZES = (4, 16)  # state widths n timed for the batched step primitives
 BATCHED_KINDS = ("forward", "vjp", "jacobian")
 _SMALL, _LARGE = 8, 1024  # steps L of the batched primitives: overhead, and throughput
-_CACHE: "dict[tuple, DeviceConstants]" = {}
+# What measuring on a device the micro-benchmark cannot drive raises: RuntimeError (no such device,
+# a backend error), NotImplementedError (an op the backend lacks), AssertionError (torch built
+# without that backend, e.g. torch.cuda on a CPU-only build).
+DEVICE_ERRORS = (RuntimeError, NotImplementedError, AssertionError)
+
+logger = logging.getLogger(__name__)
 
 
 def _loglog(table: tuple, x: float, power: float = 0.0) -> float:
@@ -111,26 +122,76 @@ def _device(device: Union[str, torch.device, None]) -> torch.device:
     return device
 
 
+class CalibrationCache:
+    """The constants measured so far, keyed by (device, CPU threads); thread-safe.
+
+    One lock guards the table and the measurements: a thread asking for a device being measured
+    waits for that measurement instead of starting its own (two at once would also disturb each
+    other's timings). ``clear()`` forgets everything; nothing else is ever dropped.
+    """
+
+    def __init__(self, measure_fn: Optional[Callable[[torch.device], DeviceConstants]] = None) -> None:
+        self._measure = measure_fn  # None: the module's ``measure`` (looked up per call, so tests can patch it)
+        self._lock = threading.Lock()
+        self._table: "dict[tuple, DeviceConstants]" = {}
+
+    def get(self, device: torch.device, refresh: bool = False) -> DeviceConstants:
+        """The constants of ``device`` at the current thread count, measured if not cached (or ``refresh``)."""
+        key = (str(device), torch.get_num_threads())
+        with self._lock:
+            if refresh or key not in self._table:
+                self._table[key] = (self._measure or measure)(device)
+            return self._table[key]
+
+    def snapshot(self) -> dict:
+        """A copy of the table: (device, threads) -> ``DeviceConstants``."""
+        with self._lock:
+            return dict(self._table)
+
+    def clear(self) -> None:
+        """Forget every measurement: the next ``calibrate`` of each device measures again."""
+        with self._lock:
+            self._table.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._table)
+
+
+CACHE = CalibrationCache()  # this process's measurements (see the module docstring)
+
+
 def calibrate(device: Union[str, torch.device, None] = None, refresh: bool = False) -> DeviceConstants:
-    """The constants of ``device`` (default CPU), measured once per process, device and CPU thread count."""
-    device = _device(device)
-    key = (str(device), torch.get_num_threads())
-    if refresh or key not in _CACHE:
-        _CACHE[key] = measure(device)
-    return _CACHE[key]
+    """The constants of ``device`` (default CPU), measured once per process, device and CPU thread count.
+
+    Arguments:
+        device: where to measure; a CUDA device without an index means the current one.
+        refresh: measure again even if ``CACHE`` holds this device's constants.
+
+    Returns:
+        The ``DeviceConstants``, from ``CACHE`` when they are there.
+    """
+    return CACHE.get(_device(device), refresh)
 
 
 def cached() -> dict:
     """The constants measured so far in this process, keyed by (device, threads)."""
-    return dict(_CACHE)
+    return CACHE.snapshot()
+
+
+def clear() -> None:
+    """Forget every measurement of this process (``CACHE.clear()``): later compilations measure again."""
+    CACHE.clear()
 
 
 def constants_for(device_type: str, index: Optional[int] = None) -> DeviceConstants:
     """``calibrate`` for a device as the compiler sees it; the CPU's constants where the device cannot
-    run the micro-benchmark."""
+    run the micro-benchmark (one of ``DEVICE_ERRORS``; logged)."""
     try:
         return calibrate(torch.device(device_type, index) if index is not None else device_type)
-    except Exception:  # an accelerator this micro-benchmark cannot drive: the CPU's numbers, conservatively
+    except DEVICE_ERRORS as exc:  # an accelerator this micro-benchmark cannot drive: the CPU's, conservatively
+        logger.warning("deeppcr: cannot calibrate %s (%s: %s); the cost model uses the CPU's constants",
+                       device_type if index is None else f"{device_type}:{index}", type(exc).__name__, exc)
         return calibrate("cpu")
 
 
