@@ -5,7 +5,7 @@ width n, ops q, module calls m and FLOPs F (whole batch) of one step, per-step t
 of them Parameters that get gradients), Jacobian mode, iteration cap. Each way of running it
 is a ``Work``: sympy expressions in the symbols of ``SYMBOLS`` counting what it does. Its
 time is the dot product with the device's unit costs (``UNITS``), calibrated by a
-micro-benchmark (``passes/calibrate.py``: under a second, cached per process and device)::
+micro-benchmark (``passes/calibrate.py``: cached per process and device)::
 
     T = launches·t_op + module_calls·t_module + autograd_nodes·t_autograd + stacked·t_stack
         + eager_flops·c_forward + bytes / bandwidth + matmuls·t_mm(n) + matvecs·t_mv(n)
@@ -30,8 +30,9 @@ JB = N·n²·e (e bytes per element), k Newton iterations, S steps finished sequ
                 else (n vjps): jacobian_ops q, jacobian_flops L·F, bytes 3·JB
     iteration   full/diag: the Jacobian; identity/zero: forward_ops q, forward_flops L·F;
                 + Newton bookkeeping: launches NEWTON_OPS, bytes 8·SB
-                + scan, full: chunked on CPUs for L >= 128 (K = min(32, max(8, round(sqrt(L/2)))),
-                  R = ceil(log2(L/K))): launches 8K + 10R + 20 (per chunk row two batched products
+                + scan, full: chunked on CPUs for L >= 128 (K = min(32, max(8, round(sqrt(L/2)))); both
+                  rules are ``runtime/scan.py``'s ``chunked`` and ``chunk_formula``; R = ceil(log2(L/K))):
+                  launches 8K + 10R + 20 (per chunk row two batched products
                   and six row views; per PCR round about ten ops), matmuls N + N·R/K,
                   matvecs 2N + N·R/K, bytes 4·JB + 4·SB; plain PCR (GPUs, short chains,
                   R = ceil(log2 L)): launches 10R + 5, matmuls N·R, matvecs N·R, bytes R·(4·JB + 3·SB);
@@ -61,23 +62,11 @@ of a small add, tanh and linear, while ``F.linear`` with autograd records severa
 predicts cold solves (``Config.warm_start`` usually needs fewer iterations on later calls).
 ``Config.min_length`` (default 8) is a hard floor for every policy.
 
-Checked on this project's shared 2-core CPU (one thread; eager vs ``policy="always"`` with
-``warm_start=False``, medians of alternating runs; the calibration itself varies by up to
-~50% between processes on a loaded machine, which the margin absorbs)::
-
-    chain (L, w, B)               predicted   measured        chain (L, w, B)             predicted   measured
-    tanh MLP 4096, 4, 1 train       3.1x        3.1x          tanh MLP 1024, 2, 16 train    0.96x       1.3x
-    tanh MLP 4096, 4, 1 forward     1.1x        1.6x          tanh MLP 256, 4, 1 train      0.67x       1.0x
-    tanh MLP 4096, 2, 1 forward     2.1x        2.3x          tanh MLP 64, 4, 1 train       0.35x       0.40x
-    tanh MLP 4096, 2, 16 train      1.3x        1.7x          residual MLP 1024, 4, 16      0.08x       0.21x
-    tanh MLP 1024, 4, 1 train       1.6x        2.2x          DDIM sampler, 50 steps        0.02x       0.08x
-
-In one pass over the paper and resnet grids (L 64-4096, w 2-64, B 1 and 16) every chain
-predicted at >= 1.3x measured >= 1.6x; in other processes (other calibrations) the least
-favourable case, tanh MLP 1024, 2, 16 train, was predicted at up to 1.9x and measured
-1.3-1.4x. The calibration follows the machine's state when the model is compiled: with two
-threads while the other core was busy, the batched primitives measured 5-10x slower (so did
-the solves) and "auto" kept every chain sequential.
+How well the predictions matched measurements (predicted vs measured speed-ups over the
+paper and resnet grids, and how much the calibration varies between processes on a loaded
+machine, which the margin absorbs) is recorded in ``benchmarks/results/cost_model_checks_cpu.txt``.
+The calibration follows the machine's state when the model is compiled: on a busy machine the
+batched primitives measure slower (so do the solves) and "auto" keeps more chains sequential.
 
 ``Config.autotune`` replaces the prediction by a measurement on the real inputs
 (``passes/autotune.py``); the report shows both.
@@ -90,6 +79,7 @@ from typing import Callable, Optional
 
 import sympy
 
+from ..runtime import scan
 from .calibrate import DeviceConstants
 from .step_profile import ChainShape
 
@@ -99,7 +89,6 @@ ITERATIONS_RESIDUAL = 40  # full Jacobian, a skip path (residual blocks, sampler
 SOLVE_OPS = 100  # small ops and Python steps of one solve besides its iterations
 NEWTON_OPS = 60  # small ops and Python steps of one Newton iteration besides the step and the scan
 BACKWARD_OPS = 60  # small ops and Python steps of one backward pass besides its products
-CHUNKED_MIN_LENGTH = 128  # the CPU scan is chunked from this length on (runtime/scan.default_chunk)
 
 L, B, n, k, q, m, P, G, F, S, e = sympy.symbols("L B n k q m P G F S e", positive=True)
 SYMBOLS = {s.name: s for s in (L, B, n, k, q, m, P, G, F, S, e)}
@@ -151,8 +140,9 @@ def sequential_work(backward: bool) -> Work:
     return forward + Work(autograd_nodes=L * (q + G), eager_flops=2 * L * F) if backward else forward
 
 
-def _chunk() -> sympy.Expr:
-    return sympy.Min(32, sympy.Max(8, sympy.floor(sympy.sqrt(L / 2) + sympy.Rational(1, 2))))
+def chunk_expression() -> sympy.Expr:
+    """The scan's chunk size K as an expression of L: ``runtime/scan.chunk_formula``, built with sympy."""
+    return scan.chunk_formula(L, sqrt=sympy.sqrt, floor=sympy.floor, minimum=sympy.Min, maximum=sympy.Max)
 
 
 def _scan(mode: str, chunked: bool) -> Work:
@@ -160,7 +150,7 @@ def _scan(mode: str, chunked: bool) -> Work:
     if mode in ("identity", "zero"):
         return Work(launches=1, bytes=2 * SB)
     if chunked:
-        K = _chunk()
+        K = chunk_expression()
         R = sympy.ceiling(sympy.log(sympy.ceiling(L / K), 2))
         launches = 8 * K + 10 * R + 20
         if mode == "full":
@@ -261,7 +251,8 @@ class Prediction:
 
 
 def chunked_scan(shape: ChainShape) -> bool:
-    return shape.device_type == "cpu" and shape.length >= CHUNKED_MIN_LENGTH
+    """Whether the runtime's scan is chunked for this chain (``runtime/scan.chunked``)."""
+    return scan.chunked(shape.length, shape.device_type)
 
 
 def predict(shape: ChainShape, constants: DeviceConstants, iterations: Optional[int] = None) -> Prediction:

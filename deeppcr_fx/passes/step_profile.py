@@ -2,8 +2,8 @@
 
 ``profile(candidate, gm, config, device_type, backward)`` returns a frozen ``ChainShape``:
 
-- ``length`` L, ``batch`` B and ``width`` n (per-sample state elements; B = 1 and n = all
-  elements when the state has fewer than 2 dimensions or ``Config.batch`` is False),
+- ``length`` L, ``batch`` B and ``width`` n (per-sample state elements), split as the solver
+  splits the state (``runtime/state.sample_layout`` with ``Config.batch``),
 - ``ops``: the ops one step dispatches (``call_function``/``call_method``/``call_module`` nodes
   of one segment, without ``getitem``/``getattr``/``size``-like Python bookkeeping),
 - ``module_calls``: ``nn.Module`` calls per step (module paths one segment's nodes come from
@@ -19,7 +19,8 @@
   iterations,
 - the Jacobian mode, the iteration cap, the dtype's size, the device type, whether a backward
   pass is expected, and whether parameter gradients bypass autograd's per-Parameter leaves
-  (``Config.direct_grads``, read with a default so configs without the field work).
+  (``Config.direct_grads``, read with a default so configs without the field work), and whether
+  the Jacobians come from a replicated batch (``runtime/jacobians.replicates``).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 
 from ..config import Config
 from ..runtime import jacobians
+from ..runtime.state import batched_layout, sample_layout
 from .find_chains import Candidate
 from .shape_prop import info_of
 
@@ -150,19 +152,18 @@ def profile(c: Candidate, gm: fx.GraphModule, config: Config, device_type: str, 
     if info is None or not info.is_tensor or c.shapes_differ:
         return None
     shape = info.shape
-    batched = len(shape) >= 2 and config.batch is not False
-    batch, width = (shape[0], math.prod(shape[1:])) if batched else (1, math.prod(shape))
+    batch, width = sample_layout(shape, config.batch)
     members = set(seg.nodes)
     later = _module_paths(c.segments[1].nodes) if len(c.segments) > 1 else set()
     slots = slots_of(c)
     per_step = len(slots.per_step_ext) + len(slots.per_step_float)
     grads = sum(_is_grad_parameter(seg.externals[i], gm) for i in slots.per_step_ext)
     params = sum(_is_parameter(seg.externals[i], gm) for i in slots.per_step_ext)
-    # the runtime's own conditions (Steps.replicated, StackedAttributes): no input carries the batch
-    # dimension, and every stacked Parameter is trained (else autograd stacks them, one leaf each)
+    # the runtime's own rules: jacobians.replicates (each input's per-sample dimension as one step sees
+    # it), and StackedAttributes' direct gradients need every stacked Parameter trained (else autograd
+    # stacks them, one leaf each)
     externals = [seg.externals[i] for i in (*slots.per_step_ext, *slots.shared_ext)]
-    batch_sized = any(_leading(x) == batch > 1 for x in externals)
-    replicated = batched and not batch_sized and width * batch <= jacobians.REPLICATE_MAX_SAMPLES
+    replicated = jacobians.replicates(batched_layout(shape, config.batch), batch, width, map(_leading, externals))
     direct = bool(getattr(config, "direct_grads", False) and getattr(config, "flat_params", False)) and grads == params
     return ChainShape(
         length=c.length, batch=int(batch), width=int(max(width, 1)),
