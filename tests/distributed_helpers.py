@@ -15,6 +15,7 @@ import datetime
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -44,7 +45,26 @@ def gru(L: int, H: int = 4, D: int = 3, B: int = 2, seed: int = 4) -> Chain:
     return Chain("gru", step, h0, (x,), (W_ih, W_hh, b_ih, b_hh))
 
 
+@dataclass
+class SharedChain(Chain):
+    """A chain whose steps share all their inputs (no per-step tensors: ``length=``)."""
+
+    L: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.L
+
+
+def shared_weights(L: int, w: int = 4, B: int = 2, seed: int = 5) -> Chain:
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(w, w, generator=g, dtype=torch.float64) * 0.9 / w ** 0.5
+    x0 = torch.randn(B, w, generator=g, dtype=torch.float64)
+    return SharedChain("shared", lambda z, W: torch.tanh(z @ W), x0, (), (W,), L)
+
+
 CHAINS = {
+    "shared": shared_weights,
     "tanh": lambda L: mlp("tanh", L, w=4, B=2),
     "residual": lambda L: residual(L, w=4, B=2),
     "gru": lambda L: gru(L),
@@ -60,18 +80,25 @@ def _parts(x):
     return x if isinstance(x, tuple) else (x,)
 
 
-def run_case(rank: int, name: str, L: int, cuts: list, **options) -> dict:
-    """One chain solved across the group; errors against the sequential loop (float64) and the stats."""
+def run_case(rank: int, name: str, L: int, cuts: list, group=None, warm: bool = False, **options) -> dict:
+    """One chain solved across the group (``rank``: this process's rank in it); errors against the
+    sequential loop (float64) and the stats. ``warm``: solve twice, the second time from the
+    first solution (``initial_guess``), and report the second solve."""
     import deeppcr_fx as deeppcr
 
+    group = dist.group.WORLD if group is None else group
     ch = CHAINS[name](L)
     lo, hi = cuts[rank], cuts[rank + 1]
     per_step = [_leaf(p[lo:hi]) for p in ch.per_step]
     shared = [_leaf(s) for s in ch.shared]
     x0 = tuple(_leaf(p) for p in _parts(ch.x0))
     x0 = x0 if isinstance(ch.x0, tuple) else x0[0]
-    res = deeppcr.solve(ch.step, x0 if rank == 0 else None, per_step=per_step, shared=shared,
-                        group=dist.group.WORLD, **options)
+    kwargs = dict(per_step=per_step, shared=shared, group=group, **options)
+    if not per_step:
+        kwargs["length"] = hi - lo
+    res = deeppcr.solve(ch.step, x0 if rank == 0 else None, **kwargs)
+    if warm:
+        res = deeppcr.solve(ch.step, x0 if rank == 0 else None, initial_guess=res.solution, **kwargs)
     g = torch.Generator().manual_seed(7)
     C = [torch.randn(L, *p.shape, generator=g, dtype=torch.float64) for p in _parts(ch.x0)]
     sum(((s * c[lo:hi]).sum() for s, c in zip(_parts(res.states), C))).backward()
@@ -87,7 +114,7 @@ def run_case(rank: int, name: str, L: int, cuts: list, **options) -> dict:
 
     out = {
         "states": max(err(s, r[lo:hi]) for s, r in zip(_parts(res.states), _parts(ref))),
-        "per_step_grads": max(err(p.grad, r.grad[lo:hi]) for p, r in zip(per_step, ref_ps)),
+        "per_step_grads": max((err(p.grad, r.grad[lo:hi]) for p, r in zip(per_step, ref_ps)), default=0.0),
         "shared_grads": max([err(s.grad, r.grad) for s, r in zip(shared, ref_sh)], default=0.0),
         "stats": res.stats.to_dict(),
         "volume": res.volume,
@@ -123,9 +150,16 @@ def spawn_group(entry: str, nprocs: int, tmp_path, *args, timeout_s: float = 30.
 
 
 # --- entries (run on every rank) ------------------------------------------------------------------
-def run_cases(rank: int, nprocs: int, cases: list) -> dict:
-    """``cases``: (key, chain name, L, cuts, options); returns {key: run_case(...)}."""
-    return {key: run_case(rank, name, L, cuts, **options) for key, name, L, cuts, options in cases}
+def run_cases(rank: int, nprocs: int, cases: list, sub_cases: list = ()) -> dict:
+    """``cases``: (key, chain name, L, cuts, options); returns {key: run_case(...)}. ``sub_cases`` run
+    on a subgroup of the ranks 1.. (every rank creates it; rank 0 stays out)."""
+    out = {key: run_case(rank, name, L, cuts, **options) for key, name, L, cuts, options in cases}
+    if sub_cases:
+        sub = dist.new_group(list(range(1, nprocs)))
+        if rank > 0:
+            for key, name, L, cuts, options in sub_cases:
+                out[key] = run_case(rank - 1, name, L, cuts, group=sub, **options)
+    return out
 
 
 def _capture(fn) -> dict:

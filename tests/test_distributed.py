@@ -32,6 +32,8 @@ CASES_2 = [
     ("gru", "gru", 24, [0, 12, 24], {}),
     ("gru_diag", "gru", 16, [0, 7, 16], {"jacobian": "diag", "rtol": 1e-12}),  # default rtol: 2e-10 off, as in one process
     ("tuple", "tuple", 16, [0, 9, 16], {}),
+    ("shared_length", "shared", 20, [0, 7, 20], {"rtol": 1e-12}),  # no per-step tensors: length= per rank
+    ("warm", "tanh", 32, [0, 12, 32], {"warm": True}),  # initial_guess = the previous solution
 ]
 CASES_3 = [
     ("tanh_uneven", "tanh", 40, [0, 1, 31, 40], {}),
@@ -48,9 +50,12 @@ def two(tmp_path_factory):
     return spawn_group("run_cases_then_faults", 2, out_dir, CASES_2, str(out_dir), timeout_s=15.0)
 
 
+SUB_CASES_3 = [("subgroup", "gru", 12, [0, 5, 12], {})]  # a group of global ranks 1, 2: x0 read on rank 1
+
+
 @pytest.fixture(scope="module")
 def three(tmp_path_factory):
-    return spawn_group("run_cases", 3, tmp_path_factory.mktemp("three"), CASES_3)
+    return spawn_group("run_cases", 3, tmp_path_factory.mktemp("three"), CASES_3, SUB_CASES_3)
 
 
 def _check(results, key):
@@ -74,6 +79,17 @@ def test_two_processes_match_sequential(two, key):
 @pytest.mark.parametrize("key", [c[0] for c in CASES_3])
 def test_three_processes_match_sequential(three, key):
     _check(three, key)
+
+
+def test_subgroup(three):
+    """A group that is not WORLD: its first rank (global rank 1) reads x0; global rank 0 is not in it."""
+    assert "subgroup" not in three[0]
+    _check(three[1:], "subgroup")
+
+
+def test_warm_start_confirms_in_one_iteration(two):
+    stats = two[0]["warm"]["stats"]
+    assert stats["warm_start"] and stats["forward"]["iterations"] == 1 and stats["forward"]["converged"]
 
 
 def test_full_mode_converges_like_one_process(two):
