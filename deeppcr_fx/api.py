@@ -25,7 +25,8 @@ from .config import Config
 from .inspect.report import CompileReport
 from .inspect.telemetry import ChainStats, collect
 from .passes.dynamo import DynamoBackend, make_backend
-from .passes.pipeline import Context, run_pipeline
+from .passes.options import CompileOptions
+from .passes.pipeline import run_pipeline
 from .passes.record import record
 from .passes.trace import trace
 from .results import CompileError, Reason, RecordFailure, TraceFailure
@@ -207,7 +208,7 @@ class CompiledModule(torch.nn.Module):
     def _build_symbolic(self, args: tuple, report: CompileReport) -> _Specialisation:
         traced = trace(self._original, args)
         report.front_end, report.captured, report.opaque_modules = "symbolic", 1, traced.opaque
-        result = run_pipeline(traced.graph_module, Context(self.config, args, report, front_end="symbolic"))
+        result = run_pipeline(traced.graph_module, CompileOptions(self.config, args, front_end="symbolic"), report)
         return _Specialisation(self._runner(result), report, result.graph_module)
 
     def _build_record(self, args: tuple, report: CompileReport) -> _Specialisation:
@@ -215,7 +216,7 @@ class CompiledModule(torch.nn.Module):
         report.front_end, report.captured = "record", 1
         report.notes.append("recorded one concrete run: Python-side state changes (e.g. a scheduler's counters) "
                             "happen when the original model runs, not in the rewritten graph")
-        result = run_pipeline(gm, Context(self.config, args, report, front_end="record"))
+        result = run_pipeline(gm, CompileOptions(self.config, args, front_end="record"), report)
         return _Specialisation(self._runner(result), report, result.graph_module, first_output=(args, out))
 
     def _build_dynamo(self, args: tuple, report: CompileReport) -> _Specialisation:
@@ -268,8 +269,21 @@ def compile(model: torch.nn.Module, example_inputs: Optional[tuple] = None, poli
             **options) -> CompiledModule:
     """Compile ``model``: find its chains and rewrite them into parallel ``PCRSolve`` nodes.
 
-    Lazy: nothing happens until the first call (or now, for ``example_inputs``). Options are
-    ``Config`` fields; ``policy="always"`` rewrites every valid chain, ``"never"`` only reports.
+    Lazy: nothing happens until the first call (or now, for ``example_inputs``); each new input
+    signature (shapes, dtypes, devices, train/eval flags, grad mode) is specialised once.
+
+    Arguments:
+        model: the ``nn.Module`` to compile; it is never modified, and the compiled module shares its
+            Parameters and buffers (training the compiled module trains ``model``).
+        example_inputs: inputs to specialise for now instead of on the first call.
+        policy: ``"auto"`` (default: rewrite where the cost model predicts a speed-up), ``"always"``
+            (every valid chain) or ``"never"`` (trace and report only).
+        jacobian, min_length: the ``Config`` fields of these names.
+        config: a ``Config``; the keyword options above and ``**options`` override its fields.
+
+    Returns:
+        A ``CompiledModule``: call it like ``model``; ``.report`` says what was found, rewritten and
+        refused (with reasons), ``.stats()`` how each rewritten chain's solves converged.
     """
     compiled = CompiledModule(model, _config(config, dict(policy=policy, jacobian=jacobian,
                                                           min_length=min_length, **options)))
@@ -281,7 +295,14 @@ def compile(model: torch.nn.Module, example_inputs: Optional[tuple] = None, poli
 def explain(model: torch.nn.Module, example_inputs: tuple, **options) -> CompileReport:
     """The ``CompileReport`` for ``model`` on ``example_inputs``, with the same options as ``compile``.
 
-    The symbolic front end does not run the model; the recording and TorchDynamo front ends run it once.
+    Arguments:
+        model: the ``nn.Module`` to analyse (not modified).
+        example_inputs: a tuple of the inputs to specialise for.
+        **options: ``Config`` fields (``policy``, ``jacobian``, ...), as for ``compile``.
+
+    Returns:
+        The ``CompileReport``. The symbolic front end does not run the model; the recording and
+        TorchDynamo front ends run it once.
     """
     compiled = compile(model, **options)
     spec = compiled.specialise(tuple(example_inputs))

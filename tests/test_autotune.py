@@ -15,7 +15,7 @@ import deeppcr_fx as deeppcr
 from compile_zoo import ZOO
 from deeppcr_fx.passes import autotune as at
 from deeppcr_fx.passes import cost_model as cm
-from deeppcr_fx.passes import pipeline
+from deeppcr_fx.passes import decide
 from deeppcr_fx.results import Reason
 
 
@@ -92,7 +92,7 @@ def test_each_chain_keeps_its_faster_variant(monkeypatch):
     assert (first.status, second.status) == ("refused", "rewritten") and len(tune.calls) == 2
     assert first.cost["measured"]["sequential_ms"] == 1.0 and second.cost["measured"]["parallel_ms"] == 1.0
     assert [s.length for s in solves(compiled)] == [expected[1][0]]
-    assert list(compiled.report.graphs)[-1] == "recompile" and compiled.report.graphs["recompile"] is compiled.graph_module
+    assert list(compiled.report.graphs)[-1] == "rewrite" and compiled.report.graphs["rewrite"] is compiled.graph_module
 
 
 def test_policy_never_does_not_tune(monkeypatch):
@@ -119,7 +119,7 @@ def test_auto_times_only_chains_the_prediction_makes_plausible(monkeypatch):
         return cm.Prediction(sequential_s=0.008, parallel_s=0.01, iterations=5, why_iterations="test",
                              sequential_finish=0, backward=shape.backward, mode=shape.mode, device="cpu")
 
-    monkeypatch.setattr(pipeline, "predict", plausible)
+    monkeypatch.setattr(decide, "predict", plausible)
     compiled = deeppcr.compile(model, policy="auto", autotune=True)
     torch.testing.assert_close(compiled(*inputs), model(*inputs), rtol=1e-9, atol=1e-9)
     (rec,) = compiled.report.chains

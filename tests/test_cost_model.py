@@ -13,7 +13,7 @@ import deeppcr_fx as deeppcr
 from compile_zoo import ZOO
 from deeppcr_fx.passes import calibrate as cal
 from deeppcr_fx.passes import cost_model as cm
-from deeppcr_fx.passes import pipeline
+from deeppcr_fx.passes import decide
 from deeppcr_fx.passes.step_profile import ChainShape
 from deeppcr_fx.results import Reason
 
@@ -140,7 +140,7 @@ def test_auto_rewrites_where_the_prediction_clears_the_margin(monkeypatch):
         return cm.Prediction(sequential_s=0.01, parallel_s=0.002, iterations=5, why_iterations="test",
                              sequential_finish=0, backward=shape.backward, mode=shape.mode, device="cpu")
 
-    monkeypatch.setattr(pipeline, "predict", winning)
+    monkeypatch.setattr(decide, "predict", winning)
     torch.manual_seed(0)
     model, inputs, expected = ZOO["mlp"]()
     compiled = deeppcr.compile(model, policy="auto")
@@ -162,8 +162,8 @@ def test_report_with_prediction_round_trips_through_json():
 
 def test_profile_follows_the_runtimes_fast_paths(monkeypatch):
     shapes = []
-    real = pipeline.predict
-    monkeypatch.setattr(pipeline, "predict", lambda shape, constants: shapes.append(shape) or real(shape, constants))
+    real = decide.predict
+    monkeypatch.setattr(decide, "predict", lambda shape, constants: shapes.append(shape) or real(shape, constants))
     torch.manual_seed(0)
     model, inputs, _ = ZOO["mlp"]()  # B = 3, w = 8: a replicated batch of 24, trained Parameters
     deeppcr.explain(model, inputs)

@@ -130,9 +130,9 @@ def test_graph_history_per_pass():
     x = torch.randn(2, 8)
     compiled(x)
     graphs = compiled.report.graphs
-    assert list(graphs) == ["capture", "shape_prop", "find_chains", "validate", "decide", "rewrite", "recompile"]
+    assert list(graphs) == ["capture", "shape_prop", "find_chains", "validate", "decide", "describe", "rewrite"]
     assert all(isinstance(g, fx.GraphModule) for g in graphs.values())
-    assert graphs["recompile"] is compiled.graph_module and graphs["shape_prop"] is graphs["capture"]
+    assert graphs["rewrite"] is compiled.graph_module and graphs["shape_prop"] is graphs["capture"]
     solves = lambda gm: [n for n in gm.graph.nodes  # noqa: E731
                          if n.op == "call_module" and isinstance(gm.get_submodule(n.target), deeppcr.PCRSolve)]
     assert solves(graphs["capture"]) == [] and len(solves(graphs["rewrite"])) == 3

@@ -123,14 +123,14 @@ def _candidates(report, policy: str) -> list:
     return tried
 
 
-def _skip(ctx) -> Optional[str]:
-    if ctx.config.policy == "never":
+def _skip(options) -> Optional[str]:
+    if options.config.policy == "never":
         return "policy='never'"
-    if ctx.front_end == "dynamo":
+    if options.front_end == "dynamo":
         return "the TorchDynamo front end compiles inside TorchDynamo's tracing"
     from torch._subclasses.fake_tensor import FakeTensor
 
-    if any(isinstance(a, FakeTensor) for a in ctx.example_inputs):
+    if any(isinstance(a, FakeTensor) for a in options.example_inputs):
         return "the example inputs are fake tensors"
     return None
 
@@ -141,23 +141,31 @@ def _text(ms_seq: float, ms_par: float, its: Optional[int], backward: bool) -> s
     return f"whole model, {what}: sequential {ms_seq:.3g} ms, parallel {ms_par:.3g} ms{its}"
 
 
-def autotune(result, ctx, capture: fx.GraphModule, build: Callable) -> tuple:
-    """The faster variant of every tried chain: ``(PassResult, Context)`` of the chosen graph.
+def autotune(result, report, options, capture: fx.GraphModule, build: Callable) -> tuple:
+    """The faster variant of every tried chain: ``(PassResult, CompileReport)`` of the chosen graph.
 
-    ``build(forced)`` re-runs the passes on a copy of ``capture`` with ``forced`` decisions
-    (chain index -> (parallel, why)) and returns ``(PassResult, Context)``."""
-    why_not = _skip(ctx)
+    Arguments:
+        result: the pipeline's result under the policy; ``report`` its report.
+        options: the ``CompileOptions`` it ran with (inputs, policy, whether a backward pass is expected).
+        capture: the captured graph, which runs when every tried chain is sequential.
+        build: ``build(forced)`` re-runs the passes on a copy of ``capture`` with ``forced`` decisions
+            (chain index -> (parallel, why)) and returns ``(PassResult, CompileReport)``.
+
+    Returns:
+        ``(PassResult, CompileReport)`` of the variant kept, its records carrying the measured times.
+    """
+    why_not = _skip(options)
     if why_not is not None:
-        if ctx.config.policy != "never":
-            ctx.report.notes.append(f"autotune: not run ({why_not})")
-        return result, ctx
-    tried = _candidates(ctx.report, ctx.config.policy)
+        if options.config.policy != "never":
+            report.notes.append(f"autotune: not run ({why_not})")
+        return result, report
+    tried = _candidates(report, options.config.policy)
     if not tried:
-        return result, ctx
-    records = {c.index: c for c in ctx.report.chains}
+        return result, report
+    records = {c.index: c for c in report.chains}
     first_set = frozenset(i for i in tried if records[i].status == REWRITTEN)
-    variants = {first_set: (result, ctx)}
-    args, backward = tuple(ctx.example_inputs), ctx.backward
+    variants = {first_set: (result, report)}
+    args, backward = tuple(options.example_inputs), options.backward
 
     def variant(parallel: frozenset):
         if parallel not in variants:
@@ -194,19 +202,17 @@ def autotune(result, ctx, capture: fx.GraphModule, build: Callable) -> tuple:
                            "iterations": its, "backward": backward, "scope": "whole model"}
             (chosen.add if t_par < t_seq else chosen.discard)(i)
     final = frozenset(chosen)
-    out, out_ctx = variant(final)
-    out_ctx.forced = {}
-    for c in out_ctx.report.chains:
+    out, out_report = variant(final)
+    for c in out_report.chains:
         if c.index not in tried:
             continue
         m = measured.get(c.index)
         why = "autotune: the parallel variant failed" if m is None else \
             "autotune measured " + _text(m["sequential_ms"], m["parallel_ms"], m["iterations"], backward)
-        out_ctx.forced[c.index] = (c.index in final, why)
         if m is not None:
             c.cost = {**c.cost, "measured": m}
         if c.status == REWRITTEN:
-            c.decision = f"rewritten (policy='{ctx.config.policy}', autotune): {why}"
+            c.decision = f"rewritten (policy='{options.config.policy}', autotune): {why}"
         else:
             c.detail = why
             c.decision = f"kept sequential: {Reason.NOT_PROFITABLE.value}: {why}"
@@ -217,14 +223,14 @@ def autotune(result, ctx, capture: fx.GraphModule, build: Callable) -> tuple:
     notes.append(f"autotune: timed {len(measured)} chain(s) on the real inputs (whole model, "
                  f"{'forward + backward' if backward else 'forward'}, median of {REPEATS} alternating runs after "
                  "a warm-up); the faster variant is kept")
-    out_ctx.report.notes.extend(notes)
-    return out, out_ctx
+    out_report.notes.extend(notes)
+    return out, out_report
 
 
 def _iterations(built: tuple, index: int) -> Optional[int]:
     """Newton iterations of chain ``index``'s latest solve in a built variant."""
-    res, vctx = built
-    rec = next((c for c in vctx.report.chains if c.index == index), None)
+    res, built_report = built
+    rec = next((c for c in built_report.chains if c.index == index), None)
     if rec is None or rec.submodule is None:
         return None
     try:

@@ -20,7 +20,8 @@ import torch.fx as fx
 
 from ..config import Config
 from ..inspect.report import CompileReport
-from .pipeline import Context, run_pipeline
+from .options import CompileOptions
+from .pipeline import run_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +46,9 @@ class DynamoBackend:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         sources = [n for n, x in zip(placeholders, example_inputs)
                    if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter)]
-        ctx = Context(self.config, tuple(example_inputs), report, front_end="dynamo",
-                      graph_index=len(self.graph_modules), sources=sources)
-        result = run_pipeline(gm, ctx)
+        options = CompileOptions(self.config, tuple(example_inputs), front_end="dynamo",
+                                 graph_index=len(self.graph_modules), sources=tuple(sources))
+        result = run_pipeline(gm, options, report)
         self.graph_modules.append(result.graph_module)
         self.reports.append(report)
         if len(self.graph_modules) > 1:

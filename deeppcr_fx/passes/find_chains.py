@@ -26,7 +26,7 @@ candidates, ``rewrite`` acts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.fx as fx
@@ -81,6 +81,49 @@ def target_key(node: fx.Node, gm: Optional[fx.GraphModule], strict: bool) -> Any
     return (node.op, node.target)
 
 
+def map_args(a: Any, on_node: Callable[[fx.Node], Any], on_float: Callable[[float], Any]) -> Any:
+    """The one traversal of a node's arguments: nodes and floats replaced, containers rebuilt.
+
+    Its visiting order numbers a segment's float slots, so the canonical form below and the
+    step template (``passes/template.py``) both go through this function and cannot drift.
+    """
+    if isinstance(a, fx.Node):
+        return on_node(a)
+    if isinstance(a, bool) or a is None:
+        return a
+    if isinstance(a, float):
+        return on_float(a)
+    if isinstance(a, (tuple, list)):
+        items = [map_args(v, on_node, on_float) for v in a]
+        return type(a)(*items) if hasattr(a, "_fields") else type(a)(items)  # namedtuples take fields
+    if isinstance(a, dict):
+        return {k: map_args(v, on_node, on_float) for k, v in a.items()}
+    if isinstance(a, slice):
+        return slice(*(map_args(v, on_node, on_float) for v in (a.start, a.stop, a.step)))
+    return a
+
+
+class _Key(tuple):
+    """A canonical key already made (a node's or a float's), left alone by ``_freeze``."""
+
+
+def _freeze(a: Any) -> Any:
+    """The hashable canonical form of an argument structure that ``map_args`` produced."""
+    if isinstance(a, _Key):
+        return tuple(a)
+    if isinstance(a, bool) or a is None:
+        return a
+    if isinstance(a, _LITERALS):
+        return (type(a).__name__, a)
+    if isinstance(a, (tuple, list)):
+        return (type(a).__name__,) + tuple(_freeze(v) for v in a)
+    if isinstance(a, dict):
+        return ("dict",) + tuple((k, _freeze(v)) for k, v in a.items())
+    if isinstance(a, slice):
+        return ("slice", _freeze(a.start), _freeze(a.stop), _freeze(a.step))
+    return ("object", id(a))  # unknown objects match only themselves
+
+
 class _Form:
     """Canonical form of a list of nodes read from one input state."""
 
@@ -102,29 +145,21 @@ class _Form:
         return entry + ((self._shape(n),) if self.strict else ())
 
     def form(self, a: Any) -> Any:
-        if isinstance(a, fx.Node):
-            if a is self.state_in:
-                return ("S",)
-            if a in self.local:
-                return ("L", self.local[a])
-            if a not in self._ext_index:
-                self._ext_index[a] = len(self.externals)
-                self.externals.append(a)
-            return ("E", self._ext_index[a], a.op) + ((self._shape(a),) if self.strict else ())
-        if isinstance(a, bool) or a is None:
-            return a
-        if isinstance(a, float):
-            self.floats.append(a)
-            return ("F",)
-        if isinstance(a, _LITERALS):
-            return (type(a).__name__, a)
-        if isinstance(a, (tuple, list)):
-            return (type(a).__name__,) + tuple(self.form(v) for v in a)
-        if isinstance(a, dict):
-            return ("dict",) + tuple((k, self.form(v)) for k, v in a.items())
-        if isinstance(a, slice):
-            return ("slice", self.form(a.start), self.form(a.stop), self.form(a.step))
-        return ("object", id(a))  # unknown objects match only themselves
+        return _freeze(map_args(a, self._node_key, self._float_key))
+
+    def _node_key(self, a: fx.Node) -> _Key:
+        if a is self.state_in:
+            return _Key(("S",))
+        if a in self.local:
+            return _Key(("L", self.local[a]))
+        if a not in self._ext_index:
+            self._ext_index[a] = len(self.externals)
+            self.externals.append(a)
+        return _Key(("E", self._ext_index[a], a.op) + ((self._shape(a),) if self.strict else ()))
+
+    def _float_key(self, a: float) -> _Key:
+        self.floats.append(a)
+        return _Key(("F",))
 
 
 def _hashable(x: Any) -> Any:

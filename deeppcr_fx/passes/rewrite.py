@@ -12,16 +12,15 @@ After::
     states = pcr_solve_0(x, stack, stack_1, ..., shared...)   # PCRSolve: (L, *x.shape)
     hL = states[L - 1]
 
-State-independent values a step reads are slots: the same node in every segment is a
-shared input, different nodes are stacked (``torch.stack`` of the original Parameters,
-at call time, so gradients reach them), differing float constants become a float64
-tensor. The step template is segment 0 copied into its own graph with the slots as
-placeholders.
+State-independent values a step reads are slots (``passes/template.py``): the same node
+in every segment is a shared input, different nodes are stacked (``StackedAttributes`` or
+``torch.stack`` of the original Parameters, at call time, so gradients reach them),
+differing float constants become a float64 tensor. The step template is the one
+``validate`` built and checked.
 """
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -30,61 +29,7 @@ from ..config import Config
 from ..runtime.pcr_solve import PCRSolve
 from ..runtime.stacked import StackedAttributes
 from .find_chains import Candidate
-
-
-@dataclass
-class Slots:
-    per_step_ext: list  # slot indices into Segment.externals that differ per step
-    shared_ext: list
-    per_step_float: list  # float positions that differ per step
-
-
-def slots_of(c: Candidate) -> Slots:
-    segs = c.segments
-    n_ext = len(segs[0].externals)
-    differ = [i for i in range(n_ext) if any(s.externals[i] is not segs[0].externals[i] for s in segs)]
-    shared = [i for i in range(n_ext) if i not in differ]
-    floats = [j for j in range(len(segs[0].floats)) if any(s.floats[j] != segs[0].floats[j] for s in segs)]
-    return Slots(differ, shared, floats)
-
-
-def _map_args(a, env: dict, floats: dict, counter: list):
-    """Mirror of ``find_chains._Form.form``'s traversal: nodes via env, float slots via placeholders."""
-    if isinstance(a, fx.Node):
-        return env[a]
-    if isinstance(a, bool) or a is None:
-        return a
-    if isinstance(a, float):
-        j = counter[0]
-        counter[0] += 1
-        return floats.get(j, a)
-    if isinstance(a, (tuple, list)):
-        return type(a)(_map_args(v, env, floats, counter) for v in a)
-    if isinstance(a, dict):
-        return {k: _map_args(v, env, floats, counter) for k, v in a.items()}
-    if isinstance(a, slice):
-        return slice(*(_map_args(v, env, floats, counter) for v in (a.start, a.stop, a.step)))
-    return a
-
-
-def step_template(c: Candidate, slots: Slots) -> fx.GraphModule:
-    """Segment 0 as a function ``(z, *per_step_slices, *shared) -> z_next``."""
-    seg = c.segments[0]
-    g = fx.Graph()
-    env = {seg.state_in: g.placeholder("z")}
-    for k, i in enumerate(slots.per_step_ext):
-        env[seg.externals[i]] = g.placeholder(f"step_{k}")
-    floats = {j: g.placeholder(f"coef_{k}") for k, j in enumerate(slots.per_step_float)}
-    for k, i in enumerate(slots.shared_ext):
-        env[seg.externals[i]] = g.placeholder(f"shared_{k}")
-    counter = [0]
-    for n in seg.nodes:
-        args = _map_args(n.args, env, floats, counter)
-        kwargs = _map_args(n.kwargs, env, floats, counter)
-        env[n] = g.create_node(n.op, n.target, args, kwargs, name=n.name)
-    g.output(env[seg.state_out])
-    g.lint()
-    return fx.GraphModule(torch.nn.Module(), g, "PCRStep")
+from .plan import ChainPlan
 
 
 def covered_modules(c: Candidate) -> tuple:
@@ -106,22 +51,22 @@ def covered_modules(c: Candidate) -> tuple:
     return tuple(top) or tuple(s.state_out.name for s in c.segments)
 
 
-def rewrite(gm: fx.GraphModule, c: Candidate, config: Config, name: str, replaced: dict) -> PCRSolve:
-    """Replace chain ``c`` in ``gm`` by a call to a new ``PCRSolve`` submodule ``name``.
+def rewrite(gm: fx.GraphModule, plan: ChainPlan, config: Config, name: str, replaced: dict) -> PCRSolve:
+    """Replace ``plan``'s chain in ``gm`` by a call to a new ``PCRSolve`` submodule ``name``.
 
+    The step template is the one ``validate`` built and checked (``plan.template``).
     ``replaced`` maps nodes erased by earlier rewrites to their replacements (a chain may
     start where the previous one ended); this rewrite adds its own entries.
     """
+    c, slots = plan.candidate, plan.template.slots
     for seg in c.segments:
         seg.state_in = replaced.get(seg.state_in, seg.state_in)
         seg.externals = [replaced.get(x, x) for x in seg.externals]
-    slots = slots_of(c)
-    template = step_template(c, slots)
     graph, segs = gm.graph, c.segments
     members = set(c.nodes)
     x0, last = segs[0].state_in, segs[-1].state_out
-    n_per_step = len(slots.per_step_ext) + len(slots.per_step_float)
-    module = PCRSolve(template, c.length, n_per_step, config, covered_modules(c), c.period)
+    module = PCRSolve(plan.template.graph_module, c.length, slots.n_per_step, config, covered_modules(c), c.period)
+    module.planned_mode = plan.mode
     gm.add_submodule(name, module)
     with graph.inserting_before(last):
         per_step = [_stack(gm, [s.externals[i] for s in segs], f"{name}_per_step_{k}", config)

@@ -23,6 +23,12 @@ logger = logging.getLogger(__name__)
 
 KEY = "pcr"
 
+# What running a user's op on meta values raises when it cannot: no meta kernel
+# (NotImplementedError), a value read from a meta tensor or a kernel's own check (RuntimeError),
+# Python code in an opaque module or a user function rejecting its arguments (TypeError,
+# ValueError, IndexError, KeyError, AssertionError). Anything else is a bug and propagates.
+META_FAILURES = (RuntimeError, NotImplementedError, TypeError, ValueError, IndexError, KeyError, AssertionError)
+
 
 @dataclass(frozen=True)
 class ValueInfo:
@@ -110,7 +116,7 @@ class _MetaInterpreter(fx.Interpreter):
             value = super().run_node(n)
         except _Unknown:
             value = _UNKNOWN
-        except Exception as exc:
+        except META_FAILURES as exc:
             value = self._constant_fallback(n, exc)
         n.meta[KEY] = None if value is _UNKNOWN else _info(value)
         return value
@@ -119,8 +125,7 @@ class _MetaInterpreter(fx.Interpreter):
         """A value-dependent op on constants only (``(timesteps == t).nonzero()``): compute it for real."""
         try:
             return _to_meta(self._real(n))
-        except Exception:
-            pass
+        except (_Unknown, *META_FAILURES):
             self.result.failed[n.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             if n.op == "call_module":
                 self.result.data_dependent.add(n.name)

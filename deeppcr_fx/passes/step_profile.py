@@ -38,6 +38,7 @@ from ..runtime import jacobians
 from ..runtime.state import batched_layout, sample_layout
 from .find_chains import Candidate
 from .shape_prop import info_of
+from .template import Slots
 
 _BOOKKEEPING = {operator.getitem, getattr}
 _BOOKKEEPING_METHODS = {"size", "dim", "numel", "__getitem__", "type_as", "to"}
@@ -145,7 +146,6 @@ def _is_grad_parameter(n: fx.Node, gm: fx.GraphModule) -> bool:
 
 def profile(c: Candidate, gm: fx.GraphModule, config: Config, device_type: str, backward: bool) -> Optional[ChainShape]:
     """The cost model's view of candidate ``c``; None when the state's shape is unknown."""
-    from .rewrite import slots_of  # rewrite builds on find_chains, like this module
 
     seg = c.segments[0]
     info = info_of(seg.state_in)
@@ -155,7 +155,7 @@ def profile(c: Candidate, gm: fx.GraphModule, config: Config, device_type: str, 
     batch, width = sample_layout(shape, config.batch)
     members = set(seg.nodes)
     later = _module_paths(c.segments[1].nodes) if len(c.segments) > 1 else set()
-    slots = slots_of(c)
+    slots = Slots.of(c)
     per_step = len(slots.per_step_ext) + len(slots.per_step_float)
     grads = sum(_is_grad_parameter(seg.externals[i], gm) for i in slots.per_step_ext)
     params = sum(_is_parameter(seg.externals[i], gm) for i in slots.per_step_ext)

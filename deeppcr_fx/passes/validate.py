@@ -1,7 +1,9 @@
 """Judge chain candidates before anything is mutated: typed refusals with remedies.
 
-``validate(candidate, ...)`` returns ``None`` for a chain that can be rewritten, or a
-frozen ``Refusal(reason, detail)``; ``reason.remedy`` tells the user what to change.
+``validate(plan, shapes, config)`` sets ``plan.refusal``: ``None`` for a chain that can be
+rewritten, or a frozen ``Refusal(reason, detail)``; ``reason.remedy`` tells the user what to
+change. It also builds the chain's step template, once (``plan.template``, used by ``rewrite``),
+and resolves the Jacobian mode the solver will use (``plan.mode``).
 Checks, in order: segment shapes, data-dependent opaque modules, known shapes, state
 type, values escaping the chain, opaque modules, in-place mutation, randomness and
 data-dependent reads inside the state-dependent core, stackable per-step inputs, the
@@ -20,8 +22,12 @@ import torch.nn.functional as F
 
 from ..config import Config
 from ..results import Reason, Refusal
+from ..runtime.jacobians import choose_mode
+from ..runtime.state import sample_layout
 from .find_chains import Candidate
-from .shape_prop import ShapeInfo, info_of
+from .plan import ChainPlan
+from .shape_prop import META_FAILURES, ShapeInfo, info_of
+from .template import StepTemplate
 
 
 _RANDOM_FUNCTIONS = {torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like,
@@ -68,35 +74,62 @@ def _meta(info) -> object:
     return torch.empty(info.shape, dtype=info.dtype, device="meta") if info.is_tensor else info.constant
 
 
-def _template_check(c: Candidate) -> Optional[Refusal]:
-    """Run the step template once on meta values: slots must be accepted as tensors, the state kept."""
-    from .rewrite import slots_of, step_template  # rewrite builds on find_chains, like this module
-
-    slots = slots_of(c)
+def _template_check(c: Candidate) -> "tuple[Optional[Refusal], Optional[StepTemplate]]":
+    """Build the step template (once: ``rewrite`` uses it) and run it on meta values: slots must be
+    accepted as tensors, the state's shape and dtype kept, and the step differentiable."""
     seg = c.segments[0]
+    template = StepTemplate.build(c)
+    slots = template.slots
     try:
         state = info_of(seg.state_in)
         args = [_meta(state)]
         args += [_meta(info_of(seg.externals[i])) for i in slots.per_step_ext]
         args += [torch.empty((), dtype=torch.float64, device="meta") for _ in slots.per_step_float]
         args += [_meta(info_of(seg.externals[i])) for i in slots.shared_ext]
-        template = step_template(c, slots)
         with torch.no_grad():
-            out = template(*args)
-    except Exception as exc:
+            out = template.graph_module.forward(*args)  # .forward: no torch.fx traceback print on failure
+    except META_FAILURES as exc:
         return Refusal(Reason.UNSTACKABLE_INPUT, f"the one-step template does not run with stacked inputs: "
-                                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                                                 f"{_first_line(exc)}"), None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != state.shape or out.dtype != state.dtype:
-        return Refusal(Reason.SHAPES_DIFFER, f"one step maps {state.describe()} to {out!r:.80}")
+        return Refusal(Reason.SHAPES_DIFFER, f"one step maps {state.describe()} to {out!r:.80}"), None
     try:  # Newton and the adjoint differentiate the step with respect to the state
-        value, pullback = torch.func.vjp(lambda z: template(z, *args[1:]), args[0])
+        value, pullback = torch.func.vjp(lambda z: template.graph_module.forward(z, *args[1:]), args[0])
         pullback(torch.ones_like(value))
-    except Exception as exc:
-        return Refusal(Reason.NOT_DIFFERENTIABLE, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-    return None
+    except META_FAILURES as exc:
+        return Refusal(Reason.NOT_DIFFERENTIABLE, _first_line(exc)), None
+    return None, template
 
 
-def validate(c: Candidate, gm: fx.GraphModule, shapes: ShapeInfo, config: Config) -> Optional[Refusal]:
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def validate(plan: ChainPlan, shapes: ShapeInfo, config: Config) -> None:
+    """Judge ``plan.candidate``: set ``plan.refusal`` (None: it can be rewritten), ``plan.template``
+    and ``plan.mode``. Mutates nothing but the plan."""
+    c = plan.candidate
+    plan.refusal = _structure(c, shapes)
+    if plan.refusal is None:
+        plan.refusal, plan.template = _template_check(c)
+    if plan.refusal is None and c.length < config.min_length:
+        plan.refusal = Refusal(Reason.TOO_SHORT, f"L={c.length} < min_length={config.min_length}")
+    plan.mode = planned_mode(c, config)
+    plan.validated = True
+
+
+def planned_mode(c: Candidate, config: Config) -> str:
+    """The Jacobian mode ``deeppcr.solve`` will use for this chain's state (``""`` if its shape is unknown):
+    the runtime's own rules, ``sample_layout`` (honours ``Config.batch``) and ``choose_mode``."""
+    info = info_of(c.segments[0].state_in)
+    if info is None or not info.is_tensor:
+        return ""
+    batch, width = sample_layout(info.shape, config.batch)
+    return choose_mode(config.jacobian, width, config.full_max_state, c.length * batch)
+
+
+def _structure(c: Candidate, shapes: ShapeInfo) -> Optional[Refusal]:
+    """The checks on the chain's nodes, before any template is built."""
     first = c.segments[0]
     if c.shapes_differ:
         shapes_seen = sorted({str(info_of(s.state_out).describe()) if info_of(s.state_out) else "?"
@@ -134,9 +167,4 @@ def validate(c: Candidate, gm: fx.GraphModule, shapes: ShapeInfo, config: Config
         infos = [info_of(x) for x in slot]
         if any(v is None or not v.is_tensor for v in infos) or len({(v.shape, v.dtype) for v in infos}) != 1:
             return Refusal(Reason.UNSTACKABLE_INPUT, f"slot {i}: {[x.name for x in slot][:4]}...")
-    broken = _template_check(c)
-    if broken:
-        return broken
-    if c.length < config.min_length:
-        return Refusal(Reason.TOO_SHORT, f"L={c.length} < min_length={config.min_length}")
     return None

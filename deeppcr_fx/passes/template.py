@@ -1,0 +1,76 @@
+"""One step of a chain as its own small graph: the slots it reads and the step template.
+
+A validated chain's segments differ only in what they read besides the state. Each such
+value is a *slot* (``Slots``): the same node in every segment is a shared input, different
+nodes are per-step inputs (stacked along L), and float constants that differ per step become
+per-step coefficients. ``StepTemplate.build(candidate)`` copies segment 0 into its own graph
+``(z, *per_step_slices, *coefficients, *shared) -> z_next`` — built once, by ``validate``,
+which runs it on meta values, and handed to ``rewrite`` inside the chain's ``ChainPlan``.
+
+The copy walks each node's arguments with ``find_chains.map_args``, the traversal that
+numbered the float slots, so the template's coefficients are the slots the finder saw.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .find_chains import Candidate, map_args
+
+
+@dataclass(frozen=True)
+class Slots:
+    """Which of a segment's externals and floats are per-step, and which are shared."""
+
+    per_step_ext: tuple  # slot indices into Segment.externals that differ per step
+    shared_ext: tuple
+    per_step_float: tuple  # float positions (in map_args order) that differ per step
+
+    @classmethod
+    def of(cls, c: Candidate) -> "Slots":
+        segs = c.segments
+        n_ext = len(segs[0].externals)
+        differ = tuple(i for i in range(n_ext) if any(s.externals[i] is not segs[0].externals[i] for s in segs))
+        shared = tuple(i for i in range(n_ext) if i not in differ)
+        floats = tuple(j for j in range(len(segs[0].floats)) if any(s.floats[j] != segs[0].floats[j] for s in segs))
+        return cls(differ, shared, floats)
+
+    @property
+    def n_per_step(self) -> int:
+        """Per-step inputs of the solve: stacked tensors, then coefficients."""
+        return len(self.per_step_ext) + len(self.per_step_float)
+
+
+@dataclass(frozen=True)
+class StepTemplate:
+    """A chain's slots and its one-step GraphModule ``(z, *per_step, *coefficients, *shared) -> z_next``."""
+
+    slots: Slots
+    graph_module: fx.GraphModule
+
+    @classmethod
+    def build(cls, c: Candidate) -> "StepTemplate":
+        slots = Slots.of(c)
+        seg = c.segments[0]
+        g = fx.Graph()
+        env = {seg.state_in: g.placeholder("z")}
+        for k, i in enumerate(slots.per_step_ext):
+            env[seg.externals[i]] = g.placeholder(f"step_{k}")
+        coefficients = {j: g.placeholder(f"coef_{k}") for k, j in enumerate(slots.per_step_float)}
+        for k, i in enumerate(slots.shared_ext):
+            env[seg.externals[i]] = g.placeholder(f"shared_{k}")
+        position = itertools.count()
+
+        def on_float(value: float):
+            return coefficients.get(next(position), value)
+
+        for n in seg.nodes:
+            args = map_args(n.args, env.__getitem__, on_float)
+            kwargs = map_args(n.kwargs, env.__getitem__, on_float)
+            env[n] = g.create_node(n.op, n.target, args, kwargs, name=n.name)
+        g.output(env[seg.state_out])
+        g.lint()
+        return cls(slots, fx.GraphModule(torch.nn.Module(), g, "PCRStep"))
