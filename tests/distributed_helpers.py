@@ -126,6 +126,73 @@ def run_case(rank: int, name: str, L: int, cuts: list, group=None, warm: bool = 
     return out
 
 
+# --- model level ----------------------------------------------------------------------------------
+class Block(torch.nn.Module):
+    def __init__(self, i: int, w: int = 4) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(100 + i)
+        self.lin = torch.nn.Linear(w, w).double()
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.randn(w, w, generator=g, dtype=torch.float64) * 0.9 / w ** 0.5)
+            self.lin.bias.copy_(torch.randn(w, generator=g, dtype=torch.float64) * 0.1)
+
+    def forward(self, z):
+        return torch.tanh(self.lin(z))
+
+
+def _ends(seed: int):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(3, 4).double(), torch.nn.Linear(4, 1).double()
+
+
+def run_model(rank: int, nprocs: int, n_blocks: int = 24, steps: int = 10) -> dict:
+    """``LayerParallel`` trained with SGD for ``steps`` steps vs the same model in one process."""
+    from deeppcr_fx.runtime.distributed_model import LayerParallel, split
+
+    group = dist.group.WORLD
+    g = torch.Generator().manual_seed(11)
+    X, Y = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 1, generator=g, dtype=torch.float64)
+    start, end = split(n_blocks, group)
+    pre, post = _ends(0)
+    model = LayerParallel([Block(i) for i in range(start, end)], group, pre=pre if rank == 0 else None,
+                          post=post if rank == nprocs - 1 else None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(steps):
+        out = model(X if model.is_first else None)
+        loss = F.mse_loss(out, Y) if model.is_last else None
+        model.backward(loss)
+        opt.step()
+        opt.zero_grad()
+        losses.append(None if loss is None else float(loss))
+    # one process: the whole model
+    ref_pre, ref_post = _ends(0)
+    ref_blocks = torch.nn.ModuleList([Block(i) for i in range(n_blocks)])
+    ref = torch.nn.Sequential(ref_pre, *ref_blocks, ref_post)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    ref_losses = []
+    for _ in range(steps):
+        loss = F.mse_loss(ref(X), Y)
+        loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        ref_losses.append(float(loss))
+    pairs = [(b.lin.weight, r.lin.weight) for b, r in zip(model.blocks, ref_blocks[start:end])]
+    pairs += [(b.lin.bias, r.lin.bias) for b, r in zip(model.blocks, ref_blocks[start:end])]
+    if model.is_first:
+        pairs += list(zip(pre.parameters(), ref_pre.parameters()))
+    if model.is_last:
+        pairs += list(zip(post.parameters(), ref_post.parameters()))
+    return {
+        "params": max(float((a - b).abs().max()) for a, b in pairs),
+        "moved": max(float((a - Block(start + k).lin.weight).abs().max()) for k, a in enumerate(
+            b.lin.weight for b in model.blocks)),
+        "losses": None if not model.is_last else max(abs(a - b) for a, b in zip(losses, ref_losses)),
+        "blocks": (start, end),
+        "stats": model.stats.to_dict(),
+    }
+
+
 # --- process groups ------------------------------------------------------------------------------
 def _worker(rank: int, nprocs: int, init: str, out_dir: str, entry: str, args: tuple, timeout_s: float) -> None:
     torch.set_num_threads(1)
@@ -150,10 +217,12 @@ def spawn_group(entry: str, nprocs: int, tmp_path, *args, timeout_s: float = 30.
 
 
 # --- entries (run on every rank) ------------------------------------------------------------------
-def run_cases(rank: int, nprocs: int, cases: list, sub_cases: list = ()) -> dict:
+def run_cases(rank: int, nprocs: int, cases: list, sub_cases: list = (), model: bool = False) -> dict:
     """``cases``: (key, chain name, L, cuts, options); returns {key: run_case(...)}. ``sub_cases`` run
-    on a subgroup of the ranks 1.. (every rank creates it; rank 0 stays out)."""
+    on a subgroup of the ranks 1.. (every rank creates it; rank 0 stays out); ``model``: ``run_model``."""
     out = {key: run_case(rank, name, L, cuts, **options) for key, name, L, cuts, options in cases}
+    if model:
+        out["model"] = run_model(rank, nprocs)
     if sub_cases:
         sub = dist.new_group(list(range(1, nprocs)))
         if rank > 0:
