@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import threading
 from typing import Any, Optional
 
 import torch
@@ -32,6 +33,11 @@ from .passes.trace import trace
 from .results import CompileError, Reason, RecordFailure, TraceFailure
 
 logger = logging.getLogger(__name__)
+
+# Building a specialisation traces (torch.fx patches module classes while it does) and the first run
+# flattens Parameters into shared buffers: one thread at a time, process-wide. Calls of a built
+# specialisation take no lock.
+_BUILD_LOCK = threading.RLock()
 
 __all__ = ["CompileError", "CompiledModule", "compile", "dynamo_backend", "explain", "make_backend"]
 
@@ -89,13 +95,12 @@ class CompiledModule(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, config: Config) -> None:
         super().__init__()
-        object.__setattr__(self, "_original", model)  # not a submodule: keeps state_dict keys equal
         object.__setattr__(self, "_specialisations", {})
         object.__setattr__(self, "_last", None)
         # the flags a specialisation depends on, found once: scanning model.modules() on every call
         # costs O(depth) Python time, which a 1 ms model run as written (no chain rewritten) would feel
         object.__setattr__(self, "_flag_modules", _training_sensitive(model))
-        self.config = config
+        object.__setattr__(self, "_deeppcr_config", config)
         for name, child in model.named_children():
             self.add_module(name, child)
         for name, p in model.named_parameters(recurse=False):
@@ -103,11 +108,29 @@ class CompiledModule(torch.nn.Module):
         for name, b in model.named_buffers(recurse=False):
             self.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
         self.training = model.training
+        # last: from here on, attributes this module lacks are looked up on the model (__getattr__)
+        object.__setattr__(self, "_original", model)  # not a submodule: keeps state_dict keys equal
 
     # --- public surface -----------------------------------------------------------------
     @property
     def original(self) -> torch.nn.Module:
         return self._original
+
+    @property
+    def deeppcr_config(self) -> Config:
+        """The options this module was compiled with (a name no wrapped model uses)."""
+        return self._deeppcr_config
+
+    def __getattr__(self, name: str):
+        """Attributes the compiled module does not have come from the original model (``compiled.config``
+        is a diffusers UNet's or a transformer's config), so it drops in where the model was used."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("_original")
+            if original is None:
+                raise
+            return getattr(original, name)
 
     @property
     def report(self) -> Optional[CompileReport]:
@@ -153,24 +176,43 @@ class CompiledModule(torch.nn.Module):
     def forward(self, *args, **kwargs):
         if kwargs:
             raise TypeError("deeppcr.compile: pass inputs positionally (keyword inputs are not traced yet).")
-        spec = self.specialise(args)
-        first, spec.first_output = spec.first_output, None
-        if first is not None and len(first[0]) == len(args) and all(a is b for a, b in zip(first[0], args)):
-            return first[1]  # the recording front end just ran the model on these very inputs
-        return spec.runner(*args)
-
-    def specialise(self, args: tuple) -> _Specialisation:
         key = _signature(args, self._flag_modules)
         spec = self._specialisations.get(key)
-        if spec is None:
-            spec = self._specialisations[key] = self._build(args)
+        if spec is not None:
+            self._note_last(spec)
+            return spec.runner(*args)
+        with _BUILD_LOCK:  # one build at a time; its first run too (it flattens Parameters, see runtime/stacked.py)
+            spec = self._specialisations.get(key)
+            if spec is not None:  # another thread built it meanwhile
+                self._note_last(spec)
+                return spec.runner(*args)
+            spec = self._build(args)
+            first, spec.first_output = spec.first_output, None
+            self._specialisations[key] = spec
+            self._note_last(spec)
+            if first is not None:
+                return first[1]  # the recording front end ran the model on these very inputs, in this call
+            return spec.runner(*args)
+
+    def specialise(self, args: tuple) -> _Specialisation:
+        """The specialisation for ``args``' signature, built now if there is none (nothing is run for it)."""
+        key = _signature(args, self._flag_modules)
+        with _BUILD_LOCK:
+            spec = self._specialisations.get(key)
+            if spec is None:
+                spec = self._build(args)
+                spec.first_output = None  # never handed to a later call: its inputs may have changed
+                self._specialisations[key] = spec
+        self._note_last(spec)
+        return spec
+
+    def _note_last(self, spec: _Specialisation) -> None:
         if spec is not self._last:
             object.__setattr__(self, "_last", spec)
-        return spec
 
     # --- building -----------------------------------------------------------------------
     def _build(self, args: tuple) -> _Specialisation:
-        model, config = self._original, self.config
+        model, config = self._original, self.deeppcr_config
         new_report = lambda: CompileReport(model=type(model).__name__, policy=config.policy,  # noqa: E731
                                            signature=_describe(args))
         errors: list = []
@@ -208,7 +250,7 @@ class CompiledModule(torch.nn.Module):
     def _build_symbolic(self, args: tuple, report: CompileReport) -> _Specialisation:
         traced = trace(self._original, args)
         report.front_end, report.captured, report.opaque_modules = "symbolic", 1, traced.opaque
-        result = run_pipeline(traced.graph_module, CompileOptions(self.config, args, front_end="symbolic"), report)
+        result = run_pipeline(traced.graph_module, CompileOptions(self.deeppcr_config, args, front_end="symbolic"), report)
         return _Specialisation(self._runner(result), report, result.graph_module)
 
     def _build_record(self, args: tuple, report: CompileReport) -> _Specialisation:
@@ -216,11 +258,11 @@ class CompiledModule(torch.nn.Module):
         report.front_end, report.captured = "record", 1
         report.notes.append("recorded one concrete run: Python-side state changes (e.g. a scheduler's counters) "
                             "happen when the original model runs, not in the rewritten graph")
-        result = run_pipeline(gm, CompileOptions(self.config, args, front_end="record"), report)
+        result = run_pipeline(gm, CompileOptions(self.deeppcr_config, args, front_end="record"), report)
         return _Specialisation(self._runner(result), report, result.graph_module, first_output=(args, out))
 
     def _build_dynamo(self, args: tuple, report: CompileReport) -> _Specialisation:
-        backend = DynamoBackend(self.config, model_name=type(self._original).__name__)
+        backend = DynamoBackend(self.deeppcr_config, model_name=type(self._original).__name__)
         compiled = torch.compile(self._original, backend=backend, fullgraph=True, dynamic=False)
 
         def runner(*a):
@@ -252,7 +294,7 @@ class CompiledModule(torch.nn.Module):
 
     def _fail(self, report: CompileReport, reason: Reason, detail: str) -> _Specialisation:
         report.failure, report.failure_detail = reason, detail
-        if self.config.policy == "always":
+        if self.deeppcr_config.policy == "always":
             raise CompileError(f"deeppcr.compile(policy='always'): {type(self._original).__name__} cannot be "
                                f"compiled: {detail}. {reason.remedy}")
         logger.info("deeppcr: %s runs unchanged: %s", type(self._original).__name__, detail)

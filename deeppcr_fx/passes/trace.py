@@ -20,14 +20,19 @@ with the reason; the caller then tries another front end or runs the model as is
 """
 from __future__ import annotations
 
+import builtins
 import collections
+import contextlib
+import functools
 import logging
+import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.fx as fx
 from torch.func import functional_call
-from torch.fx._symbolic_trace import _maybe_revert_all_patches
+from torch.fx._symbolic_trace import _maybe_revert_all_patches, _Patcher
 
 from ..results import TraceFailure
 from .shape_prop import _to_meta, meta_cache_key
@@ -226,8 +231,62 @@ class InliningTracer(fx.Tracer):
                 del cache[name]
 
 
+# torch.fx patches ``nn.Module.__call__``/``__getattr__`` (and wrapped functions in module globals)
+# process-wide while it traces. Two of our traces never overlap (a second tracer would find the first
+# one's patches in place and record into the first one's graph), and ``_own_thread_patches`` makes
+# every patch a no-op for other threads, which keep calling their modules as usual meanwhile.
+_TRACE_LOCK = threading.RLock()
+
+
+def _for_this_thread(new_fn: Callable, orig_fn: Callable) -> Callable:
+    owner = threading.get_ident()
+
+    @functools.wraps(new_fn)
+    def patched(*args, **kwargs):
+        if threading.get_ident() == owner:
+            return new_fn(*args, **kwargs)
+        return orig_fn(*args, **kwargs)
+
+    return patched
+
+
+@contextlib.contextmanager
+def _own_thread_patches():
+    """While tracing, torch.fx's patches act only in the tracing thread."""
+    patch, patch_method = _Patcher.patch, _Patcher.patch_method
+
+    def thread_patch(self, frame_dict, name, new_fn, deduplicate=True):
+        orig = frame_dict[name] if name in frame_dict else getattr(builtins, name, None)
+        return patch(self, frame_dict, name, _for_this_thread(new_fn, orig), deduplicate)
+
+    def thread_patch_method(self, cls, name, new_fn, deduplicate=True):
+        return patch_method(self, cls, name, _for_this_thread(new_fn, getattr(cls, name)), deduplicate)
+
+    _Patcher.patch, _Patcher.patch_method = thread_patch, thread_patch_method
+    try:
+        yield
+    finally:
+        _Patcher.patch, _Patcher.patch_method = patch, patch_method
+
+
 def trace(model: torch.nn.Module, example_inputs: tuple = ()) -> TraceResult:
-    """Trace ``model`` into a functional GraphModule that shares the model's Parameters."""
+    """Trace ``model`` into a functional GraphModule that shares the model's Parameters.
+
+    Arguments:
+        model: the module to trace (its attributes are restored afterwards; nothing else changes).
+        example_inputs: the inputs whose meta values answer shape queries while tracing.
+
+    Returns:
+        ``TraceResult(graph_module, opaque)``: the graph, and the modules kept opaque with why.
+
+    Raises ``TraceFailure`` when the model's own ``forward`` cannot be traced. Thread-safe: one
+    trace at a time, and other threads' module calls are unaffected while it runs.
+    """
+    with _TRACE_LOCK, _own_thread_patches():
+        return _trace(model, example_inputs)
+
+
+def _trace(model: torch.nn.Module, example_inputs: tuple) -> TraceResult:
     tracer = InliningTracer(tuple(example_inputs))
     before = set(vars(model))
     try:
