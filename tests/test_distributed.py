@@ -34,6 +34,7 @@ CASES_2 = [
     ("tuple", "tuple", 16, [0, 9, 16], {}),
     ("shared_length", "shared", 20, [0, 7, 20], {"rtol": 1e-12}),  # no per-step tensors: length= per rank
     ("warm", "tanh", 32, [0, 12, 32], {"warm": True}),  # initial_guess = the previous solution
+    ("frozen", "gru", 16, [0, 8, 16], {"frozen": True}),  # rank 1 has nothing to differentiate
 ]
 CASES_3 = [
     ("tanh_uneven", "tanh", 40, [0, 1, 31, 40], {}),
@@ -97,6 +98,12 @@ def test_model_training_matches_one_process(three):
         assert o["moved"] > 1e-4  # training changed the weights
         assert o["stats"] == outs[0]["stats"]
     assert outs[-1]["losses"] < TOL and outs[0]["losses"] is None
+
+
+def test_rank_without_trainable_inputs_takes_part(two):
+    """Rank 1's inputs do not require grad; its backward still runs (and rank 0's shared gradients
+    include rank 1's steps)."""
+    assert two[0]["frozen"]["has_grads"] == [True] * 5 and two[1]["frozen"]["has_grads"] == [False] * 5
 
 
 def test_warm_start_confirms_in_one_iteration(two):

@@ -71,7 +71,7 @@ def solve_distributed(step: Callable, x0, per_step: Sequence[torch.Tensor] = (),
     config, facts, error = None, None, None
     try:
         config = (config or Config()).replace(**options) if options else (config or Config())
-        facts = _local_facts(x0, per_step, shared, length, config)
+        facts = _local_facts(x0, per_step, shared, length, config, comm.rank == 0)
     except Exception as exc:  # reported on every rank below
         error = f"{type(exc).__name__}: {exc}"
     gathered = comm.gather_objects((error, facts), "setup")
@@ -115,14 +115,20 @@ def solve_distributed(step: Callable, x0, per_step: Sequence[torch.Tensor] = (),
     problem = _Problem(comm, steps, spec, config, mode, stats, lengths, x0_flat, on_iteration)
     problem.shared_wrt = [len(per_step) + i for i, rg in enumerate(_union_requires_grad(gathered)) if rg]
     problem.initial_guess = initial_guess if warm else None
-    outs = _DistChainSolve.apply(problem, *x0_parts, *steps.inputs)
+    # A rank with nothing to differentiate still takes part in the backward pass when another rank
+    # has something: a dummy input makes its states differentiable, so its loss.backward() runs.
+    local_needs = gathered[comm.rank][1]["needs_grad"]
+    extra = (torch.zeros((), device=device, requires_grad=True),) \
+        if not local_needs and any(f["needs_grad"] for _, f in gathered) else ()
+    problem.n_extra = len(extra)
+    outs = _DistChainSolve.apply(problem, *x0_parts, *steps.inputs, *extra)
     _record_vectorized(steps, stats)
     return DistributedSolveResult(states=outs if spec.is_tuple else outs[0], stats=stats, solution=problem.solution,
                                   offsets=tuple(offsets), rank=comm.rank, volume=problem.forward_volume)
 
 
 # --- setup: what each rank holds, and whether the ranks agree -----------------------------------
-def _local_facts(x0, per_step: tuple, shared: tuple, length: Optional[int], config: Config) -> dict:
+def _local_facts(x0, per_step: tuple, shared: tuple, length: Optional[int], config: Config, first: bool) -> dict:
     n_steps = _check_length(per_step, length)
     spec = None if x0 is None else StateSpec.of(x0, config.batch)
     return {
@@ -132,7 +138,12 @@ def _local_facts(x0, per_step: tuple, shared: tuple, length: Optional[int], conf
         "shared": [(tuple(s.shape), s.dtype) if isinstance(s, torch.Tensor) else ("value", type(s).__name__)
                    for s in shared],
         "shared_grad": [s.requires_grad for s in shared if isinstance(s, torch.Tensor)],
-        "options": {k: getattr(config, k) for k in ("jacobian", "max_iter", "atol", "rtol", "batch", "full_max_state")},
+        "options": {**{k: getattr(config, k) for k in ("jacobian", "max_iter", "atol", "rtol", "batch", "full_max_state")},
+                    "grad_enabled": torch.is_grad_enabled()},  # a backward pass needs every rank
+        # whether this rank's inputs make the states differentiable (x0 counts on the first rank only)
+        "needs_grad": torch.is_grad_enabled() and any(
+            t.requires_grad for t in per_step + tuple(s for s in shared if isinstance(s, torch.Tensor))
+            + ((x0 if isinstance(x0, tuple) else (x0,)) if x0 is not None and first else ())),
     }
 
 
@@ -198,6 +209,7 @@ class _Problem:
         self.initial_guess: Optional[torch.Tensor] = None
         self.solution: Optional[torch.Tensor] = None
         self.shared_wrt: list = []
+        self.n_extra = 0  # trailing dummy inputs (see solve_distributed)
         self.forward_volume = 0
         self.halo: Optional[torch.Tensor] = None  # the state before this rank's first step
 
@@ -269,7 +281,7 @@ class _DistChainSolve(torch.autograd.Function):
         with torch.no_grad():
             U = problem.forward(x0_flat)
         ctx.problem = problem
-        ctx.save_for_backward(problem.halo, U, *tensors[problem.n_x0:])
+        ctx.save_for_backward(problem.halo, U, *tensors[problem.n_x0:len(tensors) - problem.n_extra])
         states = spec.unflatten(U, lead=1)
         return states if spec.is_tuple else (states,)
 
@@ -311,4 +323,4 @@ class _DistChainSolve(torch.autograd.Function):
         for i, d in zip(wrt, dinputs):
             if ctx.needs_input_grad[1 + problem.n_x0 + i]:
                 input_grads[i] = d
-        return (None, *dx0, *input_grads)
+        return (None, *dx0, *input_grads, *([None] * problem.n_extra))
