@@ -44,7 +44,7 @@ def direct_call(step: Callable) -> Callable:
     """``step``, or for a hook-free ``torch.fx.GraphModule`` its generated ``forward``.
 
     ``GraphModule.__call__`` catches any exception raised in its generated code, prints the
-    traceback and five lines of that code to stderr, and re-raises the exception without its
+    traceback and the lines of that code around the fault to stderr, and re-raises it without its
     traceback (``torch/fx/graph_module.py``, ``_WrappedCall``). The solver handles some
     exceptions on purpose (vmap cannot batch the step; the step refuses a replicated batch)
     and records why in ``SolveStats``, so the print is noise. For a module without hooks
