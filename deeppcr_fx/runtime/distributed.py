@@ -10,7 +10,9 @@ tensor of the same structure, whose values are ignored, or None). Gradients reac
 per-step tensors, ``x0`` on the first rank, and shared tensors (summed over ranks, as DDP
 does). Stats are the same on every rank. Every rank must call ``solve`` with the same options
 and, for gradients, call ``backward`` through its states (a zero gradient where its loss does
-not use them): the solve's collectives pair up across ranks.
+not use them): the solve's collectives pair up across ranks. A rank none of whose inputs
+requires grad still gets differentiable states when another rank needs gradients, so it can
+take part. ``runtime/distributed_model.LayerParallel`` wraps all this for a model of blocks.
 
 How (DESIGN.md section 5): ``distributed_newton`` is ``newton.triangular_newton`` with global
 decisions (one all-gather of three numbers per check), its linear solves are the cross-rank
@@ -25,6 +27,9 @@ and shared shapes and dtypes, options) and that each rank's first step runs; any
 raises ``DistributedLayoutError`` / ``DistributedSolveError`` on every rank. A collective that
 fails (a rank died; a rank did not call in, so the process group's ``timeout`` expired) raises
 ``DistributedSolveError`` naming the operation. Use a process-group timeout you can afford to wait.
+Not covered: an exception inside the step on one rank in the middle of the solve propagates on
+that rank only; the others get ``DistributedSolveError`` when that process exits (its connections
+close) or when the group's timeout expires, so let such a process exit rather than carry on.
 """
 from __future__ import annotations
 
