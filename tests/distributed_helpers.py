@@ -11,6 +11,7 @@ OUT_DIR``) it runs ``CASES_TORCHRUN`` with ``init_method="env://"``.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import sys
@@ -63,7 +64,16 @@ def shared_weights(L: int, w: int = 4, B: int = 2, seed: int = 5) -> Chain:
     return SharedChain("shared", lambda z, W: torch.tanh(z @ W), x0, (), (W,), L)
 
 
+def coupled(L: int) -> Chain:
+    """Samples coupled within a step (a batch mean): per-sample Jacobians are approximate, so the
+    full-mode adjoint's check fails and the adjoint is iterated with exact products."""
+    ch = mlp("tanh", L, w=4, B=3)
+    return dataclasses.replace(ch, name="coupled",
+                               step=lambda z, W, b: torch.tanh(F.linear(z - 0.5 * z.mean(0, keepdim=True), W, b)))
+
+
 CHAINS = {
+    "coupled": coupled,
     "shared": shared_weights,
     "tanh": lambda L: mlp("tanh", L, w=4, B=2),
     "residual": lambda L: residual(L, w=4, B=2),
