@@ -45,18 +45,19 @@ class Config:
         means ``min(L, 64)``.
     atol, rtol:
         Per-step convergence test of the forward solve, relative to the states' magnitudes, on
-        the residual ``r_l = f(z_{l-1}) - z_l``: ``||r_{l,b}|| <= atol + rtol * ||z_{l,b}||``
-        for every step l and sample b (``||.||``: max norm over the sample's state). In the
-        approximate Jacobian modes (``diag``, ``identity``, ``zero``), whose last residuals add
-        up coherently along the chain, steps are held to ``0.3 * rtol``
-        (``deeppcr_fx.runtime.newton.step_rtol``). ``None`` takes the default for the compute
-        dtype: rtol 1e-10 (float64), 1e-6 (float32 and half types, solved in float32); atol the
-        dtype's smallest normal number (``torch.finfo(dtype).tiny``), so the test is relative
-        at every scale. ``converged`` in the stats means every step met the test.
+        the residual ``r_l = f(z_{l-1}) - z_l``: for every step l and sample b,
+        ``||r_{l,b}|| <= atol + rtol * ||z_{l,b}||`` (``||.||``: max norm over the sample's
+        state). Steps become final at 0.3x that tolerance (residuals left behind add up along
+        the chain); ``full`` mode converges when every step meets it, the approximate modes
+        (``diag``, ``identity``, ``zero``), whose last residuals share a sign, when every step
+        meets 0.3x it (``deeppcr_fx.runtime.newton``). ``None`` takes the
+        default for the compute dtype: rtol 1e-10 (float64), 1e-6 (float32 and half types,
+        solved in float32); atol the dtype's smallest normal number (``torch.finfo(dtype).tiny``),
+        so the test is relative at every scale. ``converged`` in the stats means the test held.
     adjoint_atol, adjoint_rtol:
         The same test for the backward pass (the linear adjoint), relative to the cotangents'
-        magnitudes: ``||res_{l,b}|| <= adjoint_atol + adjoint_rtol * ||a_{l,b}||`` on the
-        residual of the adjoint equation ``a_l = dLoss/dz_l + J_{l+1}^T a_{l+1}``, so gradients
+        magnitudes (``a`` in place of ``z`` above) on the residual of the adjoint equation
+        ``a_l = dLoss/dz_l + J_{l+1}^T a_{l+1}``, so gradients
         of a loss at any scale (1e-8 or 1e8) are solved to the same relative accuracy.
         ``None`` takes the same dtype defaults as ``atol``/``rtol`` (not their values).
     batch:

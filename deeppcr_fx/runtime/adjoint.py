@@ -87,9 +87,9 @@ def adjoint(steps: Steps, Zprev: torch.Tensor, G: torch.Tensor, wrt: Sequence[in
 def _adjoint_residual_ok(a: torch.Tensor, G: torch.Tensor, products: torch.Tensor, atol: float, rtol: float) -> bool:
     """Whether a_k = G_k + J_{k+1}^T a_{k+1} holds for every k, given ``products[k]`` = J_k^T a_k.
 
-    Relative to the cotangents, normwise per sample like the forward test (``newton.scaled_norm``):
-    ``||a_k - rhs_k|| <= atol + rtol ||a_k||``, where the scale also counts ``|G_k| + |J_{k+1}^T a_{k+1}|``
-    (their round-off, where they cancel, is what the sum's is)."""
+    Relative to the cotangents, per sample like the forward test (``newton.scaled_norm``), where the
+    scale of ``a_k`` also counts ``|G_k| + |J_{k+1}^T a_{k+1}|`` (their round-off, where they cancel,
+    is what the sum's is)."""
     rhs = G[:-1] + products[1:]
     scale = a[:-1].abs() + G[:-1].abs() + products[1:].abs()
     return bool((scaled_norm(a[:-1] - rhs, scale, atol, rtol) <= 1).all())
