@@ -275,6 +275,9 @@ def run_cases_then_faults(rank: int, nprocs: int, cases: list, out_dir: str) -> 
     # options differ
     out["options_mismatch"] = _capture(lambda: deeppcr.solve(ch.step, ch.x0, per_step=(W, b), group=group,
                                                              jacobian="diag" if rank == 1 else "full"))
+    # rank 1 holds no steps
+    out["empty_slice"] = _capture(lambda: deeppcr.solve(ch.step, ch.x0, per_step=(W[:0], b[:0]) if rank == 1
+                                                        else (W, b), group=group))
     # the step fails on rank 1 only
     def step(z, W, b):
         if rank == 1:

@@ -153,6 +153,8 @@ def test_faults_raise_on_every_rank(two):
         assert "rank 1" in out["per_step_mismatch"]["message"]
         assert out["step_raises"]["type"] == "DistributedSolveError", (rank, out["step_raises"])
         assert "boom on rank 1" in out["step_raises"]["message"]
+        assert out["empty_slice"]["type"] == "DistributedSolveError" and "slice of the chain is empty" in \
+            out["empty_slice"]["message"]
         assert out["after_errors"] < TOL
     dead = results[0]
     for key in ("dead_rank_backward", "dead_rank_solve"):

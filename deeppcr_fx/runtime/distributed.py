@@ -134,6 +134,9 @@ def solve_distributed(step: Callable, x0, per_step: Sequence[torch.Tensor] = (),
 
 # --- setup: what each rank holds, and whether the ranks agree -----------------------------------
 def _local_facts(x0, per_step: tuple, shared: tuple, length: Optional[int], config: Config, first: bool) -> dict:
+    if any(isinstance(p, torch.Tensor) and p.dim() > 0 and p.shape[0] == 0 for p in per_step) or length == 0:
+        raise ValueError("this rank's slice of the chain is empty; every rank of the group needs at least one step "
+                         "(use a group of fewer ranks for a shorter chain).")
     n_steps = _check_length(per_step, length)
     spec = None if x0 is None else StateSpec.of(x0, config.batch)
     return {
