@@ -172,3 +172,22 @@ def test_torchrun(tmp_path):
     for r in range(2):
         case = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["tanh"]
         assert case["states"] < TOL and case["per_step_grads"] < TOL
+
+
+@pytest.mark.parametrize("mode", ["full", "diag", "identity"])
+@pytest.mark.parametrize("m", [1, 2, 7, 16])
+def test_reduce_maps_composes_rows_in_order(mode, m):
+    """One rank's map (no processes): x -> A_{m-1}(... (A_0 x + r_0) ...) + r_{m-1}."""
+    from deeppcr_fx.runtime.distributed_scan import apply, reduce_maps
+
+    g = torch.Generator().manual_seed(m)
+    B, n = 3, 4
+    A = {"full": torch.randn(m, B, n, n, generator=g, dtype=torch.float64) * 0.5,
+         "diag": torch.randn(m, B, n, generator=g, dtype=torch.float64), "identity": None}[mode]
+    r = torch.randn(m, B, n, generator=g, dtype=torch.float64)
+    x = torch.randn(B, n, generator=g, dtype=torch.float64)
+    expected = x
+    for j in range(m):
+        expected = apply(None if A is None else A[j], expected, mode) + r[j]
+    A_tot, c_tot = reduce_maps(A, r, mode)
+    assert torch.allclose(apply(A_tot, x, mode) + c_tot, expected, atol=1e-12, rtol=0)
