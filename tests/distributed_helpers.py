@@ -284,6 +284,41 @@ def run_cases_then_faults(rank: int, nprocs: int, cases: list, out_dir: str) -> 
             raise RuntimeError("boom on rank 1")
         return ch.step(z, W, b)
     out["step_raises"] = _capture(lambda: deeppcr.solve(step, ch.x0, per_step=(W, b), group=group))
+    # the step raises on rank 1 in the middle of the solve (flags in the next exchange, no hang)
+    def failing(first_bad: int):
+        calls = [0]
+
+        def step(z, W, b):
+            calls[0] += 1
+            if rank == 1 and calls[0] >= first_bad:
+                raise ValueError("boom mid-solve")
+            return ch.step(z, W, b)
+        return step
+
+    out["raises_in_evaluate"] = _capture(lambda: deeppcr.solve(failing(2), ch.x0, per_step=(W, b), group=group))
+    out["raises_in_jacobian"] = _capture(lambda: deeppcr.solve(failing(3), ch.x0, per_step=(W, b), group=group))
+    armed = [False]
+
+    def armed_step(z, W, b):
+        if rank == 1 and armed[0]:
+            raise ValueError("boom mid-solve")
+        return ch.step(z, W, b)
+
+    def backward_fails():
+        armed[0] = False
+        Wg = W.clone().requires_grad_()
+        res = deeppcr.solve(armed_step, ch.x0, per_step=(Wg, b), group=group)
+        armed[0] = True
+        res.states.sum().backward()
+
+    out["raises_in_backward"] = _capture(backward_fails)
+    armed[0] = False
+
+    def arm(*_):
+        armed[0] = True
+
+    out["raises_in_finish"] = _capture(lambda: deeppcr.solve(armed_step, ch.x0, per_step=(W, b), group=group,
+                                                             jacobian="identity", max_iter=1, on_iteration=arm))
     # the group still works after those errors
     res = deeppcr.solve(ch.step, ch.x0, per_step=(W, b), group=group)
     out["after_errors"] = float((res.states - ch.sequential()[4 * rank:4 * rank + 4]).abs().max())

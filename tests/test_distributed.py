@@ -133,18 +133,21 @@ def test_sequential_finish_is_exact_and_global(two):
 
 
 def test_communication_does_not_grow_with_length(two):
-    """Per iteration (full mode, converged): halo P B n + check 3 P + maps P (B n^2 + B n) elements
-    received per rank; the last iteration sends no maps. Independent of L."""
+    """Per iteration (full mode, converged): halo P B n + check 3 P + maps P (B n^2 + B n + 1) elements
+    gathered per rank; the last iteration sends no maps. Independent of L."""
     P, B, n = 2, 2, 4
     for key in ("tanh_full", "tanh_full_L64"):
         out = two[0][key]
         its = out["stats"]["forward"]["iterations"]
         assert out["stats"]["forward"]["converged"]
-        expected = its * (P * B * n + 3 * P) + (its - 1) * P * (B * n * n + B * n)
+        expected = its * (P * B * n + 3 * P) + (its - 1) * P * (B * n * n + B * n + 1)
         assert out["volume"] == expected, (key, out["volume"], expected)
 
 
 def test_faults_raise_on_every_rank(two):
+    """Layout faults and a failing first step raise the same error everywhere; a step that raises on
+    rank 1 mid-solve (evaluation, Jacobians, backward, sequential finish) raises there and a
+    PeerFailure on rank 0 at the same exchange; the group stays usable; then rank 1 dies."""
     results = [out["faults"] for out in two]
     for rank, out in enumerate(results):
         for key in ("per_step_mismatch", "x0_mismatch", "options_mismatch"):
@@ -155,6 +158,10 @@ def test_faults_raise_on_every_rank(two):
         assert "boom on rank 1" in out["step_raises"]["message"]
         assert out["empty_slice"]["type"] == "DistributedSolveError" and "slice of the chain is empty" in \
             out["empty_slice"]["message"]
+        for key in ("raises_in_evaluate", "raises_in_jacobian", "raises_in_backward", "raises_in_finish"):
+            expected = "ValueError" if rank == 1 else "PeerFailure"  # rank 1's own error; the others a peer's
+            assert out[key]["type"] == expected, (rank, key, out[key])
+        assert "rank(s) [1]" in out["raises_in_backward"]["message"] or rank == 1
         assert out["after_errors"] < TOL
     dead = results[0]
     for key in ("dead_rank_backward", "dead_rank_solve"):

@@ -16,20 +16,23 @@ take part. ``runtime/distributed_model.LayerParallel`` wraps all this for a mode
 
 How (DESIGN.md section 5): ``distributed_newton`` is ``newton.triangular_newton`` with global
 decisions (one all-gather of three numbers per check), its linear solves are the cross-rank
-affine scan of ``distributed_scan`` (one all-gather of P maps of B n^2 + B n elements), and
-each iteration first exchanges the last state of every rank (P B n elements). The adjoint runs
-the same scan in reverse (``distributed_adjoint``). Communication per Newton iteration is
-``P (B n^2 + 2 B n + 3)`` elements received per rank in ``full`` mode, ``P (3 B n + 3)`` in
-``diag``, ``P (2 B n + 3)`` in ``identity``, ``P (B n + 3)`` in ``zero``, independent of L.
+affine scan of ``distributed_scan`` (one all-gather of P maps of B n^2 + B n elements and a
+flag), and each iteration first exchanges the last state of every rank (P B n elements). The
+adjoint runs the same scan in reverse (``distributed_adjoint``). Communication per Newton
+iteration is ``P (B n^2 + 2 B n + 4)`` elements gathered per rank in ``full`` mode,
+``P (3 B n + 4)`` in ``diag``, ``P (2 B n + 4)`` in ``identity``, ``P (B n + 3)`` in ``zero``
+(the iteration that converges sends no maps), independent of L.
 
 Faults: a setup exchange checks that the ranks describe one chain (state structure, per-step
 and shared shapes and dtypes, options) and that each rank's first step runs; any problem
 raises ``DistributedLayoutError`` / ``DistributedSolveError`` on every rank. A collective that
 fails (a rank died; a rank did not call in, so the process group's ``timeout`` expired) raises
 ``DistributedSolveError`` naming the operation. Use a process-group timeout you can afford to wait.
-Not covered: an exception inside the step on one rank in the middle of the solve propagates on
-that rank only; the others get ``DistributedSolveError`` when that process exits (its connections
-close) or when the group's timeout expires, so let such a process exit rather than carry on.
+An exception in the step (or its derivative) on one rank in the middle of the solve or its
+backward pass is carried as a flag in the next exchange: that rank raises its own exception and
+the others ``PeerFailure`` (a ``DistributedSolveError``) at the same point, and the group stays
+usable. Exceptions outside the step's code (in the library, out of memory in a scan) propagate on
+their rank only; the others then fail when that process exits or the group's timeout expires.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ import torch
 from ..config import Config
 from . import jacobians
 from .distributed_adjoint import adjoint_distributed
-from .distributed_comm import Comm, DistributedLayoutError, DistributedSolveError
+from .distributed_comm import Comm, DistributedLayoutError, DistributedSolveError, PeerFailure
 from .distributed_newton import distributed_newton
 from . import steps as steps_module
 from .solve import SolveResult, _bind_constants, _check_length, _stack_grads
@@ -49,7 +52,8 @@ from .state import StateSpec
 from .stats import PassStats, SolveStats
 from .steps import Steps
 
-__all__ = ["DistributedLayoutError", "DistributedSolveError", "DistributedSolveResult", "solve_distributed"]
+__all__ = ["DistributedLayoutError", "DistributedSolveError", "DistributedSolveResult", "PeerFailure",
+           "solve_distributed"]
 
 
 @dataclass

@@ -24,13 +24,14 @@ Input gradients follow from this rank's pullback; the caller sums shared ones ov
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
 from torch.func import vjp
 
 from . import jacobians
-from .distributed_comm import Comm
+from .distributed_comm import Comm, DistributedSolveError, raise_failures
 from .distributed_newton import distributed_newton
 from .distributed_scan import cross_rank_scan
 from .stats import PassStats
@@ -64,25 +65,41 @@ def adjoint_distributed(comm: Comm, lengths: Sequence[int], steps: Steps, Zprev:
     for r in order:
         offsets.append(offsets[-1] + lengths[r])
     stats.jacobian = mode
-    _, pullback = vjp(g, Zprev, *(inputs[i] for i in wrt))
+    # The step's own code runs in these local parts; if it raises, this rank carries a flag into the
+    # next exchange and every rank raises there (distributed_comm.raise_failures).
+    failure, pullback, J, A_rev, E = None, None, None, None, None
+    try:
+        _, pullback = vjp(g, Zprev, *(inputs[i] for i in wrt))
+        if mode == "full":
+            if replicated is not None:
+                J, _ = jacobians.try_replicated(replicated.batched(0, m), Zprev, "full")
+            if J is None:
+                J = jacobians.jacobian_from_pullback(state_pullback, Zprev, "full")
+            A_rev, E = _reversed(J, "full")
+    except DistributedSolveError:
+        raise
+    except Exception as exc:
+        failure = exc
     run = (comm, order, offsets, steps, state_pullback, Zprev, G, mode, atol, rtol, max_iter, stats)
     if mode != "full":
-        return pullback(_iterate(*run))
-    J = None
-    if replicated is not None:
-        J, _ = jacobians.try_replicated(replicated.batched(0, m), Zprev, "full")
-    if J is None:
-        J = jacobians.jacobian_from_pullback(state_pullback, Zprev, "full")
-    A_rev, E = _reversed(J, "full")
+        a = _iterate(*run, failure=failure)
+        return pullback(a)
     a = cross_rank_scan(comm, order.index(comm.rank), order, A_rev, G.flip(0), E, "full", G[0],
-                        "adjoint scan").flip(0)
+                        "adjoint scan", failure).flip(0)
     stats.iterations = 1
-    grads = pullback(a)
-    if _residual_ok_everywhere(comm, a, G, grads[0], atol, rtol):
+    grads = None
+    try:
+        grads = pullback(a)
+    except DistributedSolveError:
+        raise
+    except Exception as exc:
+        failure = exc
+    if _residual_ok_everywhere(comm, a, G, None if grads is None else grads[0], atol, rtol, failure):
         stats.converged = True
         return grads
     stats.iterations = 0
-    return pullback(_iterate(*run, J=J, initial=a))
+    a = _iterate(*run, J=J, initial=a)
+    return pullback(a)
 
 
 def _reversed(J: torch.Tensor, mode: str) -> tuple:
@@ -101,13 +118,18 @@ def _adjoint_residual_ok(a: torch.Tensor, G: torch.Tensor, products: torch.Tenso
     return bool(((a[:-1] - rhs).abs() <= atol + rtol * scale).all())
 
 
-def _residual_ok_everywhere(comm: Comm, a: torch.Tensor, G: torch.Tensor, products: torch.Tensor,
-                            atol: float, rtol: float) -> bool:
+def _residual_ok_everywhere(comm: Comm, a: torch.Tensor, G: torch.Tensor, products: Optional[torch.Tensor],
+                            atol: float, rtol: float, failure: Optional[BaseException] = None) -> bool:
     """The adjoint equations on every row of every rank (``adjoint._adjoint_residual_ok``), with the
-    rank boundaries checked from one all-gather of (a_last, G_last, J_first^T a_first) per rank."""
-    ok = float(_adjoint_residual_ok(a, G, products, atol, rtol))
+    rank boundaries checked from one all-gather of (a_last, G_last, J_first^T a_first) per rank.
+    ``failure``: this rank's pullback raised (flag -1: every rank raises)."""
+    if failure is not None:
+        ok, products = -1.0, torch.zeros_like(a)
+    else:
+        ok = float(_adjoint_residual_ok(a, G, products, atol, rtol))
     packed = torch.cat([a.new_tensor([ok]), a[-1].reshape(-1), G[-1].reshape(-1), products[0].reshape(-1)])
     rows = comm.gather(packed, "adjoint check").cpu()
+    raise_failures(comm, (rows[:, 0] < 0).tolist(), failure, "the adjoint's pullback")
     if not bool((rows[:, 0] > 0).all()):
         return False
     size = a[-1].numel()
@@ -118,19 +140,37 @@ def _residual_ok_everywhere(comm: Comm, a: torch.Tensor, G: torch.Tensor, produc
 
 
 def _iterate(comm, order, offsets, steps, state_pullback, Zprev, G, mode, atol, rtol, max_iter, stats,
-             J: Optional[torch.Tensor] = None, initial: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Solve a = G + shift(J^T a) across ranks with exact products (``adjoint._iterate``, distributed)."""
+             J: Optional[torch.Tensor] = None, initial: Optional[torch.Tensor] = None,
+             failure: Optional[BaseException] = None) -> torch.Tensor:
+    """Solve a = G + shift(J^T a) across ranks with exact products (``adjoint._iterate``, distributed).
+
+    ``failure``: the step already raised on this rank (the first iteration's check tells every rank)."""
     m, last_rank = G.shape[0], comm.rank == comm.size - 1
     A_rev = E = None
-    if mode == "full":
-        A_rev, E = _reversed(J, "full")
-    elif mode == "diag":
-        A_rev, E = _reversed(jacobians.jacobian_from_pullback(state_pullback, Zprev, "diag"), "diag")
+    pending = [failure]  # an exception to hand to the driver after this rank's next exchange
+    try:
+        if mode == "full" and failure is None:
+            A_rev, E = _reversed(J, "full")
+        elif mode == "diag" and failure is None:
+            A_rev, E = _reversed(jacobians.jacobian_from_pullback(state_pullback, Zprev, "diag"), "diag")
+    except DistributedSolveError:
+        raise
+    except Exception as exc:
+        pending[0] = exc
     incoming = [torch.zeros_like(G[0])]  # J^T a for the next rank's first state (zero after the last state)
 
     def evaluate(w0: int, U: torch.Tensor):
-        h = state_pullback(U.flip(0))  # h_k = J_k^T a_k for this rank's states
-        firsts = comm.gather(h[0], "adjoint halo")
+        h, error, pending[0] = None, pending[0], None
+        if error is None:
+            try:
+                h = state_pullback(U.flip(0))  # h_k = J_k^T a_k for this rank's states
+            except DistributedSolveError:
+                raise
+            except Exception as exc:
+                error = exc
+        firsts = comm.gather(torch.full_like(G[0], math.nan) if h is None else h[0], "adjoint halo")
+        if error is not None:  # after the exchange: the driver flags it at the convergence check
+            raise error
         if not last_rank:
             incoming[0] = firsts[comm.rank + 1]
         vals = (G + torch.cat([h[1:], incoming[0].unsqueeze(0)])).flip(0)[w0:]

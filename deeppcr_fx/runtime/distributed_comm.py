@@ -17,7 +17,7 @@ and benchmarks can check that communication does not grow with the chain length.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,25 @@ class DistributedSolveError(DeepPCRError, RuntimeError):
 
 class DistributedLayoutError(DistributedSolveError, ValueError):
     """The ranks' slices do not describe one chain (state shapes, per-step shapes, options differ)."""
+
+
+class PeerFailure(DistributedSolveError):
+    """Another rank's step (or its derivative) raised during the solve; raised on the other ranks.
+
+    The failing rank raises its own exception at the same point, so every rank leaves the solve
+    together and the process group stays usable."""
+
+
+def raise_failures(comm: "Comm", flags, local: Optional[BaseException], what: str) -> None:
+    """After a collective that carried one failure flag per rank: raise on every rank if any is set
+    (the failing rank re-raises its own exception ``local``)."""
+    ranks = [r for r, f in enumerate(flags) if bool(f)]
+    if not ranks:
+        return
+    if local is not None:
+        raise local
+    raise PeerFailure(f"deeppcr.solve(group=...): rank(s) {ranks} of {comm.size} raised during {what} "
+                      "(their own exception says why); every rank stops here, and the group can be used again.")
 
 
 class Comm:

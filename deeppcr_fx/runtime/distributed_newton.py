@@ -18,6 +18,9 @@ next rank in logical order (a broadcast), and so on: exact, never a wrong answer
 
 Every decision (stop, window, finish) comes from gathered values, so all ranks take the same
 branch and meet at the same collectives; the stats are therefore the same on every rank.
+Failures too: if the step (or its derivative) raises on one rank, that rank still takes part in
+the iteration's next exchange with a flag set, and then every rank raises there (the failing
+rank its own exception, the others ``PeerFailure``), so no rank is left waiting.
 """
 from __future__ import annotations
 
@@ -27,10 +30,12 @@ from typing import Callable, Optional
 import torch
 
 from ..results import FinishCause
-from .distributed_comm import Comm
+from .distributed_comm import Comm, DistributedSolveError, raise_failures
 from .distributed_scan import cross_rank_scan
 from .newton import scaled_norm
 from .stats import PassStats
+
+_NON_FINITE, _FAILED = 1.0, 2.0  # the check's flag: a residual is NaN/Inf; the step raised on that rank
 
 # evaluate(w0, U) -> (vals of local rows w0.., jac) with jac() -> (A rows w0.., E); collectives inside
 # finish(w0, U, incoming) -> outgoing: overwrite local rows w0.. sequentially; incoming None on the
@@ -51,22 +56,29 @@ def distributed_newton(comm: Comm, order: list, offsets: list, evaluate: Callabl
         w0 = min(max(g - lo, 0), m)
         if stats.iterations >= max_iter:
             return _finish(comm, order, offsets, finish, U, g, stats, FinishCause.MAX_ITER, what)
-        vals, jac = evaluate(w0, U)
-        residual = vals - U[w0:]
-        summary = torch.zeros(3, dtype=torch.float64, device=U.device)
+        summary = torch.zeros(3, dtype=torch.float64, device=U.device)  # first unconverged, worst, flag
         summary[0] = total
-        if residual.shape[0]:
-            ratio = scaled_norm(residual, U[w0:], atol, rtol)
-            worst = float(ratio.max())
-            if not math.isfinite(worst):
-                summary[2] = 1.0
-            else:
-                summary[1] = worst
-                bad = (ratio > 1).nonzero()
-                if bad.numel():
-                    summary[0] = lo + w0 + int(bad[0])
+        failure = None
+        try:
+            vals, jac = evaluate(w0, U)
+            residual = vals - U[w0:]
+            if residual.shape[0]:
+                ratio = scaled_norm(residual, U[w0:], atol, rtol)
+                worst = float(ratio.max())
+                if not math.isfinite(worst):
+                    summary[2] = _NON_FINITE
+                else:
+                    summary[1] = worst
+                    bad = (ratio > 1).nonzero()
+                    if bad.numel():
+                        summary[0] = lo + w0 + int(bad[0])
+        except DistributedSolveError:  # a collective inside evaluate failed: the group is broken
+            raise
+        except Exception as exc:  # the step raised here: every rank stops at the check below
+            failure, summary[2] = exc, _FAILED
         gathered = comm.gather(summary, f"{what} convergence check").cpu()
-        if bool((gathered[:, 2] > 0).any()):
+        raise_failures(comm, (gathered[:, 2] == _FAILED).tolist(), failure, f"the {what} step evaluation")
+        if bool((gathered[:, 2] == _NON_FINITE).any()):
             return _finish(comm, order, offsets, finish, U, g, stats, FinishCause.NON_FINITE, what)
         worst = float(gathered[:, 1].max())
         g_new = int(gathered[:, 0].min())
@@ -81,10 +93,15 @@ def distributed_newton(comm: Comm, order: list, offsets: list, evaluate: Callabl
             return U
         w1 = min(max(g_new - lo, 0), m)
         skip = w1 - w0
-        A, E = jac() if (w1 < m and mode != "zero") else (None, None)
+        try:
+            A, E = jac() if (w1 < m and mode != "zero") else (None, None)
+        except DistributedSolveError:
+            raise
+        except Exception as exc:  # forming the Jacobians raised: the scan's exchange carries the flag
+            failure, A, E = exc, None, None
         r = residual[skip:]
         delta = cross_rank_scan(comm, pos, order, None if A is None else A[skip:], r, E, mode,
-                                U[0], f"{what} scan")
+                                U[0], f"{what} scan", failure)
         if delta.shape[0]:
             U[w1:] += delta
         if lo <= g_new < hi:
@@ -101,15 +118,29 @@ def _finish(comm: Comm, order: list, offsets: list, finish: Callable, U: torch.T
     lo = offsets[pos]
     m = offsets[pos + 1] - lo
     first = max(q for q in range(len(order)) if offsets[q] <= g)
-    incoming = None
+    incoming, failure = None, None
     for q in range(first, len(order)):
         out = None
         if q == pos:
-            out = finish(min(max(g - lo, 0), m), U, incoming)
+            try:
+                out = finish(min(max(g - lo, 0), m), U, incoming)
+            except DistributedSolveError:
+                raise
+            except Exception as exc:  # the others learn it from the flag (broadcast, or the gather below)
+                failure = exc
         if q == len(order) - 1:
             break
-        buf = out.contiguous() if q == pos else torch.empty_like(U[0])
+        buf = U.new_zeros(U[0].numel() + 1)  # the boundary value and a failure flag
+        if q == pos:
+            if failure is None:
+                buf[:-1] = out.reshape(-1)
+            else:
+                buf[-1] = 1
         comm.broadcast(buf, order[q], f"{what} sequential finish")
+        raise_failures(comm, [bool(buf[-1] > 0) if r == order[q] else False for r in range(comm.size)],
+                       failure, f"the {what} sequential finish")
         if q + 1 == pos:
-            incoming = buf
+            incoming = buf[:-1].view_as(U[0])
+    flags = comm.gather(U.new_tensor([0.0 if failure is None else 1.0]), f"{what} sequential finish")
+    raise_failures(comm, (flags[:, 0] > 0).tolist(), failure, f"the {what} sequential finish")
     return U

@@ -11,7 +11,7 @@ forward solve, reversed for the adjoint):
    ``x_in = 0``. A pairwise tree: m - 1 matrix products (``full``), products of diagonals
    (``diag``), or a sum (``identity``, where every A is I).
 2. Exchange: one all-gather of the P maps: B n^2 + B n elements per rank (``full``),
-   2 B n (``diag``), B n (``identity``); nothing in ``zero`` mode, where d = r.
+   2 B n (``diag``), B n (``identity``), plus one failure flag; nothing in ``zero`` mode, where d = r.
 3. Prefix (local, P small products): x_in = fold of the maps of the ranks before this one.
 4. Sweep (local): the slice's own scan with ``r_0 += A_0 x_in`` (``runtime.scan.affine_scan``).
 
@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from .distributed_comm import Comm
+from .distributed_comm import Comm, raise_failures
 from .scan import affine_scan
 
 
@@ -70,38 +70,43 @@ def _matmul(A: Optional[torch.Tensor], B: torch.Tensor, mode: str) -> torch.Tens
 
 
 def cross_rank_scan(comm: Comm, pos: int, order: list, A: Optional[torch.Tensor], r: torch.Tensor,
-                    E: Optional[torch.Tensor], mode: str, like: torch.Tensor, what: str) -> torch.Tensor:
+                    E: Optional[torch.Tensor], mode: str, like: torch.Tensor, what: str,
+                    failure: Optional[BaseException] = None) -> torch.Tensor:
     """Solve this rank's rows of the recurrence above; every rank of the group must call it.
 
     ``pos``: this rank's place in the logical order ``order`` (a list of group ranks).
     ``A``, ``r``: this rank's rows (possibly none: then it only takes part in the exchange and
     hands on zero, which is right for rows that are already final). ``E``: the matrix applied to
     the rank's last row before handing it on (None: identity). ``like``: a (B, n) tensor for
-    shapes, dtype and device. Returns ``d`` (this rank's rows)."""
-    if mode == "zero":
+    shapes, dtype and device. ``failure``: this rank could not form its A (the exchange carries a
+    flag, and every rank raises). Returns ``d`` (this rank's rows)."""
+    if mode == "zero":  # nothing to exchange (and no A that could have failed)
         return r.clone()
     B, n = like.shape
     full = mode == "full"
     m = r.shape[0]
     last = pos == len(order) - 1
     A_size = B * n * n if full else (B * n if mode == "diag" else 0)
-    packed = like.new_zeros(A_size + B * n)
-    if m > 0 and not last:  # the last rank's map is nobody's input
+    packed = like.new_zeros(A_size + B * n + 1)  # the last element: this rank failed
+    if failure is not None:
+        packed[-1] = 1
+    elif m > 0 and not last:  # the last rank's map is nobody's input
         A_tot, c_tot = reduce_maps(A, r, mode)
         if E is not None:
             A_tot = _matmul(E, A_tot, mode) if A_tot is not None else E
             c_tot = apply(E, c_tot, mode)
         if A_size:
             packed[:A_size] = A_tot.reshape(-1)
-        packed[A_size:] = c_tot.reshape(-1)
-    maps = comm.gather(packed, what)  # (P, A_size + B n), indexed by group rank
+        packed[A_size:-1] = c_tot.reshape(-1)
+    maps = comm.gather(packed, what)  # (P, A_size + B n + 1), indexed by group rank
+    raise_failures(comm, (maps[:, -1] > 0).tolist(), failure, what)
     if m == 0:
         return r.clone()
     x = like.new_zeros(B, n)
     for q in range(pos):
         row = maps[order[q]]
         A_q = row[:A_size].view(B, n, n) if full else (row[:A_size].view(B, n) if A_size else None)
-        x = apply(A_q, x, mode) + row[A_size:].view(B, n)
+        x = apply(A_q, x, mode) + row[A_size:-1].view(B, n)
     r = r.clone()
     r[0] += apply(None if A is None else A[0], x, mode)
     return affine_scan(A, r, mode)
