@@ -45,7 +45,9 @@ def test_sampler_loop(kind, dtype):
         # EulerDiscreteScheduler.step upcasts to float32 internally whatever the model's dtype, so its
         # gradients carry float32 rounding (sequential backprop and the parallel adjoint round differently)
         grad_tol = dict(rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out, ref, **tol)
+    # tolerances relative to the magnitudes (states of ~500 here): the solve's convergence test is too,
+    # so an element near zero is as exact as float32 round-off at the state's scale, not at its own
+    torch.testing.assert_close(out, ref, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, float(ref.detach().abs().max())))
 
     report = compiled.report
     assert report.front_end == front_end
@@ -58,7 +60,7 @@ def test_sampler_loop(kind, dtype):
     torch.manual_seed(1)
     g_ref = _grads(model, model(x))
     for a, b in zip(g_out, g_ref):
-        torch.testing.assert_close(a, b, **grad_tol)
+        torch.testing.assert_close(a, b, rtol=grad_tol["rtol"], atol=grad_tol["atol"] * max(1.0, float(b.detach().abs().max())))
 
 
 def test_noise_is_drawn_outside_the_solve():
