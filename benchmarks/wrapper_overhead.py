@@ -4,8 +4,10 @@ model sequential runs the user's own model behind a signature lookup).
     python benchmarks/wrapper_overhead.py [--L 64 256 1024] [--w 4] [--number 200]
 
 For each depth it times, interleaved, the eager model and its compiled wrapper (no chain
-rewritten: ``policy="never"``), plus the lookup alone (``CompiledModule.specialise``), under
-``no_grad`` with one thread; best of several repeats of ``--number`` calls, as ``timeit``.
+rewritten: ``policy="never"``), plus what the wrapper checks before it dispatches a call (the
+``guards``: the hook epoch, ``passes/hooks.py``, and the input signature with its train/eval
+flags), under ``no_grad`` with one thread; best of several repeats of ``--number`` calls, as
+``timeit``.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import deeppcr_fx as deeppcr  # noqa: E402
+from deeppcr_fx.api import _signature  # noqa: E402
+from deeppcr_fx.passes.hooks import hook_epoch  # noqa: E402
 from suite import TanhMLP  # noqa: E402
 
 
@@ -25,8 +29,11 @@ def measure(L: int, w: int, number: int, rounds: int = 9) -> dict:
     torch.manual_seed(0)
     model, x = TanhMLP(L, w), torch.randn(1, w)
     compiled = deeppcr.compile(model, policy="never")
-    calls = {"eager": lambda: model(x), "compiled": lambda: compiled(x),
-             "lookup": lambda: compiled.specialise((x,))}
+    def guards():  # what CompiledModule.forward checks on every call before it dispatches
+        return hook_epoch() != compiled._hook_epoch, compiled._specialisations.get(
+            _signature((x,), compiled._flag_modules))
+
+    calls = {"eager": lambda: model(x), "compiled": lambda: compiled(x), "guards": guards}
     best = {name: float("inf") for name in calls}
     with torch.no_grad():
         compiled(x)
@@ -43,11 +50,11 @@ def main(argv=None) -> int:
     ap.add_argument("--number", type=int, default=200)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    print(f"{'L':>5} {'modules':>8} {'eager us':>10} {'compiled us':>12} {'overhead us':>12} {'lookup us':>10}")
+    print(f"{'L':>5} {'modules':>8} {'eager us':>10} {'compiled us':>12} {'overhead us':>12} {'guards us':>10}")
     for L in args.L:
         r = measure(L, args.w, max(1, args.number * 64 // L))
         print(f"{r['L']:>5} {r['modules']:>8} {r['eager_us']:>10.1f} {r['compiled_us']:>12.1f} "
-              f"{r['compiled_us'] - r['eager_us']:>12.1f} {r['lookup_us']:>10.2f}")
+              f"{r['compiled_us'] - r['eager_us']:>12.1f} {r['guards_us']:>10.2f}")
     return 0
 
 

@@ -10,7 +10,7 @@
 from .api import compile, explain
 from .config import Config
 from .inspect import ChainRecord, ChainStats, CompileReport, InputRecord, draw, plot_convergence
-from .results import CompileError, DeepPCRError, FinishCause, MissingDependency, Reason, Refusal
+from .results import CompileError, DeepPCRError, FinishCause, InvalidInput, MissingDependency, Reason, Refusal
 from .runtime import PassStats, SolveResult, SolveStats, solve
 from .runtime.pcr_solve import PCRSolve
 
@@ -21,7 +21,7 @@ __all__ = [
     # the runtime
     "solve", "SolveResult", "SolveStats", "PassStats", "FinishCause",
     # errors (every one derives from DeepPCRError)
-    "DeepPCRError", "CompileError",
+    "DeepPCRError", "CompileError", "InvalidInput",
     # options
     "Config",
 ]

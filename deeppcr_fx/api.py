@@ -26,11 +26,12 @@ from .config import Config
 from .inspect.report import CompileReport
 from .inspect.telemetry import ChainStats, collect
 from .passes.dynamo import DynamoBackend, make_backend
+from .passes.hooks import describe_hooks, has_hooks, hook_epoch, hooked
 from .passes.options import CompileOptions
 from .passes.pipeline import run_pipeline
 from .passes.record import record
 from .passes.trace import trace
-from .results import CompileError, Reason, RecordFailure, TraceFailure
+from .results import CompileError, InvalidInput, Reason, RecordFailure, TraceFailure
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +67,16 @@ def _training_sensitive(model: torch.nn.Module) -> list:
     return [m for m in model.modules() if type(m) not in _TRAINING_FREE]
 
 
+# Whether saved-tensor hooks are active (non-reentrant torch.utils.checkpoint): torch.func, which the
+# solver and the validator use, refuses to run under them, so such calls get their own specialisation.
+_saved_tensor_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda tracing: None)
+
+
 def _signature(args: tuple, flag_modules: list) -> tuple:
-    """What a specialisation depends on: grad mode, the train/eval flags of ``flag_modules``, and
-    each input's shape, dtype and device (or a value's repr). Built on every call: keep it cheap."""
-    key = [torch.is_grad_enabled(), tuple(map(_TRAINING, flag_modules))]
+    """What a specialisation depends on: grad mode, saved-tensor hooks, the train/eval flags of
+    ``flag_modules``, and each input's shape, dtype and device (or a value's repr). Built on every
+    call: keep it cheap."""
+    key = [torch.is_grad_enabled(), _saved_tensor_hooks(False) is not None, tuple(map(_TRAINING, flag_modules))]
     for a in args:
         if isinstance(a, torch.Tensor):
             key += (a.shape, a.dtype, a.device)
@@ -101,6 +108,8 @@ class CompiledModule(torch.nn.Module):
         # costs O(depth) Python time, which a 1 ms model run as written (no chain rewritten) would feel
         object.__setattr__(self, "_flag_modules", _training_sensitive(model))
         object.__setattr__(self, "_deeppcr_config", config)
+        object.__setattr__(self, "_hooked", hooked(model))  # modules with hooks (the guard in forward)
+        object.__setattr__(self, "_hook_epoch", hook_epoch())
         for name, child in model.named_children():
             self.add_module(name, child)
         for name, p in model.named_parameters(recurse=False):
@@ -175,7 +184,9 @@ class CompiledModule(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         if kwargs:
-            raise TypeError("deeppcr.compile: pass inputs positionally (keyword inputs are not traced yet).")
+            raise InvalidInput("deeppcr.compile: pass inputs positionally (keyword inputs are not traced yet).")
+        if hook_epoch() != self._hook_epoch:  # a hook was registered somewhere since the last call
+            self._check_hooks()
         key = _signature(args, self._flag_modules)
         spec = self._specialisations.get(key)
         if spec is not None:
@@ -251,7 +262,7 @@ class CompiledModule(torch.nn.Module):
         traced = trace(self._original, args)
         report.front_end, report.captured, report.opaque_modules = "symbolic", 1, traced.opaque
         result = run_pipeline(traced.graph_module, CompileOptions(self.deeppcr_config, args, front_end="symbolic"), report)
-        return _Specialisation(self._runner(result), report, result.graph_module)
+        return _Specialisation(self._runner(result, report), report, result.graph_module)
 
     def _build_record(self, args: tuple, report: CompileReport) -> _Specialisation:
         gm, out = record(self._original, args)
@@ -259,7 +270,7 @@ class CompiledModule(torch.nn.Module):
         report.notes.append("recorded one concrete run: Python-side state changes (e.g. a scheduler's counters) "
                             "happen when the original model runs, not in the rewritten graph")
         result = run_pipeline(gm, CompileOptions(self.deeppcr_config, args, front_end="record"), report)
-        return _Specialisation(self._runner(result), report, result.graph_module, first_output=(args, out))
+        return _Specialisation(self._runner(result, report), report, result.graph_module, first_output=(args, out))
 
     def _build_dynamo(self, args: tuple, report: CompileReport) -> _Specialisation:
         backend = DynamoBackend(self.deeppcr_config, model_name=type(self._original).__name__)
@@ -287,10 +298,32 @@ class CompiledModule(torch.nn.Module):
         spec = _Specialisation(runner, report, None)
         return spec
 
-    def _runner(self, result) -> Any:
+    def _runner(self, result, report: CompileReport) -> Any:
         """The rewritten graph, or the original model when no chain was rewritten (nothing to gain,
-        and the model's own Python, e.g. a scheduler's counters, keeps running as written)."""
+        and the model's own Python, e.g. a scheduler's counters, keeps running as written) or when
+        the model itself has hooks (the graph would not call them)."""
+        if result.modified and has_hooks(self._original):
+            report.notes.append(f"the model itself has {describe_hooks(self._original)}: it runs as written, "
+                                "so they fire (the chains stay sequential)")
+            return self._original
+        if result.modified and report.front_end == "record" and hooked(self._original):
+            report.notes.append("modules with hooks and a recorded graph (which calls no module): the model "
+                                "runs as written, so the hooks fire (the chains stay sequential)")
+            return self._original
         return result.graph_module if result.modified else self._original
+
+    def _check_hooks(self) -> None:
+        """Hooks were registered somewhere since the last look (O(1) to notice, see ``passes/hooks.py``):
+        if this model's hooked modules changed, forget every specialisation (the next call re-specialises)."""
+        with _BUILD_LOCK:
+            now = hooked(self._original)
+            if now != self._hooked:
+                logger.info("deeppcr: hooks of %s changed (%s): specialising again", type(self._original).__name__,
+                            ", ".join(sorted(now ^ self._hooked)) or "global hooks")
+                self._specialisations.clear()
+                object.__setattr__(self, "_last", None)
+            object.__setattr__(self, "_hooked", now)
+            object.__setattr__(self, "_hook_epoch", hook_epoch())
 
     def _fail(self, report: CompileReport, reason: Reason, detail: str) -> _Specialisation:
         report.failure, report.failure_detail = reason, detail

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "DeepPCRError", "CompileError", "PassError", "TraceFailure", "RecordFailure", "VectorizeError",
-    "MissingDependency", "Reason", "Refusal", "FinishCause",
+    "MissingDependency", "InvalidInput", "Unsupported", "StaleParameters", "Reason", "Refusal", "FinishCause",
     "REWRITTEN", "REFUSED", "PER_STEP", "SHARED", "COEFFICIENT",
 ]
 
@@ -57,6 +57,19 @@ class MissingDependency(DeepPCRError, ImportError):
     """An optional package is not installed; the message says what to install."""
 
 
+class InvalidInput(DeepPCRError, ValueError, TypeError):
+    """An argument of ``solve``, ``compile`` or ``Config`` is not what it must be; the message names it
+    and the fix. (A ``ValueError`` and a ``TypeError``, as the built-in checks it replaces were.)"""
+
+
+class Unsupported(DeepPCRError, NotImplementedError):
+    """Something deeppcr_fx does not do (e.g. double backward through a solve); the message says what to do."""
+
+
+class StaleParameters(DeepPCRError, RuntimeError):
+    """A Parameter stacked into a chain was changed in place between the forward and the backward pass."""
+
+
 # --- refusals ----------------------------------------------------------------------------
 class Reason(str, enum.Enum):
     """Why a chain (or a whole model) was left sequential."""
@@ -75,6 +88,7 @@ class Reason(str, enum.Enum):
     POLICY_NEVER = "policy_never"
     NOT_PROFITABLE = "not_profitable"
     TRACE_FAILED = "trace_failed"
+    HOOKED_MODULE = "hooked_module"
 
     @property
     def remedy(self) -> str:
@@ -110,6 +124,9 @@ _REMEDIES = {
                            "policy='always' without autotune to rewrite anyway.",
     Reason.TRACE_FAILED: "the model's forward could not be traced by this front end; the original model runs. "
                          "Try torch.compile(model, backend='deeppcr') or make forward traceable.",
+    Reason.HOOKED_MODULE: "a module inside the chain has forward or backward hooks, which a parallel solve cannot "
+                          "call step by step; the chain runs sequentially so they fire. Remove the hooks (the "
+                          "compiled module re-specialises) to solve it in parallel.",
 }
 
 

@@ -34,6 +34,7 @@ from ..results import REWRITTEN, PassError
 from .autotune import autotune
 from .decide import decide
 from .find_chains import find_chains
+from .live import share_children
 from .naming import free_name, tidy_names
 from .options import CompileOptions
 from .plan import PLANS, SHAPES, ChainPlan, plans_of
@@ -107,7 +108,7 @@ class Validate(_Pass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         for plan in plans_of(gm):
-            validate(plan, gm.meta[SHAPES], self.options.config)
+            validate(plan, gm, gm.meta[SHAPES], self.options.config)
         return PassResult(gm, False)
 
 
@@ -186,7 +187,7 @@ def run_pipeline(gm: fx.GraphModule, options: CompileOptions, report: CompileRep
         ``PassResult(graph_module, modified)``: the emitted graph, and whether some chain of it
         was rewritten (the caller then runs the graph, else the original model).
     """
-    gm = _GraphModule(gm, gm.graph, class_name=type(gm).__name__)
+    gm = share_children(_GraphModule(gm, gm.graph, class_name=type(gm).__name__), gm)  # the model's modules
     options = options.with_backward(gm)
     capture = _snapshot(gm, "capture")
     result = _run_passes(gm, options, report, capture)

@@ -30,6 +30,7 @@ import torch.fx as fx
 from torch.overrides import TorchFunctionMode
 
 from ..results import RecordFailure
+from .live import share_children
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +193,6 @@ def record(model: torch.nn.Module, example_inputs: tuple) -> tuple[fx.GraphModul
         raise RecordFailure(f"the model returned a {type(out).__name__}; recording supports one tensor output")
     rec.graph.output(rec.node_for(out))
     # a dict root maps qualified names to the very objects: the model's Parameters are shared, not copied
-    gm = fx.GraphModule(dict(rec.attrs), rec.graph, type(model).__name__)
+    gm = share_children(fx.GraphModule(dict(rec.attrs), rec.graph, type(model).__name__), model)
     gm.graph.lint()
     return gm, out

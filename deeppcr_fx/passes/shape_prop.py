@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 import torch.fx as fx
-from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
 
 logger = logging.getLogger(__name__)
 
@@ -162,9 +162,7 @@ class _MetaInterpreter(fx.Interpreter):
         self._check(args, kwargs)
         if kwargs.get("generator") is not None:  # never advance the user's generator
             kwargs = {**kwargs, "generator": None}
-        if "device" in kwargs:  # factory functions: allocate on meta, draw nothing
-            kwargs = {**kwargs, "device": "meta"}
-        return self._cached("call_function", target, args, kwargs, super().call_function)
+        return self._cached("call_function", target, args, on_meta(target, args, kwargs), super().call_function)
 
     def call_method(self, target, args, kwargs):
         self._check(args, kwargs)
@@ -183,7 +181,28 @@ class _MetaInterpreter(fx.Interpreter):
         mod = self.fetch_attr(target)
         state = {k: _to_meta(v) for k, v in list(mod.named_parameters()) + list(mod.named_buffers())}
         with torch.no_grad():
-            return functional_call(mod, state, args, kwargs)
+            return meta_forward(mod, state, args, kwargs)
+
+
+# factory functions that allocate from sizes alone: with no tensor argument they get device="meta"
+_FACTORIES = {torch.rand, torch.randn, torch.randint, torch.randperm, torch.normal, torch.zeros, torch.ones,
+              torch.empty, torch.full, torch.arange, torch.linspace, torch.eye, torch.tensor}
+
+
+def on_meta(target: Any, args: tuple, kwargs: dict) -> dict:
+    """``kwargs`` for running ``target`` on meta values: factories allocate on the meta device (and so
+    draw no random numbers and allocate nothing)."""
+    if "device" in kwargs or (target in _FACTORIES and not any(isinstance(a, torch.Tensor) for a in _flat(args))):
+        return {**kwargs, "device": "meta"}
+    return kwargs
+
+
+def meta_forward(mod: torch.nn.Module, state: dict, args: tuple, kwargs: dict) -> Any:
+    """``mod.forward(*args, **kwargs)`` with ``state`` (meta Parameters and buffers) swapped in, as
+    ``torch.func.functional_call`` does, but without calling the module's hooks: their code would
+    run on meta values at compile time (a counter would count, a print would print)."""
+    with _reparametrize_module(mod, state):
+        return mod.forward(*args, **kwargs)
 
 
 def _in_place(n: fx.Node) -> bool:

@@ -31,11 +31,12 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
-from torch.func import functional_call
 from torch.fx._symbolic_trace import _maybe_revert_all_patches, _Patcher
 
 from ..results import TraceFailure
-from .shape_prop import _to_meta, meta_cache_key
+from .hooks import describe_hooks, has_hooks
+from .live import share_children
+from .shape_prop import _to_meta, meta_cache_key, meta_forward, on_meta
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +133,8 @@ class InliningTracer(fx.Tracer):
             args = fx.node.map_aggregate(node.args, val)
             kwargs = dict(fx.node.map_aggregate(node.kwargs, val))
             kwargs.pop("generator", None)
-            if "device" in kwargs:
-                kwargs["device"] = "meta"
+            if node.op == "call_function":
+                kwargs = on_meta(node.target, args, kwargs)
             key = meta_cache_key(node.op, node.target, args, kwargs)
             if key is not None and key in self._meta_cache:
                 return self._meta_cache[key]
@@ -157,7 +158,7 @@ class InliningTracer(fx.Tracer):
             if node.op == "call_module":
                 mod = self.root.get_submodule(node.target)
                 state = {k: _to_meta(v) for k, v in list(mod.named_parameters()) + list(mod.named_buffers())}
-                return functional_call(mod, state, args, kwargs)
+                return meta_forward(mod, state, args, kwargs)
         return _MISSING
 
     def _fetch(self, target: str):
@@ -202,6 +203,8 @@ class InliningTracer(fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         path = self.path_of_module(m)
+        if path and path not in self.opaque and has_hooks(m):  # called as a module, its hooks fire
+            self.opaque[path] = f"has hooks ({describe_hooks(m)}): kept as a module call so they run"
         if path in self.opaque or not path:
             return super().call_module(m, forward, args, kwargs)
         last = self.graph._root.prev  # the newest node before this call
@@ -282,8 +285,33 @@ def trace(model: torch.nn.Module, example_inputs: tuple = ()) -> TraceResult:
     Raises ``TraceFailure`` when the model's own ``forward`` cannot be traced. Thread-safe: one
     trace at a time, and other threads' module calls are unaffected while it runs.
     """
-    with _TRACE_LOCK, _own_thread_patches():
+    with _TRACE_LOCK, _own_thread_patches(), torch.random.fork_rng(devices=[]):
         return _trace(model, example_inputs)
+
+
+# Random draws whose arguments are all concrete (``torch.randn(h.shape)``: shapes are concrete while
+# tracing) would run once at trace time and become a constant: the same "noise" on every call, and an
+# RNG that never advances. While tracing they are recorded as graph nodes instead, drawn on every call.
+_RANDOM = ("rand", "randn", "randint", "randperm", "normal", "bernoulli", "poisson", "multinomial",
+           "rand_like", "randn_like", "randint_like")
+
+
+@contextlib.contextmanager
+def _random_as_nodes(tracer: fx.Tracer):
+    originals = {name: getattr(torch, name) for name in _RANDOM if hasattr(torch, name)}
+
+    def recorded(fn: Callable) -> Callable:
+        def draw(*args, **kwargs):
+            return tracer.create_proxy("call_function", fn, args, kwargs)
+        return draw
+
+    try:
+        for name, fn in originals.items():
+            setattr(torch, name, _for_this_thread(recorded(fn), fn))
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)
 
 
 def _trace(model: torch.nn.Module, example_inputs: tuple) -> TraceResult:
@@ -291,12 +319,13 @@ def _trace(model: torch.nn.Module, example_inputs: tuple) -> TraceResult:
     before = set(vars(model))
     try:
         try:
-            graph = tracer.trace(model)
+            with _random_as_nodes(tracer):
+                graph = tracer.trace(model)
         except Exception as exc:
             raise TraceFailure(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
         for node in graph.nodes:
             node.meta.pop(_META, None)
-        gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+        gm = share_children(fx.GraphModule(tracer.root, graph, model.__class__.__name__), model)
     finally:  # fx stores tensor constants on the root module: take them back off the user's model
         for name in set(vars(model)) - before:
             delattr(model, name)

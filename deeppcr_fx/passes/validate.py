@@ -25,6 +25,7 @@ from ..results import Reason, Refusal
 from ..runtime.jacobians import choose_mode
 from ..runtime.state import sample_layout
 from .find_chains import Candidate
+from .hooks import describe_hooks, has_hooks
 from .plan import ChainPlan
 from .shape_prop import META_FAILURES, ShapeInfo, info_of
 from .template import StepTemplate
@@ -105,11 +106,11 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
-def validate(plan: ChainPlan, shapes: ShapeInfo, config: Config) -> None:
+def validate(plan: ChainPlan, gm: fx.GraphModule, shapes: ShapeInfo, config: Config) -> None:
     """Judge ``plan.candidate``: set ``plan.refusal`` (None: it can be rewritten), ``plan.template``
     and ``plan.mode``. Mutates nothing but the plan."""
     c = plan.candidate
-    plan.refusal = _structure(c, shapes)
+    plan.refusal = _structure(c, shapes) or _hooks(c, gm)
     if plan.refusal is None:
         plan.refusal, plan.template = _template_check(c)
     if plan.refusal is None and c.length < config.min_length:
@@ -126,6 +127,25 @@ def planned_mode(c: Candidate, config: Config) -> str:
         return ""
     batch, width = sample_layout(info.shape, config.batch)
     return choose_mode(config.jacobian, width, config.full_max_state, c.length * batch)
+
+
+def _hooks(c: Candidate, gm: fx.GraphModule) -> Optional[Refusal]:
+    """A module the chain's steps come from (or call) has hooks: they must fire, so no parallel solve."""
+    seen: set = set()
+    for n in c.nodes:
+        paths = [path for path, _ in (n.meta.get("nn_module_stack") or {}).values()]
+        paths += [n.target] if n.op == "call_module" else []
+        for path in paths:
+            if path in seen:
+                continue
+            seen.add(path)
+            try:
+                module = gm.get_submodule(path)
+            except AttributeError:  # a path of another front end's naming (TorchDynamo's L['self'])
+                continue
+            if has_hooks(module):
+                return Refusal(Reason.HOOKED_MODULE, f"{path} has {describe_hooks(module)}")
+    return None
 
 
 def _structure(c: Candidate, shapes: ShapeInfo) -> Optional[Refusal]:

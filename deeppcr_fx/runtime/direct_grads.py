@@ -30,6 +30,8 @@ from typing import Optional
 
 import torch
 
+from ..results import StaleParameters
+
 _IS_LEAF = operator.attrgetter("is_leaf")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _HOOKS = operator.attrgetter("_backward_hooks")
@@ -108,7 +110,7 @@ class _DirectGrads(torch.autograd.Function):
     def backward(ctx, grad):
         tensors = ctx.tensors
         if list(map(_VERSION, tensors)) != ctx.versions:
-            raise RuntimeError(
+            raise StaleParameters(
                 "one of the Parameters stacked into a deeppcr chain was modified by an inplace operation "
                 "between the forward and the backward pass (e.g. optimizer.step() before loss.backward()); "
                 "run the forward pass again after changing the Parameters."

@@ -40,6 +40,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..results import InvalidInput
+
 
 def rounds(length: int) -> int:
     """Number of PCR rounds for ``length`` rows: ceil(log2 L)."""
@@ -121,9 +123,9 @@ def _forward_scan(A: Optional[torch.Tensor], r: torch.Tensor, mode: str, chunk: 
     if mode == "identity":
         return r.cumsum(0)
     if mode not in ("full", "diag"):
-        raise ValueError(f"unknown Jacobian mode {mode!r}")
+        raise InvalidInput(f"unknown Jacobian mode {mode!r}")
     if A is None or A.shape[0] != r.shape[0]:
-        raise ValueError(f"A must have one entry per row: got {None if A is None else tuple(A.shape)} for r {tuple(r.shape)}")
+        raise InvalidInput(f"A must have one entry per row: got {None if A is None else tuple(A.shape)} for r {tuple(r.shape)}")
     chunk = default_chunk(r.shape[0], r.device) if chunk is None else chunk
     if 1 < chunk < r.shape[0]:
         return _chunked_scan(A, r, mode, chunk)

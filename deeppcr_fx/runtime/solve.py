@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ..results import InvalidInput, Unsupported
 from ..config import Config
 from . import jacobians
 from .adjoint import adjoint
@@ -93,6 +94,8 @@ def solve(step: Callable, x0, per_step: Sequence[torch.Tensor] = (), shared: Seq
                        jacobian_requested=config.jacobian, jacobian=mode, dtype=str(dtype).replace("torch.", ""),
                        compute_dtype=str(spec.compute_dtype).replace("torch.", ""))
     x0_parts = x0 if isinstance(x0, tuple) else (x0,)
+    if any(p.numel() == 0 for p in x0_parts):  # an empty batch: nothing to solve, the plain loop is exact and free
+        return SolveResult(states=_plain_loop(steps, x0, length), stats=stats)
     problem = _Problem(steps, spec, config, mode, stats, len(x0_parts), on_iteration)
     problem.initial_guess = initial_guess
     if replication is not None:
@@ -100,6 +103,17 @@ def solve(step: Callable, x0, per_step: Sequence[torch.Tensor] = (), shared: Seq
     outs = _ChainSolve.apply(problem, *x0_parts, *steps.inputs)
     steps.record(stats)
     return SolveResult(states=outs if spec.is_tuple else outs[0], stats=stats, solution=problem.solution)
+
+
+def _plain_loop(steps: Steps, x0, length: int):
+    """The sequential chain with autograd (for states without elements, e.g. a batch of 0 samples)."""
+    z, states = x0, []
+    for l in range(length):
+        z = steps.step(z, *(p[l] for p in steps.per_step), *steps.shared)
+        states.append(z)
+    if isinstance(x0, tuple):
+        return tuple(torch.stack(parts) for parts in zip(*states))
+    return torch.stack(states)
 
 
 class _Problem:
@@ -205,7 +219,7 @@ class _ChainSolve(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         if torch.is_grad_enabled():
-            raise NotImplementedError(
+            raise Unsupported(
                 "double backward through deeppcr.solve is not supported (create_graph=True); "
                 "differentiate the sequential model for higher-order gradients."
             )
@@ -253,17 +267,17 @@ def _stack_grads(spec: StateSpec, grads, U: torch.Tensor) -> torch.Tensor:
 def _check_length(per_step: tuple, length: Optional[int]) -> int:
     for i, p in enumerate(per_step):
         if not isinstance(p, torch.Tensor):
-            raise TypeError(f"per_step[{i}] must be a tensor with a leading dimension L, got {type(p).__name__}.")
+            raise InvalidInput(f"per_step[{i}] must be a tensor with a leading dimension L, got {type(p).__name__}.")
         if p.dim() == 0:
-            raise ValueError(f"per_step[{i}] is a 0-d tensor; per-step tensors need a leading dimension L.")
+            raise InvalidInput(f"per_step[{i}] is a 0-d tensor; per-step tensors need a leading dimension L.")
     lengths = [p.shape[0] for p in per_step] + ([] if length is None else [length])
     if not lengths:
-        raise ValueError("solve needs the chain length: pass per-step tensors with a leading dimension L, "
+        raise InvalidInput("solve needs the chain length: pass per-step tensors with a leading dimension L, "
                          "or length=L for a chain whose steps share all their inputs.")
     if len(set(lengths)) != 1:
-        raise ValueError(f"per-step tensors (and length=) must agree on the chain length L; got {lengths}.")
+        raise InvalidInput(f"per-step tensors (and length=) must agree on the chain length L; got {lengths}.")
     if lengths[0] < 1:
-        raise ValueError(f"the chain is empty (L = {lengths[0]}); L must be >= 1.")
+        raise InvalidInput(f"the chain is empty (L = {lengths[0]}); L must be >= 1.")
     return lengths[0]
 
 

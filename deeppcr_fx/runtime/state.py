@@ -17,6 +17,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ..results import InvalidInput
+
 State = Union[torch.Tensor, tuple]
 
 
@@ -56,7 +58,7 @@ class StateSpec:
         if batch is None:
             batch = all(p.dim() >= 2 for p in parts) and len({p.shape[0] for p in parts}) == 1
         elif batch and not (all(p.dim() >= 1 for p in parts) and len({p.shape[0] for p in parts}) == 1):
-            raise ValueError(
+            raise InvalidInput(
                 "Config(batch=True) needs every state tensor to share its leading (batch) size; got shapes "
                 f"{[tuple(p.shape) for p in parts]}. Use batch=False to treat the state as one sample."
             )
@@ -106,16 +108,16 @@ class StateSpec:
         """Raise a clear error when ``step`` changed the state's structure, shape or dtype."""
         if self.is_tuple != isinstance(out, tuple) or (self.is_tuple and len(out) != len(self.shapes)):
             kind = f"a tuple of {len(self.shapes)} tensors" if self.is_tuple else "a tensor"
-            raise ValueError(f"step must return the state's structure ({kind}); it returned {_describe(out)}.")
+            raise InvalidInput(f"step must return the state's structure ({kind}); it returned {_describe(out)}.")
         for i, (p, shape, dtype) in enumerate(zip(_components(out, "step output"), self.shapes, self.dtypes)):
             where = f" (component {i})" if self.is_tuple else ""
             if tuple(p.shape) != shape:
-                raise ValueError(
+                raise InvalidInput(
                     f"step changed the state's shape{where} from {shape} to {tuple(p.shape)}; "
                     "a chain's steps must map the state to a state of the same shape."
                 )
             if p.dtype != dtype:
-                raise ValueError(
+                raise InvalidInput(
                     f"step changed the state's dtype{where} from {dtype} to {p.dtype}; "
                     "cast inside the step so it returns the state's dtype."
                 )
@@ -124,10 +126,10 @@ class StateSpec:
 def _components(x: object, name: str) -> Sequence[torch.Tensor]:
     parts = x if isinstance(x, tuple) else (x,)
     if not parts or not all(isinstance(p, torch.Tensor) for p in parts):
-        raise TypeError(f"{name} must be a tensor or a tuple of tensors, got {_describe(x)}.")
+        raise InvalidInput(f"{name} must be a tensor or a tuple of tensors, got {_describe(x)}.")
     for p in parts:
         if not p.is_floating_point():
-            raise TypeError(f"{name} tensors must be floating point, got dtype {p.dtype}.")
+            raise InvalidInput(f"{name} tensors must be floating point, got dtype {p.dtype}.")
     return parts
 
 

@@ -1,0 +1,63 @@
+"""Guards: what a trace read is an assumption. Each test changes one thing after compiling (or reads
+something the trace would otherwise freeze) and checks the compiled model still gives the eager answer.
+"""
+import torch
+import torch.nn as nn
+
+import deeppcr_fx as deeppcr
+
+
+def _mlp(depth=12, width=4):
+    torch.manual_seed(0)
+    return nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), nn.Tanh())])
+
+
+class _Noisy(nn.Module):
+    """Noise drawn from concrete shapes (``torch.randn(h.shape)``) inside the steps and after the chain."""
+
+    def __init__(self, depth=12, width=4):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x):
+        h = x
+        for layer in self.layers:
+            h = torch.tanh(layer(h)) + 0.1 * torch.randn(h.shape)
+        return h + torch.randn(h.shape)
+
+
+def test_noise_is_drawn_on_every_call_as_eager_draws_it():
+    torch.manual_seed(0)
+    model = _Noisy()
+    compiled = deeppcr.compile(model, policy="always")
+    x = torch.randn(2, 4)
+    outs = []
+    for seed in (5, 6):
+        torch.manual_seed(seed)
+        y = compiled(x)
+        after_compiled = torch.rand(3)
+        torch.manual_seed(seed)
+        ref = model(x)
+        after_eager = torch.rand(3)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+        assert torch.equal(after_compiled, after_eager)  # the RNG advanced exactly as eager's
+        outs.append(y)
+    assert not torch.allclose(outs[0], outs[1])
+    assert compiled.report.rewritten and any(i.hoisted for i in compiled.report.rewritten[0].inputs)
+
+
+def test_parameters_assigned_by_load_state_dict_are_used_and_trained():
+    model = _mlp()
+    compiled = deeppcr.compile(model, policy="always")
+    x = torch.randn(2, 4)
+    compiled(x)
+    torch.manual_seed(1)
+    model.load_state_dict({k: 0.5 * torch.randn_like(v) for k, v in model.state_dict().items()}, assign=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-6)
+    y.sum().backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    model(x).sum().backward()
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
