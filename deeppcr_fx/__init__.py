@@ -10,8 +10,10 @@
 from .api import compile, explain
 from .config import Config
 from .inspect import ChainRecord, ChainStats, CompileReport, InputRecord, draw, plot_convergence
-from .results import CompileError, DeepPCRError, FinishCause, InvalidInput, MissingDependency, Reason, Refusal
+from .results import (CompileError, DeepPCRError, DistributedSolveError, FinishCause, InvalidInput,
+                      MissingDependency, Reason, Refusal)
 from .runtime import PassStats, SolveResult, SolveStats, solve
+from .runtime.distributed_model import LayerParallel
 from .runtime.pcr_solve import PCRSolve
 
 __all__ = [
@@ -20,6 +22,8 @@ __all__ = [
     "ChainStats", "PCRSolve", "draw", "plot_convergence", "MissingDependency",
     # the runtime
     "solve", "SolveResult", "SolveStats", "PassStats", "FinishCause",
+    # layer-parallel (one chain split by depth over torch.distributed ranks)
+    "LayerParallel", "DistributedSolveError",
     # errors (every one derives from DeepPCRError)
     "DeepPCRError", "CompileError", "InvalidInput",
     # options

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 __all__ = [
     "DeepPCRError", "CompileError", "PassError", "TraceFailure", "RecordFailure", "VectorizeError",
-    "MissingDependency", "InvalidInput", "Unsupported", "StaleParameters", "Reason", "Refusal", "FinishCause",
+    "MissingDependency", "InvalidInput", "Unsupported", "StaleParameters", "DistributedSolveError",
+    "DistributedLayoutError", "PeerFailure", "Reason", "Refusal", "FinishCause",
     "REWRITTEN", "REFUSED", "PER_STEP", "SHARED", "COEFFICIENT",
 ]
 
@@ -68,6 +69,21 @@ class Unsupported(DeepPCRError, NotImplementedError):
 
 class StaleParameters(DeepPCRError, RuntimeError):
     """A Parameter stacked into a chain was changed in place between the forward and the backward pass."""
+
+
+class DistributedSolveError(DeepPCRError, RuntimeError):
+    """A layer-parallel solve failed on some rank (raised on every rank of the group)."""
+
+
+class DistributedLayoutError(DistributedSolveError, ValueError):
+    """The ranks' slices do not describe one chain (state shapes, per-step shapes, options differ)."""
+
+
+class PeerFailure(DistributedSolveError):
+    """Another rank's step (or its derivative) raised during the solve; raised on the other ranks.
+
+    The failing rank raises its own exception at the same point, so every rank leaves the solve
+    together and the process group stays usable."""
 
 
 # --- refusals ----------------------------------------------------------------------------

@@ -22,22 +22,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from ..results import DeepPCRError
-
-
-class DistributedSolveError(DeepPCRError, RuntimeError):
-    """A layer-parallel solve failed on some rank (raised on every rank of the group)."""
-
-
-class DistributedLayoutError(DistributedSolveError, ValueError):
-    """The ranks' slices do not describe one chain (state shapes, per-step shapes, options differ)."""
-
-
-class PeerFailure(DistributedSolveError):
-    """Another rank's step (or its derivative) raised during the solve; raised on the other ranks.
-
-    The failing rank raises its own exception at the same point, so every rank leaves the solve
-    together and the process group stays usable."""
+from ..results import DeepPCRError, DistributedLayoutError, DistributedSolveError, PeerFailure
 
 
 def raise_failures(comm: "Comm", flags, local: Optional[BaseException], what: str) -> None:
