@@ -15,11 +15,11 @@ private *anchor* leaf: its backward receives the stacked gradient G (L, ...) and
 This is only used where it does what autograd's own accumulation would: every tensor is a
 distinct leaf (a Parameter tied into several steps needs its gradients summed: autograd
 does that) that requires grad and has no tensor hooks (``register_hook``,
-``register_post_accumulate_grad_hook``). The one thing it changes: the Parameters are not
-nodes of the graph, so ``torch.autograd.grad(loss, params)`` and ``loss.backward(inputs=params)``
-report them as unused (an error; ``None`` with ``allow_unused=True``). Use
-``Config(direct_grads=False)`` for those (or for hooks registered on ``AccumulateGrad``
-nodes, e.g. by DistributedDataParallel); ``loss.backward()`` is unaffected.
+``register_post_accumulate_grad_hook``), and no ``torch.distributed`` process group is up
+(DistributedDataParallel and FSDP hook ``AccumulateGrad`` nodes from C++). The one thing it
+changes: the Parameters are not nodes of the graph, so ``torch.autograd.grad(loss, params)``
+and ``loss.backward(inputs=params)`` do not reach them (an "unused" error; no gradient with
+``inputs=``). Use ``Config(direct_grads=False)`` for those; ``loss.backward()`` is unaffected.
 """
 from __future__ import annotations
 
@@ -48,8 +48,15 @@ def supports_direct_grads(tensors: list, requires_grad: Optional[list] = None) -
     the caller's flat group guarantees it, each tensor viewing its own row, so this per-call
     check does not pay for a set of L ids again."""
     flags = list(map(_REQUIRES_GRAD, tensors)) if requires_grad is None else requires_grad
-    return (all(flags) and all(map(_IS_LEAF, tensors))
+    return (all(flags) and all(map(_IS_LEAF, tensors)) and not _distributed()
             and not any(map(_HOOKS, tensors)) and not any(map(_POST_HOOKS, tensors)))
+
+
+def _distributed() -> bool:
+    """Whether a torch.distributed process group is up: DistributedDataParallel and FSDP hook the
+    Parameters' ``AccumulateGrad`` nodes from C++, invisibly from here, so their gradients must go
+    through autograd's leaves (checked per call: O(1))."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 class GradBuffer:
