@@ -72,11 +72,17 @@ def _training_sensitive(model: torch.nn.Module) -> list:
 _saved_tensor_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda tracing: None)
 
 
+def _autocast() -> tuple:
+    """Which devices ``torch.autocast`` is on for, with its dtype (empty when it is off)."""
+    return tuple((d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d))
+
+
 def _signature(args: tuple, flag_modules: list) -> tuple:
-    """What a specialisation depends on: grad mode, saved-tensor hooks, the train/eval flags of
-    ``flag_modules``, and each input's shape, dtype and device (or a value's repr). Built on every
+    """What a specialisation depends on: grad mode, saved-tensor hooks, autocast, the train/eval flags
+    of ``flag_modules``, and each input's shape, dtype and device (or a value's repr). Built on every
     call: keep it cheap."""
-    key = [torch.is_grad_enabled(), _saved_tensor_hooks(False) is not None, tuple(map(_TRAINING, flag_modules))]
+    key = [torch.is_grad_enabled(), _saved_tensor_hooks(False) is not None, _autocast(),
+           tuple(map(_TRAINING, flag_modules))]
     for a in args:
         if isinstance(a, torch.Tensor):
             key += (a.shape, a.dtype, a.device)
@@ -261,7 +267,8 @@ class CompiledModule(torch.nn.Module):
     def _build_symbolic(self, args: tuple, report: CompileReport) -> _Specialisation:
         traced = trace(self._original, args)
         report.front_end, report.captured, report.opaque_modules = "symbolic", 1, traced.opaque
-        result = run_pipeline(traced.graph_module, CompileOptions(self.deeppcr_config, args, front_end="symbolic"), report)
+        options = CompileOptions(self.deeppcr_config, args, front_end="symbolic", autocast=bool(_autocast()))
+        result = run_pipeline(traced.graph_module, options, report)
         return _Specialisation(self._runner(result, report), report, result.graph_module)
 
     def _build_record(self, args: tuple, report: CompileReport) -> _Specialisation:
@@ -269,7 +276,8 @@ class CompiledModule(torch.nn.Module):
         report.front_end, report.captured = "record", 1
         report.notes.append("recorded one concrete run: Python-side state changes (e.g. a scheduler's counters) "
                             "happen when the original model runs, not in the rewritten graph")
-        result = run_pipeline(gm, CompileOptions(self.deeppcr_config, args, front_end="record"), report)
+        options = CompileOptions(self.deeppcr_config, args, front_end="record", autocast=bool(_autocast()))
+        result = run_pipeline(gm, options, report)
         return _Specialisation(self._runner(result, report), report, result.graph_module, first_output=(args, out))
 
     def _build_dynamo(self, args: tuple, report: CompileReport) -> _Specialisation:

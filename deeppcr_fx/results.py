@@ -105,6 +105,7 @@ class Reason(str, enum.Enum):
     NOT_PROFITABLE = "not_profitable"
     TRACE_FAILED = "trace_failed"
     HOOKED_MODULE = "hooked_module"
+    AUTOCAST = "autocast"
 
     @property
     def remedy(self) -> str:
@@ -143,6 +144,9 @@ _REMEDIES = {
     Reason.HOOKED_MODULE: "a module inside the chain has forward or backward hooks, which a parallel solve cannot "
                           "call step by step; the chain runs sequentially so they fire. Remove the hooks (the "
                           "compiled module re-specialises) to solve it in parallel.",
+    Reason.AUTOCAST: "torch.autocast is on: the steps would change the state's dtype mid-chain and the solver's own "
+                     "products would be autocast too, so the chain runs as eager autocast runs it (exactly). Call the "
+                     "model outside autocast (or cast it with .to(dtype)) to solve it in parallel.",
 }
 
 

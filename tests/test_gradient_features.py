@@ -93,3 +93,26 @@ def test_post_accumulate_grad_hooks_fire_with_the_gradients():
     model(x).pow(2).sum().backward()
     for name in got:
         torch.testing.assert_close(got[name], seen[name], rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_computes_what_eager_autocast_computes():
+    """Under torch.autocast the chain runs as eager autocast runs it (reason ``autocast``); outside it the
+    same compiled module solves in parallel. Training included."""
+    model = _mlp()
+    compiled = deeppcr.compile(model, policy="always")
+    x = torch.randn(3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = compiled(x)
+    assert compiled.report.reasons() == [deeppcr.Reason.AUTOCAST]
+    y.float().pow(2).sum().backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(x)
+    ref.float().pow(2).sum().backward()
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref)
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+    compiled(x)
+    assert compiled.report.rewritten

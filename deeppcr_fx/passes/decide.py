@@ -39,6 +39,8 @@ def decide(plans: list, gm: fx.GraphModule, options: CompileOptions) -> None:
 
 def _policy(i: int, plan: ChainPlan, options: CompileOptions) -> Optional[Refusal]:
     policy = options.config.policy
+    if options.autocast:
+        return Refusal(Reason.AUTOCAST, "torch.autocast is on for these inputs")
     if policy == "never":
         return Refusal(Reason.POLICY_NEVER)
     if i in options.forced:

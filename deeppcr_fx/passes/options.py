@@ -27,6 +27,7 @@ class CompileOptions:
             ``decide`` pass applies instead of the policy.
         backward: whether a backward pass is expected (grad mode on and something requires grad);
             ``with_backward`` fills it in from a graph.
+        autocast: whether ``torch.autocast`` is on for the inputs' device (chains then stay sequential).
     """
 
     config: Config
@@ -36,6 +37,7 @@ class CompileOptions:
     sources: Optional[tuple] = None
     forced: Mapping = field(default_factory=dict)
     backward: bool = False
+    autocast: bool = False
 
     def replace(self, **changes) -> "CompileOptions":
         return dataclasses.replace(self, **changes)
