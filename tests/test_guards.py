@@ -61,3 +61,42 @@ def test_parameters_assigned_by_load_state_dict_are_used_and_trained():
     model(x).sum().backward()
     for g, p in zip(got, model.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_parameters_that_view_a_users_tensor_stay_views():
+    """``Parameter(flat[l])`` shares ``flat``'s storage: flattening would cut it loose (in the original model
+    too), so such chains stack per call and the user's tensor keeps driving both models."""
+    model = _mlp()
+    flat = torch.randn(12, 4, 4) * 0.5
+    for l in range(12):
+        model[2 * l].weight = nn.Parameter(flat[l])
+    compiled = deeppcr.compile(model, policy="always")
+    x = torch.randn(2, 4)
+    compiled(x)
+    with torch.no_grad():
+        flat.mul_(0.5)
+    assert torch.equal(model[0].weight, flat[0])
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_functional_call_uses_the_given_tensors_and_differentiates_them():
+    from torch.func import functional_call
+
+    model = _mlp()
+    compiled = deeppcr.compile(model, policy="always")
+    x = torch.randn(2, 4)
+    compiled(x)
+    originals = {k: v.detach().clone() for k, v in model.named_parameters()}
+    for _ in range(2):
+        params = {k: (0.5 * torch.randn_like(v)).requires_grad_() for k, v in model.named_parameters()}
+        with torch.no_grad():
+            torch.testing.assert_close(functional_call(compiled, params, (x,)), functional_call(model, params, (x,)),
+                                       rtol=1e-5, atol=1e-6)
+        functional_call(compiled, params, (x,)).sum().backward()
+        refs = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+        functional_call(model, refs, (x,)).sum().backward()
+        for k in params:
+            torch.testing.assert_close(params[k].grad, refs[k].grad, rtol=1e-5, atol=1e-6)
+    for k, v in model.named_parameters():  # the model's own Parameters are untouched
+        assert torch.equal(v, originals[k])
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)

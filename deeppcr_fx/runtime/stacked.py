@@ -15,7 +15,9 @@ This module removes both:
   cache to invalidate. Each call checks in O(L) pointer reads that every entry is still the
   same tensor viewing the same row; a replaced Parameter or ``.data`` assignment (``.to()``,
   ``.half()``) triggers a re-flatten, and entries that keep changing fall back to
-  ``torch.stack`` per call, as does a tensor tied into several steps (it cannot view two rows).
+  ``torch.stack`` per call, as does a tensor tied into several steps (it cannot view two rows),
+  a Parameter that views a user's larger tensor (``Parameter(flat[l])``: flattening would cut it
+  loose) and a tensor swapped in by ``torch.func.functional_call`` (``FlatGroups.may_flatten``).
 - **Direct gradients** (``Config.direct_grads``, see ``direct_grads.py``): in a plain
   ``loss.backward()`` the stacked gradient is written into the Parameters' ``.grad`` (as
   views of one buffer) instead of flowing through L autograd leaves.
@@ -80,6 +82,20 @@ class FlatGroups:
 
     def __init__(self) -> None:
         self._groups: "dict[int, _FlatGroup]" = {}
+        self._ours: "dict[int, weakref.ref]" = {}  # tensors this registry made views of (kept by clear())
+
+    def may_flatten(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` may become a view of a flat buffer: it owns its whole storage (not a view of a
+        user's tensor, e.g. ``Parameter(flat[l])``, which flattening would cut loose from that tensor)
+        or already views one of this registry's buffers; and it is a Parameter or needs no gradient (a
+        tensor swapped in by ``torch.func.functional_call`` is the caller's own: it is stacked per
+        call, and gradients flow to it through the stack)."""
+        if not (isinstance(t, torch.nn.Parameter) or not t.requires_grad):
+            return False
+        ref = self._ours.get(id(t))
+        if ref is not None and ref() is t:
+            return True
+        return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
     def get(self, tensors: list) -> Optional[_FlatGroup]:
         """The group whose buffer rows are ``tensors`` now, if there is one."""
@@ -89,6 +105,9 @@ class FlatGroups:
     def flatten(self, tensors: list) -> _FlatGroup:
         """Copy ``tensors`` into a new stacked buffer, make each view its row, and register the group."""
         group = _FlatGroup(tensors)
+        ours = self._ours
+        for t in tensors:
+            ours[id(t)] = weakref.ref(t, lambda _, k=id(t): ours.pop(k, None))
         key = id(tensors[0])
         if key not in self._groups:
             weakref.finalize(tensors[0], self._groups.pop, key, None)
@@ -168,7 +187,8 @@ class StackedAttributes(torch.nn.Module):
             return group
         if torch.is_inference_mode_enabled() or not all(map(_IS_LEAF, tensors)) \
                 or len({(t.shape, t.dtype, t.device) for t in tensors}) != 1 \
-                or len(set(map(id, tensors))) != len(tensors):  # one tensor tied into several steps
+                or len(set(map(id, tensors))) != len(tensors) \
+                or not all(map(registry.may_flatten, tensors)):
             return None
         if self._flattened:  # flattened before, and the tensors have changed since
             self._reflattens += 1
