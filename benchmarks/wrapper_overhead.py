@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import deeppcr_fx as deeppcr  # noqa: E402
-from deeppcr_fx.api import _signature  # noqa: E402
+from deeppcr_fx.signature import signature  # noqa: E402
 from deeppcr_fx.passes.hooks import hook_epoch  # noqa: E402
 from suite import TanhMLP  # noqa: E402
 
@@ -31,7 +31,7 @@ def measure(L: int, w: int, number: int, rounds: int = 9) -> dict:
     compiled = deeppcr.compile(model, policy="never")
     def guards():  # what CompiledModule.forward checks on every call before it dispatches
         return hook_epoch() != compiled._hook_epoch, compiled._specialisations.get(
-            _signature((x,), compiled._flag_modules))
+            signature((x,), compiled._flag_modules))
 
     calls = {"eager": lambda: model(x), "compiled": lambda: compiled(x), "guards": guards}
     best = {name: float("inf") for name in calls}

@@ -15,8 +15,8 @@ neither can capture the model, the original model runs and ``report.failure`` sa
 from __future__ import annotations
 
 import logging
-import operator
 import threading
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -32,6 +32,7 @@ from .passes.pipeline import run_pipeline
 from .passes.record import record
 from .passes.trace import trace
 from .results import CompileError, InvalidInput, Reason, RecordFailure, TraceFailure
+from .signature import autocast_on, describe, signature, training_sensitive
 
 logger = logging.getLogger(__name__)
 
@@ -41,59 +42,6 @@ logger = logging.getLogger(__name__)
 _BUILD_LOCK = threading.RLock()
 
 __all__ = ["CompileError", "CompiledModule", "compile", "dynamo_backend", "explain", "make_backend"]
-
-
-_TRAINING = operator.attrgetter("training")
-
-# torch.nn classes whose forward never reads ``self.training`` (checked against torch's source by
-# tests/test_compile_signature.py): the per-call signature skips their flags, so it costs O(1)
-# instead of O(depth) on a deep stack of Linear/Tanh layers. Exact types only: a user's subclass
-# may read the flag, and so may any other module (Dropout, BatchNorm, a user's block).
-_TRAINING_FREE = frozenset(getattr(torch.nn, name) for name in (
-    "Linear", "Bilinear", "Identity", "Flatten", "Unflatten",
-    "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
-    "LayerNorm", "GroupNorm", "RMSNorm", "Embedding",
-    "Tanh", "ReLU", "ReLU6", "GELU", "SiLU", "Sigmoid", "Softplus", "LeakyReLU", "ELU", "SELU", "CELU",
-    "Mish", "Hardtanh", "Hardswish", "Hardsigmoid", "LogSigmoid", "Softsign", "Tanhshrink", "PReLU",
-    "Softmax", "LogSoftmax", "GLU",
-    "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
-    "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "Upsample", "PixelShuffle",
-    "Sequential", "ModuleList", "ModuleDict", "ParameterList", "ParameterDict",
-) if hasattr(torch.nn, name))
-
-
-def _training_sensitive(model: torch.nn.Module) -> list:
-    """The modules of ``model`` whose train/eval flag may change what their forward computes."""
-    return [m for m in model.modules() if type(m) not in _TRAINING_FREE]
-
-
-# Whether saved-tensor hooks are active (non-reentrant torch.utils.checkpoint): torch.func, which the
-# solver and the validator use, refuses to run under them, so such calls get their own specialisation.
-_saved_tensor_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda tracing: None)
-
-
-def _autocast() -> tuple:
-    """Which devices ``torch.autocast`` is on for, with its dtype (empty when it is off)."""
-    return tuple((d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d))
-
-
-def _signature(args: tuple, flag_modules: list) -> tuple:
-    """What a specialisation depends on: grad mode, saved-tensor hooks, autocast, the train/eval flags
-    of ``flag_modules``, and each input's shape, dtype and device (or a value's repr). Built on every
-    call: keep it cheap."""
-    key = [torch.is_grad_enabled(), _saved_tensor_hooks(False) is not None, _autocast(),
-           tuple(map(_TRAINING, flag_modules))]
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            key += (a.shape, a.dtype, a.device)
-        else:
-            key += ("value", type(a).__name__, repr(a))
-    return tuple(key)
-
-
-def _describe(args: tuple) -> str:
-    return ", ".join(f"{str(a.dtype).replace('torch.', '')}{list(a.shape)}@{a.device}" if isinstance(a, torch.Tensor)
-                     else repr(a) for a in args)
 
 
 class _Specialisation:
@@ -112,10 +60,11 @@ class CompiledModule(torch.nn.Module):
         object.__setattr__(self, "_last", None)
         # the flags a specialisation depends on, found once: scanning model.modules() on every call
         # costs O(depth) Python time, which a 1 ms model run as written (no chain rewritten) would feel
-        object.__setattr__(self, "_flag_modules", _training_sensitive(model))
+        object.__setattr__(self, "_flag_modules", training_sensitive(model))
         object.__setattr__(self, "_deeppcr_config", config)
         object.__setattr__(self, "_hooked", hooked(model))  # modules with hooks (the guard in forward)
         object.__setattr__(self, "_hook_epoch", hook_epoch())
+        object.__setattr__(self, "_warned_limit", False)
         for name, child in model.named_children():
             self.add_module(name, child)
         for name, p in model.named_parameters(recurse=False):
@@ -193,7 +142,7 @@ class CompiledModule(torch.nn.Module):
             raise InvalidInput("deeppcr.compile: pass inputs positionally (keyword inputs are not traced yet).")
         if hook_epoch() != self._hook_epoch:  # a hook was registered somewhere since the last call
             self._check_hooks()
-        key = _signature(args, self._flag_modules)
+        key = signature(args, self._flag_modules)
         spec = self._specialisations.get(key)
         if spec is not None:
             self._note_last(spec)
@@ -203,6 +152,9 @@ class CompiledModule(torch.nn.Module):
             if spec is not None:  # another thread built it meanwhile
                 self._note_last(spec)
                 return spec.runner(*args)
+            if len(self._specialisations) >= self.deeppcr_config.cache_limit:
+                self._note_last(self._over_limit(args))
+                return self._original(*args)
             spec = self._build(args)
             first, spec.first_output = spec.first_output, None
             self._specialisations[key] = spec
@@ -213,15 +165,29 @@ class CompiledModule(torch.nn.Module):
 
     def specialise(self, args: tuple) -> _Specialisation:
         """The specialisation for ``args``' signature, built now if there is none (nothing is run for it)."""
-        key = _signature(args, self._flag_modules)
+        key = signature(args, self._flag_modules)
         with _BUILD_LOCK:
             spec = self._specialisations.get(key)
-            if spec is None:
+            if spec is None and len(self._specialisations) >= self.deeppcr_config.cache_limit:
+                spec = self._over_limit(args)
+            elif spec is None:
                 spec = self._build(args)
                 spec.first_output = None  # never handed to a later call: its inputs may have changed
                 self._specialisations[key] = spec
         self._note_last(spec)
         return spec
+
+    def _over_limit(self, args: tuple) -> _Specialisation:
+        """A signature past ``Config.cache_limit``: the original model runs (not kept, so memory stays bounded)."""
+        limit = self.deeppcr_config.cache_limit
+        note = (f"cache_limit={limit} specialisations reached: inputs {describe(args)} run the original model "
+                "(raise Config.cache_limit, or call with fewer distinct shapes)")
+        if not self._warned_limit:
+            object.__setattr__(self, "_warned_limit", True)
+            warnings.warn(f"deeppcr: {type(self._original).__name__}: {note}", RuntimeWarning, stacklevel=3)
+        report = CompileReport(model=type(self._original).__name__, policy=self.deeppcr_config.policy,
+                               signature=describe(args), notes=[note])
+        return _Specialisation(self._original, report, None)
 
     def _note_last(self, spec: _Specialisation) -> None:
         if spec is not self._last:
@@ -231,7 +197,7 @@ class CompiledModule(torch.nn.Module):
     def _build(self, args: tuple) -> _Specialisation:
         model, config = self._original, self.deeppcr_config
         new_report = lambda: CompileReport(model=type(model).__name__, policy=config.policy,  # noqa: E731
-                                           signature=_describe(args))
+                                           signature=describe(args))
         errors: list = []
         symbolic = None
         if config.front_end in ("auto", "symbolic"):
@@ -267,7 +233,7 @@ class CompiledModule(torch.nn.Module):
     def _build_symbolic(self, args: tuple, report: CompileReport) -> _Specialisation:
         traced = trace(self._original, args)
         report.front_end, report.captured, report.opaque_modules = "symbolic", 1, traced.opaque
-        options = CompileOptions(self.deeppcr_config, args, front_end="symbolic", autocast=bool(_autocast()))
+        options = CompileOptions(self.deeppcr_config, args, front_end="symbolic", autocast=autocast_on())
         result = run_pipeline(traced.graph_module, options, report)
         return _Specialisation(self._runner(result, report), report, result.graph_module)
 
@@ -276,7 +242,7 @@ class CompiledModule(torch.nn.Module):
         report.front_end, report.captured = "record", 1
         report.notes.append("recorded one concrete run: Python-side state changes (e.g. a scheduler's counters) "
                             "happen when the original model runs, not in the rewritten graph")
-        options = CompileOptions(self.deeppcr_config, args, front_end="record", autocast=bool(_autocast()))
+        options = CompileOptions(self.deeppcr_config, args, front_end="record", autocast=autocast_on())
         result = run_pipeline(gm, options, report)
         return _Specialisation(self._runner(result, report), report, result.graph_module, first_output=(args, out))
 

@@ -117,6 +117,11 @@ class Config:
         cost model refused but predicted at >= 0.5x; under ``"always"`` it may revert chains to
         sequential; ``"never"`` tunes nothing. Results, RNG state, ``.grad`` and buffers are
         unchanged. Not available with ``front_end="dynamo"``. See ``deeppcr_fx.passes.autotune``.
+    cache_limit:
+        Specialisations (input signatures) one compiled module keeps, like TorchDynamo's cache
+        size limit: each holds its graphs, stacked buffers and warm start. Calls with a new
+        signature past the limit run the original model (exact; one warning, and a note in
+        ``compiled.report``).
     """
 
     # solver
@@ -139,6 +144,7 @@ class Config:
     direct_grads: bool = True
     autotune: bool = False
     front_end: str = "auto"
+    cache_limit: int = 8
 
     def __post_init__(self) -> None:
         if self.jacobian not in JACOBIAN_MODES:
@@ -156,6 +162,8 @@ class Config:
         if self.front_end not in ("auto", "symbolic", "record", "dynamo"):
             raise ValueError(f"Config.front_end={self.front_end!r} is not one of "
                              "('auto', 'symbolic', 'record', 'dynamo').")
+        if self.cache_limit < 1:
+            raise ValueError(f"Config.cache_limit must be >= 1, got {self.cache_limit}.")
         if self.min_length < 1:
             raise ValueError(f"Config.min_length must be >= 1, got {self.min_length}.")
 

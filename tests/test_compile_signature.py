@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import deeppcr_fx as deeppcr
-from deeppcr_fx.api import _TRAINING_FREE, _training_sensitive
+from deeppcr_fx.signature import _TRAINING_FREE, training_sensitive as _training_sensitive
 from compile_zoo import Stack
 
 

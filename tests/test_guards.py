@@ -1,6 +1,7 @@
 """Guards: what a trace read is an assumption. Each test changes one thing after compiling (or reads
 something the trace would otherwise freeze) and checks the compiled model still gives the eager answer.
 """
+import pytest
 import torch
 import torch.nn as nn
 
@@ -100,3 +101,23 @@ def test_functional_call_uses_the_given_tensors_and_differentiates_them():
     for k, v in model.named_parameters():  # the model's own Parameters are untouched
         assert torch.equal(v, originals[k])
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_specialisations_are_bounded():
+    """Past Config.cache_limit, new input signatures run the original model: exact, one warning, a note."""
+    model = _mlp()
+    compiled = deeppcr.compile(model, policy="always", cache_limit=2)
+    for batch in (1, 2):
+        x = torch.randn(batch, 4)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    with pytest.warns(RuntimeWarning, match="cache_limit=2"):
+        x = torch.randn(3, 4)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    assert "cache_limit=2" in compiled.report.notes[0] and compiled.specialisations == 2
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only the first call past the limit warns
+        for batch in (4, 5):
+            x = torch.randn(batch, 4)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    assert compiled.specialisations == 2
