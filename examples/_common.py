@@ -1,5 +1,10 @@
 """Shared plumbing of the examples: command-line flags, threads, alternating timings, tables, PNGs.
 
+Honest timings: every timed call gets a fresh input (made untimed, in ``setup_each``), so a warm
+start never meets the exact solution of a previous call; a training timing runs an optimizer step
+between calls; a "cold" variant forgets the previous solution before its call (``reset_warm_starts``)
+and is shown beside the warm one.
+
 Not part of the library: the examples import it as a sibling module (``python examples/<name>.py``).
 """
 from __future__ import annotations
@@ -39,11 +44,13 @@ def setup(args: argparse.Namespace, title: str) -> None:
           f"timings are medians of alternating runs in this process\n")
 
 
-def time_alternating(fns: dict, repeats: int, setup_each: Optional[Callable[[str], object]] = None) -> dict:
+def time_alternating(fns: dict, repeats: int, setup_each: Optional[Callable[[str], object]] = None,
+                     after_each: Optional[Callable[[str], None]] = None) -> dict:
     """Median seconds of each ``fns[name]()``, running the variants in turn ``repeats`` times.
 
     ``setup_each(name)`` runs untimed before each timed call; its result is passed to the function
-    (``fns[name](prepared)``) when given, e.g. a fresh forward graph for timing a backward pass.
+    (``fns[name](prepared)``) when given: a fresh input, or a fresh forward graph on a fresh input for
+    timing a backward pass. ``after_each(name)`` runs untimed after each call (e.g. to read its stats).
     """
     times: dict = {name: [] for name in fns}
     for _ in range(repeats):
@@ -52,7 +59,31 @@ def time_alternating(fns: dict, repeats: int, setup_each: Optional[Callable[[str
             t0 = time.perf_counter()
             fn(prepared) if setup_each is not None else fn()
             times[name].append(time.perf_counter() - t0)
+            if after_each is not None:
+                after_each(name)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def solves(compiled) -> list:
+    """The ``PCRSolve`` modules (rewritten chains) of ``compiled``'s latest specialisation."""
+    from deeppcr_fx import PCRSolve
+
+    gm = compiled.graph_module
+    return [] if gm is None else [m for m in gm.modules() if isinstance(m, PCRSolve)]
+
+
+def reset_warm_starts(compiled) -> None:
+    """Before a "cold" call: every chain of the latest specialisation forgets its previous solution, so
+    Newton starts from the input (as on a first call). Call it right after a call of the same
+    specialisation (same grad mode and input shape), as the examples' variant order does."""
+    for m in solves(compiled):
+        m.reset_warm_start()
+
+
+def newton_its(stats) -> str:
+    """Newton iterations of one solve, with the sequential steps a warm start ran to meet its guess."""
+    prefix = stats.forward.prefix if stats.forward is not None else 0
+    return f"{stats.iterations}" + (f"+{prefix}seq" if prefix else "")
 
 
 def table(rows: Sequence[dict], title: str = "") -> str:

@@ -4,14 +4,18 @@
 
 Data: scikit-learn's ``load_digits`` (8x8 digit images, 10 classes; no download), standardised,
 split 75/25. Model: ``Linear(64, w)``, then ``L`` residual blocks ``x + a * tanh(Linear(w, w)(x))``
-(``a = 1/sqrt(L)``), then ``Linear(w, 10)``. Two copies start from the same initialisation and see
-the same mini-batches (Adam): the plain eager model, and ``deeppcr.compile(copy, policy="always")``,
-whose residual stack runs as one ``PCRSolve`` (Newton + PCR forward, parallel adjoint backward).
-The loss curves must agree to float32 round-off; the script checks it.
+(``a = 1/sqrt(L)``), then ``Linear(w, 10)``. Three copies start from the same initialisation and see
+the same mini-batches (Adam): the plain eager model; ``deeppcr.compile(copy, policy="always")``,
+whose residual stack runs as one ``PCRSolve`` (Newton + PCR forward, parallel adjoint backward) and
+starts each solve from the previous step's solution (a warm start: the previous mini-batch's, under
+the previous step's weights); and the same compiled without warm starts (``warm_start=False``,
+"cold": every solve starts from the input). The loss curves must agree to float32 round-off; the
+script checks it.
 
-Time per step (forward + backward + optimiser step) is a median over steps, the two models trained
-alternately in this process. Test accuracy is each model's own weights, evaluated with the plain
-eager forward (the compiled model shares its Parameters with its copy).
+Time per step (forward + backward + optimiser step) is a median over steps, the three models
+trained in turn (the order rotates every step) in this process; every step draws a fresh
+mini-batch. Test accuracy is each model's own weights, evaluated with the plain eager forward (a
+compiled model shares its Parameters with its copy).
 """
 from __future__ import annotations
 
@@ -89,12 +93,14 @@ def plot(log: dict, path: str, header: str) -> None:
     steps = range(1, len(log["plain"]) + 1)
     a.plot(steps, log["plain"], lw=3, alpha=0.5, label="plain (sequential)")
     a.plot(steps, log["deeppcr"], "--", lw=1.2, color="k", label="deeppcr.compile (parallel)")
+    a.plot(steps, log["cold"], ":", lw=1.2, color="C3", label="deeppcr.compile, cold (no warm start)")
     a.set_xlabel("training step")
     a.set_ylabel("cross-entropy (mini-batch)")
     a.set_title("training loss: the two curves coincide")
     a.legend()
     b.plot(steps, [1e3 * t for t in log["t_plain"]], ".", label="plain")
     b.plot(steps, [1e3 * t for t in log["t_deeppcr"]], ".", label="deeppcr.compile")
+    b.plot(steps, [1e3 * t for t in log["t_cold"]], ".", label="deeppcr.compile, cold")
     b.set_yscale("log")
     b.set_xlabel("training step")
     b.set_ylabel("ms per step (fwd + bwd + Adam)")
@@ -122,27 +128,34 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     plain = ResMLP(layers, width)
     twin = copy.deepcopy(plain)  # the same initialisation
+    twin_cold = copy.deepcopy(plain)
     compiled = deeppcr.compile(twin, policy="always")
+    compiled_cold = deeppcr.compile(twin_cold, policy="always", warm_start=False)
     opts = {"plain": torch.optim.Adam(plain.parameters(), lr=args.lr),
-            "deeppcr": torch.optim.Adam(twin.parameters(), lr=args.lr)}
-    models = {"plain": plain, "deeppcr": compiled}
+            "deeppcr": torch.optim.Adam(twin.parameters(), lr=args.lr),
+            "cold": torch.optim.Adam(twin_cold.parameters(), lr=args.lr)}
+    models = {"plain": plain, "deeppcr": compiled, "cold": compiled_cold}
+    weights = {"plain": plain, "deeppcr": twin, "cold": twin_cold}
 
     t0 = time.perf_counter()
     compiled.specialise((X_tr[:batch],))  # compile for the training signature before timing
     compile_s = time.perf_counter() - t0
+    compiled_cold.specialise((X_tr[:batch],))
     print(compiled.report)
-    if not compiled.report.rewritten:
+    if not compiled.report.rewritten or not compiled_cold.report.rewritten:
         print("deeppcr.compile rewrote nothing (see the report above); nothing to compare.")
         return 1
     print(f"compiled in {compile_s:.1f} s\n")
 
     order = torch.Generator().manual_seed(args.seed + 1)
-    log: dict = {k: [] for k in ("plain", "deeppcr", "t_plain", "t_deeppcr")}
-    newton, adjoint, finishes = [], [], 0
+    names = list(models)
+    log: dict = {k: [] for n in names for k in (n, f"t_{n}")}
+    newton: dict = {"deeppcr": [], "cold": []}
+    adjoint, finishes, cold_warm = [], 0, 0
     for step in range(steps):
-        idx = torch.randint(len(X_tr), (batch,), generator=order)
+        idx = torch.randint(len(X_tr), (batch,), generator=order)  # a fresh mini-batch every step
         xb, yb = X_tr[idx], y_tr[idx]
-        for name in ("plain", "deeppcr") if step % 2 == 0 else ("deeppcr", "plain"):  # alternate who goes first
+        for name in names[step % 3:] + names[:step % 3]:  # rotate who goes first
             t = time.perf_counter()
             opts[name].zero_grad(set_to_none=True)
             loss = F.cross_entropy(models[name](xb), yb)
@@ -150,37 +163,47 @@ def main(argv=None) -> int:
             opts[name].step()
             log[f"t_{name}"].append(time.perf_counter() - t)
             log[name].append(float(loss.detach()))
+        for name in newton:
+            st = solve_stats(models[name])
+            newton[name].append(_common.newton_its(st))
+            finishes += st.sequential_finish is not None
+        cold_warm += solve_stats(compiled_cold).warm_start
         st = solve_stats(compiled)
-        newton.append(st.iterations)
         adjoint.append(st.backward.iterations if st.backward is not None else 0)
-        finishes += st.sequential_finish is not None
         if (step + 1) % max(1, steps // 5) == 0 or step == steps - 1:
-            print(f"  step {step + 1:4d}/{steps}: loss plain {log['plain'][-1]:.4f}, deeppcr {log['deeppcr'][-1]:.4f}; "
-                  f"ms/step plain {_common.ms(log['t_plain'][-1])}, deeppcr {_common.ms(log['t_deeppcr'][-1])}",
-                  flush=True)
+            print(f"  step {step + 1:4d}/{steps}: loss plain {log['plain'][-1]:.4f}, deeppcr {log['deeppcr'][-1]:.4f}, "
+                  f"cold {log['cold'][-1]:.4f}; ms/step plain {_common.ms(log['t_plain'][-1])}, "
+                  f"deeppcr {_common.ms(log['t_deeppcr'][-1])}, cold {_common.ms(log['t_cold'][-1])}", flush=True)
+    if cold_warm:
+        print(f"ERROR: {cold_warm} cold solves started from a previous solution")
+        return 1
 
-    loss_gap = max(abs(a - b) for a, b in zip(log["plain"], log["deeppcr"]))
+    loss_gap = max(abs(a - b) for n in ("deeppcr", "cold") for a, b in zip(log["plain"], log[n]))
     with torch.no_grad():
-        param_gap = max(float((a - b).abs().max()) for a, b in zip(plain.parameters(), twin.parameters()))
-    t_plain, t_par = statistics.median(log["t_plain"]), statistics.median(log["t_deeppcr"])
-    rows = [
-        {"model": "plain (sequential)", "layers": layers, "width": width, "ms/step": _common.ms(t_plain),
-         "final loss": f"{log['plain'][-1]:.4f}", "train acc": f"{accuracy(plain, X_tr, y_tr):.3f}",
-         "test acc": f"{accuracy(plain, X_te, y_te):.3f}", "Newton it/step": "-", "adjoint it/step": "-"},
-        {"model": "deeppcr.compile", "layers": layers, "width": width, "ms/step": _common.ms(t_par),
-         "final loss": f"{log['deeppcr'][-1]:.4f}", "train acc": f"{accuracy(twin, X_tr, y_tr):.3f}",
-         "test acc": f"{accuracy(twin, X_te, y_te):.3f}",
-         "Newton it/step": f"{statistics.mean(newton):.1f} (max {max(newton)})",
-         "adjoint it/step": f"{statistics.mean(adjoint):.1f}"},
-    ]
+        param_gap = max(float((a - b).abs().max()) for n in ("deeppcr", "cold")
+                        for a, b in zip(plain.parameters(), weights[n].parameters()))
+    t = {n: statistics.median(log[f"t_{n}"]) for n in names}
+    def its(name: str) -> str:  # Newton iterations per step: median and the most (+Nseq: a warm start's prefix)
+        counts = [int(v.split("+")[0]) for v in newton[name]]
+        return f"{statistics.median(counts):g} (max {max(newton[name], key=lambda v: int(v.split('+')[0]))})"
+
+    labels = {"plain": "plain (sequential)", "deeppcr": "deeppcr.compile", "cold": "deeppcr.compile, cold"}
+    rows = [{"model": labels[n], "layers": layers, "width": width, "ms/step": _common.ms(t[n]),
+             "speed-up": _common.ratio(t["plain"], t[n]),
+             "final loss": f"{log[n][-1]:.4f}", "train acc": f"{accuracy(weights[n], X_tr, y_tr):.3f}",
+             "test acc": f"{accuracy(weights[n], X_te, y_te):.3f}",
+             "Newton it/step": "-" if n == "plain" else its(n),
+             "adjoint it/step": f"{statistics.mean(adjoint):.1f}" if n == "deeppcr" else "-"} for n in names]
     print()
-    print(_common.table(rows, f"summary ({steps} Adam steps, batch {batch}, lr {args.lr}; ms/step = median of "
-                              "forward + backward + optimiser step)"))
-    print(f"\nstep-time ratio plain / deeppcr: {_common.ratio(t_plain, t_par)} (> 1x: DeepPCR faster); "
-          f"compile time {compile_s:.1f} s (not in ms/step)")
-    print(f"max |loss_plain - loss_deeppcr| over {steps} steps: {loss_gap:.2e}; "
+    print(_common.table(rows, f"summary ({steps} Adam steps, batch {batch}, lr {args.lr}, a fresh mini-batch every "
+                              "step; ms/step = median of forward + backward + optimiser step; speed-up = plain / "
+                              "this; cold = no warm start)"))
+    print(f"\nstep-time ratio plain / deeppcr: {_common.ratio(t['plain'], t['deeppcr'])} with warm starts (each "
+          f"solve starts from the previous step's solution), {_common.ratio(t['plain'], t['cold'])} cold (> 1x: "
+          f"DeepPCR faster); compile time {compile_s:.1f} s (not in ms/step)")
+    print(f"max |loss_plain - loss_deeppcr| over {steps} steps (warm and cold): {loss_gap:.2e}; "
           f"max |param_plain - param_deeppcr| at the end: {param_gap:.2e}; "
-          f"steps with a sequential finish: {finishes}")
+          f"solves with a sequential finish (warm and cold): {finishes}")
     agree = loss_gap <= 1e-3 * max(1.0, max(log["plain"]))
     print("loss curves agree" if agree else "LOSS CURVES DISAGREE (see above)")
     if args.png != "none":
