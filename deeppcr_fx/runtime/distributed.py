@@ -46,6 +46,7 @@ from . import jacobians
 from .distributed_adjoint import adjoint_distributed
 from .distributed_comm import Comm, DistributedLayoutError, DistributedSolveError, PeerFailure
 from .distributed_newton import distributed_newton
+from .distributed_setup import setup
 from . import steps as steps_module
 from .solve import SolveResult, _bind_constants, _check_length, _stack_grads
 from .state import StateSpec
@@ -83,52 +84,48 @@ def solve_distributed(step: Callable, x0, per_step: Sequence[torch.Tensor] = (),
         facts = _local_facts(x0, per_step, shared, length, config, comm.rank == 0)
     except Exception as exc:  # reported on every rank below
         error = f"{type(exc).__name__}: {exc}"
-    gathered = comm.gather_objects((error, facts), "setup")
-    _raise_if_any([e for e, _ in gathered], "setup", comm)
-    spec, lengths = _check_layout([f for _, f in gathered], comm)
+    device = _device(x0, per_step, shared)
+    layout = setup(comm, facts, error, x0, initial_guess, device, _raise_if_any, _check_layout)
+    spec, lengths = layout.spec, layout.lengths
     offsets = [0]
     for n_steps in lengths:
         offsets.append(offsets[-1] + n_steps)
     total = offsets[-1]
-
-    device = _device(x0, per_step, shared)
+    x0_flat = layout.x0_flat
     if comm.rank == 0:
         x0_parts = x0 if isinstance(x0, tuple) else (x0,)
     else:  # placeholders: x0 is read on the first rank only
         x0_parts = tuple(torch.zeros(s, dtype=d, device=device) for s, d in zip(spec.shapes, spec.dtypes))
-    x0_flat = spec.flatten(x0_parts if spec.is_tuple else x0_parts[0]).detach().contiguous()
-    comm.broadcast(x0_flat, 0, "x0 broadcast")
 
     direct_call = getattr(steps_module, "direct_call", lambda f: f)  # skips torch.fx's error print
     step = _bind_constants(direct_call(step), len(per_step), shared)
     shared_tensors = tuple(s for s in shared if isinstance(s, torch.Tensor))
     steps = Steps(step, spec, per_step, shared_tensors, config.vectorize)
-    error, warm = None, False
+    setup_error = None  # carried by the first exchange of the forward solve: every rank raises there
     try:
         with torch.no_grad():
             spec.check_step_output(steps.step(spec.unflatten(x0_flat), *(p[0] for p in per_step), *shared_tensors))
-        warm = initial_guess is not None and initial_guess.shape == (lengths[comm.rank], *x0_flat.shape) \
-            and initial_guess.dtype == x0_flat.dtype and initial_guess.device == x0_flat.device \
-            and bool(torch.isfinite(initial_guess).all())
     except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}"
-    checks = comm.gather_objects((error, warm), "first step check")
-    _raise_if_any([e for e, _ in checks], "the first step check", comm)
+        setup_error = f"{type(exc).__name__}: {exc}"
+    if config.iteration_cap(total) < 1:  # no iteration to carry it
+        _raise_if_any(comm.gather_objects(setup_error, "first step check"), "the first step check", comm)
 
     mode = jacobians.choose_mode(config.jacobian, spec.width, config.full_max_state, total * spec.batch_size)
     stats = SolveStats(length=total, width=spec.width, batch_size=spec.batch_size,
                        jacobian_requested=config.jacobian, jacobian=mode,
                        dtype=str(spec.dtypes[0]).replace("torch.", ""),
                        compute_dtype=str(spec.compute_dtype).replace("torch.", ""))
-    stats.warm_start = all(w for _, w in checks)
+    stats.warm_start = all(layout.warm)
     problem = _Problem(comm, steps, spec, config, mode, stats, lengths, x0_flat, on_iteration)
-    problem.shared_wrt = [len(per_step) + i for i, rg in enumerate(_union_requires_grad(gathered)) if rg]
-    problem.initial_guess = initial_guess if warm else None
+    problem.shared_wrt = [len(per_step) + i for i, rg in enumerate(layout.shared_grad) if rg]
+    problem.initial_guess = initial_guess if layout.warm[comm.rank] else None
+    problem.setup_error = setup_error
+    if comm.rank > 0:  # the state before this rank's first step: the previous rank's initial last row
+        problem.halo = layout.guess_lasts[comm.rank - 1] if layout.warm[comm.rank - 1] else x0_flat
     # A rank with nothing to differentiate still takes part in the backward pass when another rank
     # has something: a dummy input makes its states differentiable, so its loss.backward() runs.
-    local_needs = gathered[comm.rank][1]["needs_grad"]
     extra = (torch.zeros((), device=device, requires_grad=True),) \
-        if not local_needs and any(f["needs_grad"] for _, f in gathered) else ()
+        if not layout.needs_grad[comm.rank] and any(layout.needs_grad) else ()
     problem.n_extra = len(extra)
     outs = _DistChainSolve.apply(problem, *x0_parts, *steps.inputs, *extra)
     _record_vectorized(steps, stats)
@@ -223,19 +220,21 @@ class _Problem:
         self.shared_wrt: list = []
         self.n_extra = 0  # trailing dummy inputs (see solve_distributed)
         self.forward_volume = 0
-        self.halo: Optional[torch.Tensor] = None  # the state before this rank's first step
+        self.halo: Optional[torch.Tensor] = x0_flat  # the state before this rank's first step
+        self.setup_error: Optional[str] = None
 
     def forward(self, x0_flat: torch.Tensor) -> torch.Tensor:
         comm, steps, mode, m = self.comm, self.steps, self.mode, self.lengths[self.comm.rank]
         jac = jacobians.Jacobians(mode)
         replicated = self.replicated_steps()
         volume0 = comm.volume
-        self.halo = x0_flat
+        if comm.rank == 0:
+            self.halo = x0_flat
+
+        def handoff(h: torch.Tensor) -> None:
+            self.halo = h.clone()
 
         def evaluate(w0: int, U: torch.Tensor):
-            lasts = comm.gather(U[-1], "forward halo")
-            if comm.rank > 0:
-                self.halo = lasts[comm.rank - 1]
             if w0 == m:
                 return U[m:], lambda: (None, None)
             prev = torch.cat([(self.halo if w0 == 0 else U[w0 - 1]).unsqueeze(0), U[w0:-1]])
@@ -261,7 +260,7 @@ class _Problem:
             offsets.append(offsets[-1] + n_steps)
         distributed_newton(comm, order, offsets, evaluate, finish, U, mode, self.atol, self.rtol,
                            self.config.iteration_cap(offsets[-1]), self.stats.forward, self.config.record_stats,
-                           self.on_iteration, what="forward")
+                           self.on_iteration, what="forward", handoff=handoff, setup_error=self.setup_error)
         self.stats.autodiff = "replicated" if replicated is not None and jac.replicate_error is None else jac.ad
         self.stats.autodiff_error, self.stats.replicate_error = jac.rev_error, jac.replicate_error
         self.replication_refused = jac.replicate_error is not None

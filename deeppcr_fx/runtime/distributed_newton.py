@@ -1,26 +1,41 @@
-"""The Newton driver across ranks: ``newton.triangular_newton`` with global decisions.
+"""The Newton driver across ranks: ``newton.triangular_newton`` with global decisions, one exchange per iteration.
 
 The rows 0..T-1 of a triangular system ``u_t = F_t(u_{t-1})`` are split over the ranks in a
 *logical order* (rank order for the forward chain, reversed for the adjoint); this rank
 holds rows ``offsets[pos]..offsets[pos+1]-1``. One iteration:
 
-    vals, jac = evaluate(w0, U)        this rank's window rows (``evaluate`` exchanges the halo it needs)
-    ratio     = |vals - U| / (atol + rtol |U|)  per row
-    all-gather (first unconverged row, worst ratio, non-finite) -> the same decision everywhere
-    delta     = cross-rank scan of (A, residual) from the first unconverged row g
-    U += delta; row g = vals exactly (it is now final)
+    vals, jac = evaluate(w0, U)        this rank's window rows (the forward's halo is already here)
+    ratio     = |vals - U| / (atol + rtol |U|)  per row (``newton.scaled_norm``)
+    j         = this rank's first row with ratio > COHERENT
+    [speculative] first position: Jacobians and the local scan from j, its map is its last row;
+                  middle positions: the maps of rows w0..j-1 and j..; the last position: nothing
+    ONE all-gather: (flag, j, worst, last row, its value, maps) from every rank
+    -> the same decision everywhere: g = first unconverged row of the chain, stop or update;
+       each rank folds the maps of the ranks before it into its input and sweeps its window;
+       the next rank's halo (the forward's state before its first row) follows from the same
+       gathered numbers, computed identically on both sides, so no halo exchange is needed.
 
-Rows before the global first unconverged row are final on every rank (the triangular
-argument of ``newton.py`` holds for the whole chain: the first window row has an exact
-predecessor). When ``max_iter`` is reached or a residual is not finite, the rest runs
-sequentially: the rank holding row g finishes its rows and hands its boundary value to the
-next rank in logical order (a broadcast), and so on: exact, never a wrong answer.
+Rules as in ``newton.triangular_newton``: rows before g are final (ratio <= COHERENT for them and
+every row before); converged when every row has ratio <= COHERENT (or <= 1 in ``full`` mode);
+right after a quadratic step (previous worst > 1/COHERENT) a converged ``full`` iteration with a
+worst ratio above COHERENT still applies its update (Newton's remainder; here with the current
+Jacobians, which the speculative exchange already carries).
 
-Every decision (stop, window, finish) comes from gathered values, so all ranks take the same
-branch and meet at the same collectives; the stats are therefore the same on every rank.
-Failures too: if the step (or its derivative) raises on one rank, that rank still takes part in
-the iteration's next exchange with a flag set, and then every rank raises there (the failing
-rank its own exception, the others ``PeerFailure``), so no rank is left waiting.
+Speculation: an iteration that will probably not converge (the previous worst ratio was above
+1/COHERENT, or it is the first) computes and sends its maps before the decision: one collective
+per iteration. Otherwise the check goes first and, if the chain has not converged, a second
+exchange carries the maps. Either way the same maps are computed, so the answer does not
+depend on the guess, only the time.
+
+When ``max_iter`` is reached or a residual is not finite, the rest runs sequentially: the rank
+holding row g finishes its rows and hands its boundary value to the next rank in logical order (a
+broadcast), and so on: exact, never a wrong answer. Every decision comes from gathered values, so
+all ranks take the same branch and meet at the same collectives, and the stats are the same on
+every rank. Failures too: if the step (or its derivative) raises on one rank, that rank still
+takes part in the iteration's exchange with a flag set, and then every rank raises there (the
+failing rank its own exception, the others ``PeerFailure``), so no rank is left waiting. A
+``setup_error`` (the first step failed its check on this rank) is carried by the first exchange
+and raised as one ``DistributedSolveError`` naming every failing rank.
 """
 from __future__ import annotations
 
@@ -31,82 +46,163 @@ import torch
 
 from ..results import FinishCause
 from .distributed_comm import Comm, DistributedSolveError, raise_failures
-from .distributed_scan import cross_rank_scan
-from .newton import scaled_norm
+from .distributed_scan import Packing, apply, fold, local_maps
+from .newton import COHERENT, scaled_norm
+from .scan import affine_scan
 from .stats import PassStats
 
-_NON_FINITE, _FAILED = 1.0, 2.0  # the check's flag: a residual is NaN/Inf; the step raised on that rank
+_NON_FINITE, _FAILED, _SETUP = 1.0, 2.0, 3.0  # the flag: a residual is NaN/Inf; the step raised; the setup check failed
 
-# evaluate(w0, U) -> (vals of local rows w0.., jac) with jac() -> (A rows w0.., E); collectives inside
+# evaluate(w0, U) -> (vals of local rows w0.., jac) with jac() -> (A rows w0.., E); may hold collectives
 # finish(w0, U, incoming) -> outgoing: overwrite local rows w0.. sequentially; incoming None on the
 # rank where the finish starts (it knows its predecessor), else the previous rank's outgoing value
+# handoff(h): the forward's halo (the state before this rank's first row), derived from the exchange
 
 
 def distributed_newton(comm: Comm, order: list, offsets: list, evaluate: Callable, finish: Callable,
                        U: torch.Tensor, mode: str, atol: float, rtol: float, max_iter: int, stats: PassStats,
                        record: bool = True, on_iteration: Optional[Callable[[int, int, float], None]] = None,
-                       what: str = "forward") -> torch.Tensor:
-    """Solve in place this rank's rows ``U`` (m >= 1, B, n) of the distributed triangular system."""
+                       what: str = "forward", handoff: Optional[Callable[[torch.Tensor], None]] = None,
+                       setup_error: Optional[str] = None) -> torch.Tensor:
+    """Solve in place this rank's rows ``U`` (m >= 1, B, n) of the distributed triangular system.
+
+    ``handoff``: given, the rank after this one derives its halo from each exchange (this rank's
+    last row is set to exactly that value), and this rank's is passed to ``handoff``."""
+    P = len(order)
     pos = order.index(comm.rank)
+    first, last = pos == 0, pos == P - 1
     lo, hi, total = offsets[pos], offsets[pos + 1], offsets[-1]
     m = hi - lo
+    packing = Packing(mode, U[0], P)
     stats.jacobian = mode
-    g = 0
+    g, previous = 0, math.inf
     while True:
         w0 = min(max(g - lo, 0), m)
         if stats.iterations >= max_iter:
             return _finish(comm, order, offsets, finish, U, g, stats, FinishCause.MAX_ITER, what)
-        summary = torch.zeros(3, dtype=torch.float64, device=U.device)  # first unconverged, worst, flag
-        summary[0] = total
-        failure = None
+        speculate = previous > 1 / COHERENT and mode != "zero"
+        buf = packing.new()
+        buf[1] = total
+        failure, vals, residual, jac, A, E, delta = None, None, None, None, None, None, None
+        j = m
         try:
-            vals, jac = evaluate(w0, U)
-            residual = vals - U[w0:]
-            if residual.shape[0]:
-                ratio = scaled_norm(residual, U[w0:], atol, rtol)
-                worst = float(ratio.max())
-                if not math.isfinite(worst):
-                    summary[2] = _NON_FINITE
-                else:
-                    summary[1] = worst
-                    bad = (ratio > 1).nonzero()
-                    if bad.numel():
-                        summary[0] = lo + w0 + int(bad[0])
+            if setup_error is not None:
+                buf[0] = _SETUP
+            else:
+                vals, jac = evaluate(w0, U)
+                residual = vals - U[w0:]
+                if residual.shape[0]:
+                    ratio = scaled_norm(residual, U[w0:], atol, rtol)
+                    bad = ratio > COHERENT
+                    worst, any_bad = torch.stack([ratio.max(), bad.any().to(ratio.dtype)]).tolist()
+                    if not math.isfinite(worst):
+                        buf[0] = _NON_FINITE
+                    else:
+                        buf[2] = worst
+                        if any_bad:
+                            j = w0 + int(bad.to(torch.uint8).argmax())
+                            buf[1] = lo + j
+                    packing.put(buf, packing.v_last, vals[-1])
+                packing.put(buf, packing.u_last, U[-1])  # also when final: the next rank's halo stays this
+                if speculate and buf[0] == 0 and w0 < m:
+                    A, E, delta = _maps(packing, buf, pos, P, jac, residual, w0, j, m, mode)
         except DistributedSolveError:  # a collective inside evaluate failed: the group is broken
             raise
         except Exception as exc:  # the step raised here: every rank stops at the check below
-            failure, summary[2] = exc, _FAILED
-        gathered = comm.gather(summary, f"{what} convergence check").cpu()
-        raise_failures(comm, (gathered[:, 2] == _FAILED).tolist(), failure, f"the {what} step evaluation")
-        if bool((gathered[:, 2] == _NON_FINITE).any()):
+            failure, buf[0] = exc, _FAILED
+        rows = comm.gather(buf, f"{what} iteration")
+        flags = rows[:, 0].tolist()
+        if _SETUP in flags:
+            _raise_setup(comm, setup_error)
+        raise_failures(comm, [f == _FAILED for f in flags], failure, f"the {what} step evaluation")
+        if _NON_FINITE in flags:
             return _finish(comm, order, offsets, finish, U, g, stats, FinishCause.NON_FINITE, what)
-        worst = float(gathered[:, 1].max())
-        g_new = int(gathered[:, 0].min())
+        head = rows[:, 1:3].tolist()
+        g_new = int(min(h[0] for h in head))
+        worst = max(h[1] for h in head)
         stats.iterations += 1
         if record:
             stats.window_starts.append(g)
             stats.residuals.append(worst)
-        if on_iteration is not None:
-            on_iteration(stats.iterations, total if g_new == total else g_new + 1, worst)
-        if g_new == total:
+        converged = worst <= COHERENT or (mode == "full" and worst <= 1)
+        remainder = converged and worst > COHERENT and previous > 1 / COHERENT and stats.iterations > 1
+        if converged and not remainder:
+            if on_iteration is not None:
+                on_iteration(stats.iterations, total, worst)
             stats.converged = True
             return U
+        # update the window g_new.. (g_new < total: some row has ratio > COHERENT)
         w1 = min(max(g_new - lo, 0), m)
-        skip = w1 - w0
-        try:
-            A, E = jac() if (w1 < m and mode != "zero") else (None, None)
-        except DistributedSolveError:
-            raise
-        except Exception as exc:  # forming the Jacobians raised: the scan's exchange carries the flag
-            failure, A, E = exc, None, None
-        r = residual[skip:]
-        delta = cross_rank_scan(comm, pos, order, None if A is None else A[skip:], r, E, mode,
-                                U[0], f"{what} scan", failure)
-        if delta.shape[0]:
+        if not speculate and mode != "zero":  # the check went first: a second exchange carries the maps
+            buf = packing.new()
+            try:
+                if w1 < m:
+                    A, E, delta = _maps(packing, buf, pos, P, jac, residual, w0, w1, m, mode)
+            except DistributedSolveError:
+                raise
+            except Exception as exc:
+                failure, buf[0] = exc, _FAILED
+            rows = comm.gather(buf, f"{what} scan")
+            raise_failures(comm, (rows[:, 0] == _FAILED).tolist(), failure, f"the {what} Jacobians")
+        x_in, new_last = fold(packing, rows, order, offsets, g_new, decided=not speculate)
+        if w1 < m:
+            if delta is None:
+                delta = _sweep(residual, A, w0, w1, x_in[pos], mode)
             U[w1:] += delta
-        if lo <= g_new < hi:
-            U[g_new - lo] = vals[g_new - lo - w0]
+            if lo <= g_new < hi:
+                U[g_new - lo] = vals[g_new - lo - w0]
+        if handoff is not None:
+            if not last and g_new < hi:
+                U[-1] = new_last[pos]
+            if not first:
+                handoff(new_last[pos - 1])
+        if on_iteration is not None:
+            on_iteration(stats.iterations, total if converged else g_new + 1, worst)
+        if converged:
+            stats.converged = True
+            return U
+        previous = worst
         g = g_new
+
+
+def _maps(packing: Packing, buf: torch.Tensor, pos: int, P: int, jac: Callable, residual: torch.Tensor, w0: int,
+          j: int, m: int, mode: str) -> tuple:
+    """This rank's Jacobians (rows w0..) and maps into ``buf``: ``(A, E, delta)``. Position 0 scans its rows
+    from j now (its input is zero whatever the others hold; delta), the middle ones reduce the maps of
+    rows w0..j-1 and j.., the last one only forms its Jacobians (so a failure is flagged in the exchange)."""
+    if pos == 0 and j >= m:  # nothing of this rank moves
+        return None, None, None
+    A, E = jac() if mode != "zero" else (None, None)
+    if pos == 0:
+        delta = affine_scan(None if A is None else A[j - w0:], residual[j - w0:], mode)
+        if P > 1:
+            packing.put_maps(buf, (None, apply(E, delta[-1], mode)))
+        return A, E, delta
+    if pos < P - 1 and mode != "zero":
+        pre, post = local_maps(A, residual, E, mode, j - w0, residual[0])
+        packing.put_maps(buf, post, pre)
+    return A, E, None
+
+
+def _sweep(residual: torch.Tensor, A: Optional[torch.Tensor], w0: int, w1: int, x_in: Optional[torch.Tensor],
+           mode: str) -> torch.Tensor:
+    """This rank's update of rows w1.. given what enters row w1 (None: zero)."""
+    if mode == "zero":
+        return residual[w1 - w0:].clone()
+    A = None if A is None else A[w1 - w0:]
+    r = residual[w1 - w0:]
+    if x_in is not None:
+        r = r.clone()
+        r[0] += apply(None if A is None else A[0], x_in, mode)
+    return affine_scan(A, r, mode)
+
+
+def _raise_setup(comm: Comm, error: Optional[str]) -> None:
+    errors = comm.gather_objects(error, "first step check")
+    bad = [(r, e) for r, e in enumerate(errors) if e is not None]
+    lines = "; ".join(f"rank {r}: {e}" for r, e in bad)
+    raise DistributedSolveError(f"deeppcr.solve(group=...) failed during the first step check on rank(s) "
+                                f"{[r for r, _ in bad]} of {comm.size}: {lines}")
 
 
 def _finish(comm: Comm, order: list, offsets: list, finish: Callable, U: torch.Tensor, g: int,

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from .distributed_comm import Comm, raise_failures
+from .distributed_comm import Comm, DistributedSolveError, raise_failures
 from .scan import affine_scan
 
 
@@ -69,44 +69,178 @@ def _matmul(A: Optional[torch.Tensor], B: torch.Tensor, mode: str) -> torch.Tens
     return A @ B if mode == "full" else A * B
 
 
+def _identity(like: torch.Tensor, mode: str) -> Optional[torch.Tensor]:
+    B, n = like.shape
+    if mode == "full":
+        return torch.eye(n, dtype=like.dtype, device=like.device).expand(B, n, n)
+    return like.new_ones(B, n) if mode == "diag" else None
+
+
+class Packing:
+    """One rank's row of the exchange: a flat float64 vector (float64 holds float32 maps and the
+    integer fields exactly), the same layout on every rank:
+
+        [flag, first unconverged row (global), worst ratio,
+         last row before the update (S), the step's value for the last row (S),
+         c_post (S), A_post, c_pre (S), A_pre]             S = B n; the A's only when P > 2
+
+    ``post``: the map of the rows from this rank's first unconverged row to its end, with the
+    hand-off matrix E applied; ``pre``: the rows from the window start up to that row. The first
+    rank in logical order sends only c_post (its input is always zero), the last rank no maps
+    (its output is nobody's input), so with P = 2 no matrix travels at all.
+    """
+
+    HEADER = 3
+
+    def __init__(self, mode: str, like: torch.Tensor, size: int) -> None:
+        B, n = like.shape
+        self.mode, self.B, self.n, self.dtype, self.device = mode, B, n, like.dtype, like.device
+        self.S = B * n
+        self.with_A = size > 2  # middle positions exist: they send pre maps and matrices
+        self.A_size = (B * n * n if mode == "full" else B * n if mode == "diag" else 0) if self.with_A else 0
+        S, A = self.S, self.A_size
+        self.u_last, self.v_last, self.c_post = self.HEADER, self.HEADER + S, self.HEADER + 2 * S
+        self.a_post = self.c_post + S
+        self.c_pre = self.a_post + A
+        self.a_pre = self.c_pre + S
+        self.size = self.a_pre + A if self.with_A else self.c_pre
+
+    def new(self) -> torch.Tensor:
+        return torch.zeros(self.size, dtype=torch.float64, device=self.device)
+
+    def put(self, buf: torch.Tensor, at: int, t: Optional[torch.Tensor]) -> None:
+        if t is not None:
+            buf[at:at + t.numel()] = t.reshape(-1)
+
+    def vec(self, row: torch.Tensor, at: int) -> torch.Tensor:
+        return row[at:at + self.S].to(self.dtype).view(self.B, self.n)
+
+    def mat(self, row: torch.Tensor, at: int) -> Optional[torch.Tensor]:
+        if self.mode == "identity":
+            return None
+        if not self.A_size:
+            raise AssertionError("a map's matrix was needed that no rank sends")
+        shape = (self.B, self.n, self.n) if self.mode == "full" else (self.B, self.n)
+        return row[at:at + self.A_size].to(self.dtype).view(shape)
+
+    def put_maps(self, buf: torch.Tensor, post: Optional[tuple], pre: Optional[tuple] = None) -> None:
+        """``post``/``pre``: (A or None, c) of the rank's rows (A None: identity, or not needed)."""
+        if post is not None:
+            self.put(buf, self.c_post, post[1])
+            if self.A_size:
+                self.put(buf, self.a_post, post[0] if post[0] is not None else _identity(post[1], self.mode))
+        if self.with_A:
+            if pre is None:
+                pre = (None, torch.zeros(self.B, self.n, dtype=self.dtype, device=self.device))
+            self.put(buf, self.c_pre, pre[1])
+            if self.A_size:
+                self.put(buf, self.a_pre, pre[0] if pre[0] is not None else _identity(pre[1], self.mode))
+
+
+def local_maps(A: Optional[torch.Tensor], r: torch.Tensor, E: Optional[torch.Tensor], mode: str, j: int,
+               like: torch.Tensor) -> tuple:
+    """``(pre, post)`` of rows 0..j-1 and j.. of (A, r) (middle ranks), post with E applied."""
+    if j > 0:
+        pre = reduce_maps(None if A is None else A[:j], r[:j], mode)
+    else:
+        pre = (None, torch.zeros_like(like))
+    if j < r.shape[0]:
+        A_tot, c_tot = reduce_maps(None if A is None else A[j:], r[j:], mode)
+    else:
+        A_tot, c_tot = None, torch.zeros_like(like)
+    if E is not None:
+        A_tot = _matmul(E, A_tot, mode) if A_tot is not None else E
+        c_tot = apply(E, c_tot, mode)
+    return pre, (A_tot, c_tot)
+
+
+def fold(packing: Packing, rows: torch.Tensor, order: list, offsets: list, g_new: int, decided: bool) -> tuple:
+    """``(x_in, new_last)`` per logical position from the gathered rows (every rank computes the same).
+
+    ``x_in[q]``: what enters position q's first window row (None: zero). ``new_last[q]``: q's last row
+    after the update (its hand-off to q + 1 in the forward chain): unchanged when q is final, the
+    step's value when it is the first unconverged row, else the old value plus q's output (the last
+    position's is not computed). ``decided``: the rows carry the maps of the decided window only."""
+    P, mode = len(order), packing.mode
+    x, x_in, new_last = None, [], []
+    for q in range(P):
+        x_in.append(x)
+        if q == P - 1:
+            new_last.append(None)
+            break
+        lo, hi = offsets[q], offsets[q + 1]
+        row = rows[order[q]]
+        u_last = packing.vec(row, packing.u_last)
+        if g_new >= hi:  # every row of q is final
+            x_out = None
+        elif mode == "zero":
+            x_out = packing.vec(row, packing.v_last) - u_last
+        else:
+            if x is not None and not decided:  # q's whole slice moves: its pre map, then its post map
+                x = apply(packing.mat(row, packing.a_pre), x, mode) + packing.vec(row, packing.c_pre)
+            c = packing.vec(row, packing.c_post)
+            x_out = c if x is None else apply(packing.mat(row, packing.a_post), x, mode) + c
+        if x_out is None:
+            new_last.append(u_last)
+        elif g_new == hi - 1:
+            new_last.append(packing.vec(row, packing.v_last))
+        else:
+            new_last.append(u_last + x_out)
+        x = x_out
+    return x_in, new_last
+
+
 def cross_rank_scan(comm: Comm, pos: int, order: list, A: Optional[torch.Tensor], r: torch.Tensor,
                     E: Optional[torch.Tensor], mode: str, like: torch.Tensor, what: str,
                     failure: Optional[BaseException] = None) -> torch.Tensor:
-    """Solve this rank's rows of the recurrence above; every rank of the group must call it.
+    """Solve this rank's rows of the recurrence above (the whole slice; one exchange); every rank of
+    the group must call it.
 
-    ``pos``: this rank's place in the logical order ``order`` (a list of group ranks).
-    ``A``, ``r``: this rank's rows (possibly none: then it only takes part in the exchange and
-    hands on zero, which is right for rows that are already final). ``E``: the matrix applied to
-    the rank's last row before handing it on (None: identity). ``like``: a (B, n) tensor for
-    shapes, dtype and device. ``failure``: this rank could not form its A (the exchange carries a
-    flag, and every rank raises). Returns ``d`` (this rank's rows)."""
+    ``pos``: this rank's place in the logical order ``order`` (a list of group ranks). ``A``, ``r``:
+    this rank's rows (at least one). ``E``: the matrix applied to the rank's last row before handing
+    it on (None: identity). ``like``: a (B, n) tensor for shapes, dtype and device. ``failure``: this
+    rank could not form its A (the exchange carries a flag, and every rank raises). The first
+    position scans before the exchange (its input is zero: its map is its last row), the middle ones
+    reduce their maps, the last one only sweeps after it. Returns ``d`` (this rank's rows)."""
     if mode == "zero":  # nothing to exchange (and no A that could have failed)
         return r.clone()
-    B, n = like.shape
-    full = mode == "full"
-    m = r.shape[0]
-    last = pos == len(order) - 1
-    A_size = B * n * n if full else (B * n if mode == "diag" else 0)
-    packed = like.new_zeros(A_size + B * n + 1)  # the last element: this rank failed
+    P = len(order)
+    packing = Packing(mode, like, P)
+    buf = packing.new()
+    d = None
     if failure is not None:
-        packed[-1] = 1
-    elif m > 0 and not last:  # the last rank's map is nobody's input
-        A_tot, c_tot = reduce_maps(A, r, mode)
-        if E is not None:
-            A_tot = _matmul(E, A_tot, mode) if A_tot is not None else E
-            c_tot = apply(E, c_tot, mode)
-        if A_size:
-            packed[:A_size] = A_tot.reshape(-1)
-        packed[A_size:-1] = c_tot.reshape(-1)
-    maps = comm.gather(packed, what)  # (P, A_size + B n + 1), indexed by group rank
-    raise_failures(comm, (maps[:, -1] > 0).tolist(), failure, what)
-    if m == 0:
-        return r.clone()
-    x = like.new_zeros(B, n)
-    for q in range(pos):
-        row = maps[order[q]]
-        A_q = row[:A_size].view(B, n, n) if full else (row[:A_size].view(B, n) if A_size else None)
-        x = apply(A_q, x, mode) + row[A_size:-1].view(B, n)
+        buf[0] = 1
+    else:
+        try:
+            if pos == 0:
+                d = affine_scan(A, r, mode)
+                if P > 1:
+                    packing.put_maps(buf, (None, apply(E, d[-1], mode)))
+            elif pos < P - 1:
+                _, post = local_maps(A, r, E, mode, 0, like)
+                packing.put_maps(buf, post)
+        except DistributedSolveError:
+            raise
+        except Exception as exc:
+            failure, buf[0] = exc, 1
+    rows = comm.gather(buf, what)  # (P, size), indexed by group rank
+    raise_failures(comm, (rows[:, 0] > 0).tolist(), failure, what)
+    if d is not None:
+        return d
+    x_in, _ = _fold_inputs(packing, rows, order, mode)
     r = r.clone()
-    r[0] += apply(None if A is None else A[0], x, mode)
+    r[0] += apply(None if A is None else A[0], x_in[pos], mode)
     return affine_scan(A, r, mode)
+
+
+def _fold_inputs(packing: Packing, rows: torch.Tensor, order: list, mode: str) -> tuple:
+    """x_in per position when every position's whole slice moves (the adjoint's one-pass scan)."""
+    x, x_in = None, []
+    for q in range(len(order)):
+        x_in.append(x)
+        if q == len(order) - 1:
+            break
+        row = rows[order[q]]
+        c = packing.vec(row, packing.c_post)
+        x = c if x is None else apply(packing.mat(row, packing.a_post), x, mode) + c
+    return x_in, None
