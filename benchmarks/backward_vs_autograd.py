@@ -9,11 +9,15 @@ Three variants of one tanh MLP (L Linear(w, w) layers), same weights:
 - ``solve+stack``: the same, stacking the layers' Parameters inside the forward so the
   gradients land in the 2L original Parameters through autograd (one leaf each);
 - ``compiled``: ``deeppcr.compile(model, policy="always")`` of the nn.ModuleList model, with its
-  defaults (flat parameters, direct gradients, warm starts; every call gets a fresh input).
+  defaults (flat parameters, direct gradients, warm starts: each solve starts from the previous
+  call's solution, another input's under the previous step's weights);
+- ``compiled-cold``: the same with ``warm_start=False`` (every solve starts from the input).
 
 Gradients are compared with the sequential model's before timing. Every timing is a median
-over alternating runs in this process; ``.grad`` is reset to None (untimed) before each
-backward, as ``optimizer.zero_grad()`` does.
+over alternating runs in this process. Between calls, untimed, as in training: an optimizer step
+(Adam, lr 1e-4, on every variant's parameters), ``.grad`` reset to None (as
+``optimizer.zero_grad()`` does) and a fresh random input, so no call sees the input or the
+weights of an earlier one.
 """
 from __future__ import annotations
 
@@ -50,14 +54,22 @@ class Variants:
         torch.manual_seed(seed)
         self.layers = torch.nn.ModuleList([torch.nn.Linear(w, w) for _ in range(L)]).to(device)
         self.x = torch.randn(B, w, device=device)
-        self.xs = [torch.randn(B, w, device=device) for _ in range(8)]
-        self.calls = 0
         self.model = _MLP(self.layers)
         self.compiled_model = deeppcr.compile(self.model, policy="always")
         self.compiled_model(self.x)  # compile (untimed)
+        self.cold_model = deeppcr.compile(self.model, policy="always", warm_start=False)
+        self.cold_model(self.x)
         self.W = torch.stack([m.weight for m in self.layers]).detach().requires_grad_()
         self.b = torch.stack([m.bias for m in self.layers]).detach().requires_grad_()
+        self.opt = torch.optim.Adam([*self.layers.parameters(), self.W, self.b], lr=1e-4)
         self.stats = None
+
+    def next_step(self) -> None:
+        """Untimed, between calls: the optimizer step on the last call's gradients, zero_grad, a fresh input."""
+        if any(p.grad is not None for p in [*self.layers.parameters(), self.W, self.b]):
+            self.opt.step()
+        self.zero_grad()
+        self.x = torch.randn_like(self.x)
 
     def sequential(self):
         z = self.x
@@ -71,8 +83,10 @@ class Variants:
         return res.states[-1]
 
     def compiled(self):
-        self.calls += 1
-        return self.compiled_model(self.xs[self.calls % len(self.xs)])
+        return self.compiled_model(self.x)
+
+    def compiled_cold(self):
+        return self.cold_model(self.x)
 
     def solve_stack(self):
         W = torch.stack([m.weight for m in self.layers])
@@ -87,7 +101,8 @@ class Variants:
 def run(L: int, w: int, B: int, repeats: int, device: str = "cpu") -> dict:
     v = Variants(L, w, B, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    fns = {"sequential": v.sequential, "solve": v.solve, "solve+stack": v.solve_stack, "compiled": v.compiled}
+    fns = {"sequential": v.sequential, "solve": v.solve, "solve+stack": v.solve_stack, "compiled": v.compiled,
+           "compiled-cold": v.compiled_cold}
 
     # correctness first: outputs and gradients against the sequential model
     v.zero_grad()
@@ -99,15 +114,16 @@ def run(L: int, w: int, B: int, repeats: int, device: str = "cpu") -> dict:
     y_par.sum().backward()
     max_err = float((y_par.detach() - y_seq).abs().max())
     max_grad_err = float((v.W.grad - g_seq).abs().max())
-    v.zero_grad()
-    v.compiled_model(v.x).sum().backward()
-    max_grad_err = max(max_grad_err, float((torch.stack([m.weight.grad for m in v.layers]) - g_seq).abs().max()))
+    for compiled in (v.compiled_model, v.cold_model):
+        v.zero_grad()
+        compiled(v.x).sum().backward()
+        max_grad_err = max(max_grad_err, float((torch.stack([m.weight.grad for m in v.layers]) - g_seq).abs().max()))
 
     fwd = {k: [] for k in fns}
     bwd = {k: [] for k in fns}
     for _ in range(repeats + 1):  # the first round warms up and is dropped
         for name, fn in fns.items():
-            v.zero_grad()
+            v.next_step()  # untimed
             t0 = time.perf_counter()
             out = fn().sum()
             sync()
@@ -123,7 +139,7 @@ def run(L: int, w: int, B: int, repeats: int, device: str = "cpu") -> dict:
     for name in fns:
         row[f"fwd_{name}_ms"] = 1e3 * med(fwd[name])
         row[f"bwd_{name}_ms"] = 1e3 * med(bwd[name])
-    for name in ("solve", "solve+stack", "compiled"):
+    for name in ("solve", "solve+stack", "compiled", "compiled-cold"):
         row[f"fwd_speedup_{name}"] = row["fwd_sequential_ms"] / row[f"fwd_{name}_ms"]
         row[f"bwd_speedup_{name}"] = row["bwd_sequential_ms"] / row[f"bwd_{name}_ms"]
     return row
@@ -144,11 +160,11 @@ def main(argv=None) -> None:
     for r in rows:
         print(f"L={r['L']} w={r['w']} B={r['B']} {r['device']}: {r['iterations']} Newton iterations, "
               f"max |y - y_seq| = {r['max_err']:.2e}, max |dW - dW_seq| = {r['max_grad_err']:.2e}")
-        print(f"  {'variant':<12} {'forward ms':>11} {'backward ms':>12} {'fwd speedup':>12} {'bwd speedup':>12}")
-        for name in ("sequential", "solve", "solve+stack", "compiled"):
+        print(f"  {'variant':<13} {'forward ms':>11} {'backward ms':>12} {'fwd speedup':>12} {'bwd speedup':>12}")
+        for name in ("sequential", "solve", "solve+stack", "compiled", "compiled-cold"):
             fs = 1.0 if name == "sequential" else r[f"fwd_speedup_{name}"]
             bs = 1.0 if name == "sequential" else r[f"bwd_speedup_{name}"]
-            print(f"  {name:<12} {r[f'fwd_{name}_ms']:>11.2f} {r[f'bwd_{name}_ms']:>12.2f} {fs:>11.2f}x {bs:>11.2f}x")
+            print(f"  {name:<13} {r[f'fwd_{name}_ms']:>11.2f} {r[f'bwd_{name}_ms']:>12.2f} {fs:>11.2f}x {bs:>11.2f}x")
     path = Path(args.csv or Path(__file__).parent / "results" / f"backward_vs_autograd_{args.device}.csv")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:

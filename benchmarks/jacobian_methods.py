@@ -10,8 +10,9 @@ all L steps and B samples of a tanh MLP step (``tanh(F.linear(z, W_r, b_r))``, s
 - ``rev``: the state's pullback vmapped over n cotangents (``jacobian_from_pullback``);
 - ``fwd``: n JVP columns under vmap (the fallback when reverse mode fails).
 
-All three are checked against each other before timing. Medians over ``--repeats`` calls;
-results go to ``benchmarks/results/jacobian_methods_cpu.txt``.
+All three are checked against each other before timing. Medians over ``--repeats`` rounds, the
+three methods in turn, each call on fresh random states Z (drawn untimed); results go to
+``benchmarks/results/jacobian_methods_cpu.txt``.
 """
 from __future__ import annotations
 
@@ -30,14 +31,18 @@ from deeppcr_fx.runtime import jacobians
 CASES = [(4096, 4, 1), (4096, 4, 16), (1024, 16, 1), (1024, 16, 16), (256, 64, 1)]
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
+def _medians_ms(methods: dict, fresh, repeats: int) -> dict:
+    """Median ms per method: the methods in turn, each call on a fresh input ``fresh()`` (drawn untimed)."""
+    times = {name: [] for name in methods}
+    for fn in methods.values():  # one untimed call each (first-call costs)
+        fn(fresh())
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for name, fn in methods.items():
+            Z = fresh()
+            t0 = time.perf_counter()
+            fn(Z)
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
 def run(L: int, n: int, B: int, repeats: int) -> dict:
@@ -45,16 +50,16 @@ def run(L: int, n: int, B: int, repeats: int) -> dict:
     W, b, Z = torch.randn(L, n, n) / n ** 0.5, torch.randn(L, n), torch.randn(L, B, n)
     g = lambda Z: vmap(lambda z, W, b: torch.tanh(F.linear(z, W, b)))(Z, W, b)  # noqa: E731
 
-    def rev():
+    def rev(Z):
         vals, pullback = vjp(g, Z)
         return jacobians.jacobian_from_pullback(lambda c: pullback(c)[0], vals, "full")
 
-    methods = {"replicated": lambda: jacobians.jacobian_replicated(g, Z, "full"), "rev": rev,
-               "fwd": lambda: jacobians.evaluate(g, Z, "full", "fwd")[1]()}
-    reference = rev()
+    methods = {"replicated": lambda Z: jacobians.jacobian_replicated(g, Z, "full"), "rev": rev,
+               "fwd": lambda Z: jacobians.evaluate(g, Z, "full", "fwd")[1]()}
+    reference = rev(Z)
     for name, fn in methods.items():
-        torch.testing.assert_close(fn(), reference, rtol=1e-4, atol=1e-5, msg=f"{name} disagrees")
-    return dict(L=L, n=n, B=B, **{name: _median_ms(fn, repeats) for name, fn in methods.items()})
+        torch.testing.assert_close(fn(Z), reference, rtol=1e-4, atol=1e-5, msg=f"{name} disagrees")
+    return dict(L=L, n=n, B=B, **_medians_ms(methods, lambda: torch.randn_like(Z), repeats))
 
 
 def main(argv=None) -> int:

@@ -14,11 +14,14 @@ of each round's eager/variant ratio):
 - the Newton iterations of the rewritten chain's latest solve (``3+19seq``: 3 iterations after
   19 sequential steps run to meet the warm start's guess) and the max error vs the eager output.
 
-Each timed call gets a fresh input (cycled from ``INPUTS`` random ones), so warm starts never
-see the input they solved; a training step is forward + backward (``zero_grad`` untimed). A
-variant faster than ``SETTLE_S`` runs once untimed before its timed calls in a round (a user
-calls the same model over and over, so its caches hold that model, not the previous variant's
-solve), and the round keeps the faster of ``BEST_OF`` timed calls (as ``timeit``'s best-of).
+Each timed call gets a fresh random input (and a sampler fresh per-step noise), drawn untimed, so
+warm starts never see an input they solved; a training step is forward + backward, with an
+optimizer step (Adam, ``TRAIN_LR``) and ``zero_grad`` untimed between calls, so no call sees the
+weights of the previous one (the weights are restored each round: the models stay at their
+initialisation, see ``_time_mode``). A variant faster than ``SETTLE_S`` runs once untimed before its
+timed calls in a round (a user calls the same model over and over, so its caches hold that model,
+not the previous variant's solve), and the round keeps the faster of ``BEST_OF`` timed calls (as
+``timeit``'s best-of). ``cold`` beside ``always`` shows what warm starts are worth.
 
 Speed-ups are eager time / variant time. Results go to ``benchmarks/results/suite_<suite>_<device>.csv``
 (and a PNG when matplotlib is installed).
@@ -113,7 +116,7 @@ class Case:
 # baseline's tiny ops run on one thread either way.
 CPU_THREADS = 1
 SAMPLE_S, MAX_REPEATS = 3.0, 150
-INPUTS = 8  # distinct inputs cycled through the timed calls (a warm start never sees its own input)
+TRAIN_LR = 1e-4  # Adam, between training calls: each parameter moves by about this much per step
 SETTLE_S = 0.05  # a variant faster than this runs once untimed, then BEST_OF timed calls, each round
 BEST_OF = 2
 SLOW_S = 2.0  # a variant whose warm-up call takes longer than this is timed by that call alone (its first solve)
@@ -155,14 +158,19 @@ def _variants(model: nn.Module, device: str) -> Dict[str, Callable]:
 
 def _time_mode(case: Case, variants: Dict[str, Callable], mode: str, device: str, repeats: int) -> dict:
     model = case.model
-    xs = [torch.randn_like(case.x) for _ in range(INPUTS)]
-    calls = [0]
+    xs = [torch.randn_like(case.x) for _ in range(2)]  # to specialise on, and the warm-up's shared input
+    # Adam (scale-free: a residual MLP's sum-loss gradients reach 1e5) between training calls; the
+    # weights go back to ``initial`` each round, so the model stays at its initialisation however
+    # many rounds run, while no call sees the weights (or the input) of the call before it
+    opt = torch.optim.Adam(model.parameters(), lr=TRAIN_LR) if mode == "train" else None
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()} if mode == "train" else None
 
     def run(fn, x=None, seed=None):
-        """Time one call on the next input (or ``x``); returns (seconds, output)."""
+        """Time one call on a fresh input (or ``x``, with no optimizer step); returns (seconds, output)."""
         if x is None:
-            x = xs[calls[0] % INPUTS]
-            calls[0] += 1
+            x = torch.randn_like(case.x)  # untimed; a sampler's per-step noise is fresh too (no reseeding)
+            if opt is not None and any(p.grad is not None for p in model.parameters()):
+                opt.step()  # untimed, between training calls
         if seed is not None:
             torch.manual_seed(seed)  # the same noise for every variant (a DDPM sampler draws some)
         if mode == "train":
@@ -182,9 +190,12 @@ def _time_mode(case: Case, variants: Dict[str, Callable], mode: str, device: str
     gc.collect()
     gc.freeze()  # the untimed collection each round then scans only new objects (a full one took 0.4 s)
     gc.disable()  # as timeit does: a collection of one variant's garbage would land on whichever call comes next
+    restore = (lambda: model.load_state_dict(initial)) if initial is not None else (lambda: None)
     try:
-        return _time_variants(case, variants, mode, device, repeats, run, xs)
+        return _time_variants(case, variants, mode, device, repeats, run, xs, restore)
     finally:
+        restore()
+        model.zero_grad(set_to_none=True)
         gc.enable()
         gc.unfreeze()
 
@@ -202,7 +213,7 @@ def _round_order(names: List[str], rng: random.Random) -> List[str]:
 
 
 def _time_variants(case: Case, variants: Dict[str, Callable], mode: str, device: str, repeats: int,
-                   run: Callable, xs: list) -> dict:
+                   run: Callable, xs: list, restore: Callable[[], None]) -> dict:
     with torch.set_grad_enabled(mode == "train"):
         for fn in variants.values():  # compile untimed: each grad mode is its own specialisation
             if hasattr(fn, "specialise"):  # a deeppcr CompiledModule
@@ -218,6 +229,7 @@ def _time_variants(case: Case, variants: Dict[str, Callable], mode: str, device:
     rng = random.Random(0)
     for _ in range(repeats):
         gc.collect()  # untimed
+        restore()  # untimed: training rounds start from the initial weights (no drift over many rounds)
         for name in _round_order(list(variants), rng):
             if first[name] <= SETTLE_S:
                 run(variants[name])  # untimed: the caches hold this model, as in a user's loop

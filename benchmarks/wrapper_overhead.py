@@ -7,11 +7,14 @@ For each depth it times, interleaved, the eager model and its compiled wrapper (
 rewritten: ``policy="never"``), plus what the wrapper checks before it dispatches a call (the
 ``guards``: the hook epoch, ``passes/hooks.py``, and the input signature with its train/eval
 flags), under ``no_grad`` with one thread; best of several repeats of ``--number`` calls, as
-``timeit``.
+``timeit``. The calls cycle through ``INPUTS`` distinct random inputs of one shape (made before
+timing; every variant pays the same ``next()``), so no call repeats the input of the call before
+it (nothing here is warm-started: no chain is rewritten).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import timeit
 from pathlib import Path
@@ -25,18 +28,21 @@ from deeppcr_fx.passes.hooks import hook_epoch  # noqa: E402
 from suite import TanhMLP  # noqa: E402
 
 
+INPUTS = 16
+
+
 def measure(L: int, w: int, number: int, rounds: int = 9) -> dict:
     torch.manual_seed(0)
-    model, x = TanhMLP(L, w), torch.randn(1, w)
+    model, xs = TanhMLP(L, w), itertools.cycle([torch.randn(1, w) for _ in range(INPUTS)])
     compiled = deeppcr.compile(model, policy="never")
     def guards():  # what CompiledModule.forward checks on every call before it dispatches
         return hook_epoch() != compiled._hook_epoch, compiled._specialisations.get(
-            signature((x,), compiled._flag_modules))
+            signature((next(xs),), compiled._flag_modules))
 
-    calls = {"eager": lambda: model(x), "compiled": lambda: compiled(x), "guards": guards}
+    calls = {"eager": lambda: model(next(xs)), "compiled": lambda: compiled(next(xs)), "guards": guards}
     best = {name: float("inf") for name in calls}
     with torch.no_grad():
-        compiled(x)
+        compiled(next(xs))
         for _ in range(rounds):  # interleaved: a slow spell of the host hits every variant alike
             for name, fn in calls.items():
                 best[name] = min(best[name], timeit.timeit(fn, number=number) / number)
