@@ -151,7 +151,8 @@ def main(argv=None) -> int:
     names = list(models)
     log: dict = {k: [] for n in names for k in (n, f"t_{n}")}
     newton: dict = {"deeppcr": [], "cold": []}
-    adjoint, finishes, cold_warm = [], 0, 0
+    adjoint: dict = {"deeppcr": [], "cold": []}
+    finishes, cold_warm = 0, 0
     for step in range(steps):
         idx = torch.randint(len(X_tr), (batch,), generator=order)  # a fresh mini-batch every step
         xb, yb = X_tr[idx], y_tr[idx]
@@ -166,10 +167,9 @@ def main(argv=None) -> int:
         for name in newton:
             st = solve_stats(models[name])
             newton[name].append(_common.newton_its(st))
+            adjoint[name].append(st.backward.iterations if st.backward is not None else 0)
             finishes += st.sequential_finish is not None
         cold_warm += solve_stats(compiled_cold).warm_start
-        st = solve_stats(compiled)
-        adjoint.append(st.backward.iterations if st.backward is not None else 0)
         if (step + 1) % max(1, steps // 5) == 0 or step == steps - 1:
             print(f"  step {step + 1:4d}/{steps}: loss plain {log['plain'][-1]:.4f}, deeppcr {log['deeppcr'][-1]:.4f}, "
                   f"cold {log['cold'][-1]:.4f}; ms/step plain {_common.ms(log['t_plain'][-1])}, "
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
              "final loss": f"{log[n][-1]:.4f}", "train acc": f"{accuracy(weights[n], X_tr, y_tr):.3f}",
              "test acc": f"{accuracy(weights[n], X_te, y_te):.3f}",
              "Newton it/step": "-" if n == "plain" else its(n),
-             "adjoint it/step": f"{statistics.mean(adjoint):.1f}" if n == "deeppcr" else "-"} for n in names]
+             "adjoint it/step": "-" if n == "plain" else f"{statistics.mean(adjoint[n]):.1f}"} for n in names]
     print()
     print(_common.table(rows, f"summary ({steps} Adam steps, batch {batch}, lr {args.lr}, a fresh mini-batch every "
                               "step; ms/step = median of forward + backward + optimiser step; speed-up = plain / "
