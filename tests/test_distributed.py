@@ -30,18 +30,18 @@ CASES_2 = [
     ("tanh_cap", "tanh", 32, [0, 16, 32], {"jacobian": "full", "max_iter": 3}),
     ("residual_uneven", "residual", 32, [0, 5, 32], {}),
     ("gru", "gru", 24, [0, 12, 24], {}),
-    ("gru_diag", "gru", 16, [0, 7, 16], {"jacobian": "diag", "rtol": 1e-12}),  # default rtol: 2e-10 off, as in one process
+    ("gru_diag", "gru", 16, [0, 7, 16], {"jacobian": "diag", "rtol": 1e-12, "adjoint_rtol": 1e-12}),  # default rtol: 2e-10 off, as in one process
     ("tuple", "tuple", 16, [0, 9, 16], {}),
-    ("shared_length", "shared", 20, [0, 7, 20], {"rtol": 1e-12}),  # no per-step tensors: length= per rank
+    ("shared_length", "shared", 20, [0, 7, 20], {"rtol": 1e-12, "adjoint_rtol": 1e-12}),  # no per-step tensors: length= per rank
     ("warm", "tanh", 32, [0, 12, 32], {"warm": True}),  # initial_guess = the previous solution
     ("frozen", "gru", 16, [0, 8, 16], {"frozen": True}),  # rank 1 has nothing to differentiate
-    ("coupled", "coupled", 24, [0, 11, 24], {"rtol": 1e-12}),  # approximate J: the adjoint is iterated
+    ("coupled", "coupled", 24, [0, 11, 24], {"rtol": 1e-12, "adjoint_rtol": 1e-12}),  # approximate J: the adjoint is iterated
 ]
 CASES_3 = [
     ("tanh_uneven", "tanh", 40, [0, 1, 31, 40], {}),
-    ("residual", "residual", 30, [0, 10, 20, 30], {"jacobian": "identity", "rtol": 1e-12}),
+    ("residual", "residual", 30, [0, 10, 20, 30], {"jacobian": "identity", "rtol": 1e-12, "adjoint_rtol": 1e-12}),
     ("gru", "gru", 18, [0, 6, 13, 18], {}),
-    ("tuple", "tuple", 15, [0, 4, 9, 15], {"jacobian": "diag", "rtol": 1e-12}),
+    ("tuple", "tuple", 15, [0, 4, 9, 15], {"jacobian": "diag", "rtol": 1e-12, "adjoint_rtol": 1e-12}),
 ]
 
 
@@ -203,3 +203,59 @@ def test_reduce_maps_composes_rows_in_order(mode, m):
         expected = apply(None if A is None else A[j], expected, mode) + r[j]
     A_tot, c_tot = reduce_maps(A, r, mode)
     assert torch.allclose(apply(A_tot, x, mode) + c_tot, expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["full", "diag", "identity"])
+@pytest.mark.parametrize("m", [1, 2, 5, 127, 128, 300, 1000])
+def test_scan_with_propagator_adds_the_input_after_the_scan(mode, m):
+    """A rank scans before it knows its input (no processes): d + propagate(x) equals the scan with x
+    entering row 0, and (total, d[-1]) is the slice's map, for plain and chunked lengths."""
+    from deeppcr_fx.runtime.distributed_scan import apply, scan_with_propagator
+    from deeppcr_fx.runtime.scan import affine_scan
+
+    g = torch.Generator().manual_seed(m)
+    B, n = 3, 4
+    A = {"full": torch.randn(m, B, n, n, generator=g, dtype=torch.float64) * 0.4,
+         "diag": torch.randn(m, B, n, generator=g, dtype=torch.float64), "identity": None}[mode]
+    r = torch.randn(m, B, n, generator=g, dtype=torch.float64)
+    x = torch.randn(B, n, generator=g, dtype=torch.float64)
+    d, propagate, total = scan_with_propagator(A, r, mode)
+    r_in = r.clone()
+    r_in[0] += apply(None if A is None else A[0], x, mode)
+    expected = affine_scan(A, r_in, mode, chunk=0)
+    scale = expected.abs().max()
+    assert ((d + propagate(x)) - expected).abs().max() <= 1e-12 * scale
+    assert (apply(total, x, mode) + d[-1] - expected[-1]).abs().max() <= 1e-12 * scale
+
+
+def test_packing_fold_hands_on_the_updated_last_row():
+    """The fold every rank runs on the gathered rows (no processes), P = 3 with a middle rank: the input
+    of each position and the last rows they hand on, for a window that starts on the first rank."""
+    from deeppcr_fx.runtime.distributed_scan import Packing, apply, fold, local_maps
+
+    g = torch.Generator().manual_seed(3)
+    B, n, lengths = 2, 3, [4, 5, 3]
+    A = torch.randn(12, B, n, n, generator=g, dtype=torch.float64) * 0.5
+    r = torch.randn(12, B, n, generator=g, dtype=torch.float64)
+    U_last = [torch.randn(B, n, generator=g, dtype=torch.float64) for _ in lengths]
+    d, rows_out = torch.zeros(B, n, dtype=torch.float64), []
+    for l in range(2, 12):  # the window starts at row 2 (rows 0, 1 final)
+        d = apply(A[l], d, "full") + r[l]
+        rows_out.append(d)
+    packing = Packing("full", r[0], 3)
+    bufs = []
+    offsets = [0, 4, 9, 12]
+    for q in range(3):
+        buf = packing.new()
+        packing.put(buf, packing.u_last, U_last[q])
+        lo, hi = offsets[q], offsets[q + 1]
+        j = 2 if q == 0 else 0  # rank 0's first unconverged row; the others are unconverged from row 0
+        pre, post = local_maps(A[lo:hi], r[lo:hi], None, "full", j, r[0])
+        packing.put_maps(buf, post, pre)
+        bufs.append(buf)
+    x_in, new_last = fold(packing, torch.stack(bufs), [0, 1, 2], offsets, 2, decided=False)
+    assert x_in[0] is None
+    assert torch.allclose(x_in[1], rows_out[1], atol=1e-12)  # rows_out[i]: row 2 + i
+    assert torch.allclose(x_in[2], rows_out[8 - 2], atol=1e-12)
+    assert torch.allclose(new_last[0], U_last[0] + rows_out[1], atol=1e-12)
+    assert torch.allclose(new_last[1], U_last[1] + rows_out[6], atol=1e-12)

@@ -147,7 +147,8 @@ def _local_facts(x0, per_step: tuple, shared: tuple, length: Optional[int], conf
         "shared": [(tuple(s.shape), s.dtype) if isinstance(s, torch.Tensor) else ("value", type(s).__name__)
                    for s in shared],
         "shared_grad": [s.requires_grad for s in shared if isinstance(s, torch.Tensor)],
-        "options": {**{k: getattr(config, k) for k in ("jacobian", "max_iter", "atol", "rtol", "batch", "full_max_state")},
+        "options": {**{k: getattr(config, k, None) for k in ("jacobian", "max_iter", "atol", "rtol", "adjoint_atol",
+                                                             "adjoint_rtol", "batch", "full_max_state")},
                     "grad_enabled": torch.is_grad_enabled()},  # a backward pass needs every rank
         # whether this rank's inputs make the states differentiable (x0 counts on the first rank only)
         "needs_grad": torch.is_grad_enabled() and any(
@@ -214,6 +215,7 @@ class _Problem:
         self.lengths, self.x0_flat, self.on_iteration = lengths, x0_flat, on_iteration
         self.replication_refused = False  # the step refused a replicated batch (not asked again)
         self.atol, self.rtol = config.tolerances(spec.compute_dtype)
+        self.adjoint_atol, self.adjoint_rtol = config.adjoint_tolerances(spec.compute_dtype)
         self.n_x0 = len(spec.shapes)
         self.initial_guess: Optional[torch.Tensor] = None
         self.solution: Optional[torch.Tensor] = None
@@ -314,7 +316,7 @@ class _DistChainSolve(torch.autograd.Function):
                                steps.vectorize if steps.vectorized else False)
         problem.stats.backward = PassStats()
         dZprev, *dinputs = adjoint_distributed(
-            comm, problem.lengths, backward_steps, Zprev, G, wrt, problem.mode, problem.atol, problem.rtol,
+            comm, problem.lengths, backward_steps, Zprev, G, wrt, problem.mode, problem.adjoint_atol, problem.adjoint_rtol,
             problem.config.iteration_cap(sum(problem.lengths)), problem.stats.backward,
             problem.replicated_steps(backward_steps))
         _record_vectorized(backward_steps, problem.stats)

@@ -34,6 +34,7 @@ from . import jacobians
 from .distributed_comm import Comm, DistributedSolveError, raise_failures
 from .distributed_newton import distributed_newton
 from .distributed_scan import cross_rank_scan
+from .newton import scaled_norm
 from .stats import PassStats
 from .steps import Steps
 
@@ -112,10 +113,13 @@ def _reversed(J: torch.Tensor, mode: str) -> tuple:
 
 
 def _adjoint_residual_ok(a: torch.Tensor, G: torch.Tensor, products: torch.Tensor, atol: float, rtol: float) -> bool:
-    """Whether a_k = G_k + J_{k+1}^T a_{k+1} holds for this rank's rows k < m-1, given ``products[k]`` = J_k^T a_k."""
+    """Whether a_k = G_k + J_{k+1}^T a_{k+1} holds for this rank's rows k < m-1, given ``products[k]`` = J_k^T a_k
+    (``adjoint._adjoint_residual_ok``: normwise per sample, relative to the cotangents)."""
+    if a.shape[0] < 2:
+        return True
     rhs = G[:-1] + products[1:]
     scale = a[:-1].abs() + G[:-1].abs() + products[1:].abs()
-    return bool(((a[:-1] - rhs).abs() <= atol + rtol * scale).all())
+    return bool((scaled_norm(a[:-1] - rhs, scale, atol, rtol) <= 1).all())
 
 
 def _residual_ok_everywhere(comm: Comm, a: torch.Tensor, G: torch.Tensor, products: Optional[torch.Tensor],
@@ -133,10 +137,12 @@ def _residual_ok_everywhere(comm: Comm, a: torch.Tensor, G: torch.Tensor, produc
     if not bool((rows[:, 0] > 0).all()):
         return False
     size = a[-1].numel()
-    a_last, G_last, first = rows[:, 1:1 + size], rows[:, 1 + size:1 + 2 * size], rows[:, 1 + 2 * size:]
+    shape = (rows.shape[0], *a.shape[1:])
+    a_last = rows[:, 1:1 + size].view(shape)
+    G_last, first = rows[:, 1 + size:1 + 2 * size].view(shape), rows[:, 1 + 2 * size:].view(shape)
     rhs = G_last[:-1] + first[1:]
     scale = a_last[:-1].abs() + G_last[:-1].abs() + first[1:].abs()
-    return bool(((a_last[:-1] - rhs).abs() <= atol + rtol * scale).all())
+    return bool((scaled_norm(a_last[:-1] - rhs, scale, atol, rtol) <= 1).all())
 
 
 def _iterate(comm, order, offsets, steps, state_pullback, Zprev, G, mode, atol, rtol, max_iter, stats,

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from .distributed_comm import Comm, DistributedSolveError, raise_failures
-from .scan import affine_scan
+from .scan import affine_scan, default_chunk
 
 
 def reduce_maps(A: Optional[torch.Tensor], r: torch.Tensor, mode: str) -> tuple:
@@ -190,6 +190,74 @@ def fold(packing: Packing, rows: torch.Tensor, order: list, offsets: list, g_new
     return x_in, new_last
 
 
+def cumulative_products(A: torch.Tensor, mode: str) -> torch.Tensor:
+    """``Phi_l = A_l ... A_0`` for every row (PCR on the matrices alone, every round)."""
+    A = A.clone()
+    s = 1
+    while s < A.shape[0]:
+        A[s:] = _matmul(A[s:], A[:-s], mode)
+        s *= 2
+    return A
+
+
+def scan_with_propagator(A: Optional[torch.Tensor], r: torch.Tensor, mode: str) -> tuple:
+    """``(d, propagate, total)``: ``d`` solves the rows for a zero input, ``propagate(x)`` is ``Phi_l x``
+    for every row (what an input x adds; ``Phi_l = A_l ... A_0``) and ``total`` is ``Phi_{m-1}``
+    (None: identity). So a rank scans *before* it knows its input, and adds it after the exchange with
+    two batched products. Chunked like ``scan.affine_scan`` (sequential inside chunks of K rows, PCR
+    across them): the chunks' running products P, which that scan forms anyway, and their
+    cumulative products Q across chunks give ``Phi = P_{c,k} Q_{c-1}``."""
+    if mode == "identity":
+        return r.cumsum(0), lambda x: x.expand_as(r), None
+    m, tail = r.shape[0], r.shape[1:]
+    chunk = default_chunk(m, r.device)
+    if not 1 < chunk < m:
+        Phi = cumulative_products(A, mode)
+        return affine_scan(A, r, mode, chunk=0), lambda x: apply(Phi, x.unsqueeze(0), mode), Phi[-1]
+    full = mode == "full"
+    n = r.shape[-1]
+    C = -(-m // chunk)
+    pad = C * chunk - m
+    if pad:
+        r = torch.cat([r, r.new_zeros(pad, *tail)])
+        A = torch.cat([A, A.new_zeros(pad, *A.shape[1:])])
+    mat = A.shape[-2:] if full else A.shape[-1:]
+    A = A.reshape(C, chunk, -1, *mat).transpose(0, 1).reshape(chunk, -1, *mat).contiguous()  # (K, C*B, ...)
+    r = r.reshape(C, chunk, -1, n).transpose(0, 1).reshape(chunk, -1, n).contiguous()
+    if full:
+        r = r.unsqueeze(-1)
+    P = torch.empty_like(A)
+    P[0] = A[0]
+    rs, As, Ps = r.unbind(0), A.unbind(0), P.unbind(0)
+    for k in range(1, chunk):
+        if full:
+            rs[k].baddbmm_(As[k], rs[k - 1])
+            torch.bmm(As[k], Ps[k - 1], out=Ps[k])
+        else:
+            rs[k].addcmul_(As[k], rs[k - 1])
+            torch.mul(As[k], Ps[k - 1], out=Ps[k])
+    P_last = P[-1].reshape(C, -1, *mat)
+    carry = affine_scan(P_last, r[-1].reshape(C, -1, n), mode, chunk=0)  # each chunk's last row, zero input
+    Q = cumulative_products(P_last, mode)  # Q_c = P_last,c ... P_last,0
+    P5 = P.view(chunk, C, -1, *mat)
+    later_r = r.view(chunk, C, -1, *r.shape[2:])[:, 1:]
+    if full:
+        later_r += P5[:, 1:] @ carry[:-1].unsqueeze(-1)
+        r = r.squeeze(-1)
+    else:
+        later_r.addcmul_(P5[:, 1:], carry[:-1])
+    d = r.reshape(chunk, C, *tail).transpose(0, 1).reshape(C * chunk, *tail)[:m]
+    c_last, k_last = (m - 1) // chunk, (m - 1) % chunk
+    total = P5[k_last, c_last] if c_last == 0 else _matmul(P5[k_last, c_last], Q[c_last - 1], mode)
+
+    def propagate(x: torch.Tensor) -> torch.Tensor:
+        u = torch.cat([x.unsqueeze(0), apply(Q[:-1], x.unsqueeze(0), mode)])  # what enters chunk c
+        add = apply(P5, u.unsqueeze(0), mode)  # (K, C, B, n)
+        return add.transpose(0, 1).reshape(C * chunk, *tail)[:m]
+
+    return d, propagate, total
+
+
 def cross_rank_scan(comm: Comm, pos: int, order: list, A: Optional[torch.Tensor], r: torch.Tensor,
                     E: Optional[torch.Tensor], mode: str, like: torch.Tensor, what: str,
                     failure: Optional[BaseException] = None) -> torch.Tensor:
@@ -199,15 +267,16 @@ def cross_rank_scan(comm: Comm, pos: int, order: list, A: Optional[torch.Tensor]
     ``pos``: this rank's place in the logical order ``order`` (a list of group ranks). ``A``, ``r``:
     this rank's rows (at least one). ``E``: the matrix applied to the rank's last row before handing
     it on (None: identity). ``like``: a (B, n) tensor for shapes, dtype and device. ``failure``: this
-    rank could not form its A (the exchange carries a flag, and every rank raises). The first
-    position scans before the exchange (its input is zero: its map is its last row), the middle ones
-    reduce their maps, the last one only sweeps after it. Returns ``d`` (this rank's rows)."""
+    rank could not form its A (the exchange carries a flag, and every rank raises). Every position
+    scans its rows *before* the exchange (the first for its zero input: its map is its last row; the
+    others with ``scan_with_propagator``, which also gives their map), and the later positions add
+    their input after it with two batched products: the scans run in parallel. Returns ``d``."""
     if mode == "zero":  # nothing to exchange (and no A that could have failed)
         return r.clone()
     P = len(order)
     packing = Packing(mode, like, P)
     buf = packing.new()
-    d = None
+    d, propagate = None, None
     if failure is not None:
         buf[0] = 1
     else:
@@ -216,21 +285,24 @@ def cross_rank_scan(comm: Comm, pos: int, order: list, A: Optional[torch.Tensor]
                 d = affine_scan(A, r, mode)
                 if P > 1:
                     packing.put_maps(buf, (None, apply(E, d[-1], mode)))
-            elif pos < P - 1:
-                _, post = local_maps(A, r, E, mode, 0, like)
-                packing.put_maps(buf, post)
+            else:
+                d, propagate, total = scan_with_propagator(A, r, mode)
+                if pos < P - 1:
+                    c_tot = d[-1]
+                    if E is not None:
+                        total = _matmul(E, total, mode) if total is not None else E
+                        c_tot = apply(E, c_tot, mode)
+                    packing.put_maps(buf, (total, c_tot))
         except DistributedSolveError:
             raise
         except Exception as exc:
             failure, buf[0] = exc, 1
     rows = comm.gather(buf, what)  # (P, size), indexed by group rank
     raise_failures(comm, (rows[:, 0] > 0).tolist(), failure, what)
-    if d is not None:
+    if pos == 0:
         return d
     x_in, _ = _fold_inputs(packing, rows, order, mode)
-    r = r.clone()
-    r[0] += apply(None if A is None else A[0], x_in[pos], mode)
-    return affine_scan(A, r, mode)
+    return d + propagate(x_in[pos])
 
 
 def _fold_inputs(packing: Packing, rows: torch.Tensor, order: list, mode: str) -> tuple:
