@@ -29,6 +29,7 @@ from .passes.dynamo import DynamoBackend, make_backend
 from .passes.hooks import describe_hooks, has_hooks, hook_epoch, hooked
 from .passes.options import CompileOptions
 from .passes.pipeline import run_pipeline
+from .passes.reads import AttributeGuard, recording_reads
 from .passes.record import record
 from .passes.trace import trace
 from .results import CompileError, InvalidInput, Reason, RecordFailure, TraceFailure
@@ -46,9 +47,10 @@ __all__ = ["CompileError", "CompiledModule", "compile", "dynamo_backend", "expla
 
 class _Specialisation:
     def __init__(self, runner: Any, report: CompileReport, graph_module: Optional[fx.GraphModule],
-                 first_output: Any = None) -> None:
+                 first_output: Any = None, reads: Optional[AttributeGuard] = None) -> None:
         self.runner, self.report, self.graph_module = runner, report, graph_module
         self.first_output = first_output  # (inputs, output) when the recording front end just ran the model
+        self.reads = reads if reads else None  # the Python attributes its capture read (None: none read)
 
 
 class CompiledModule(torch.nn.Module):
@@ -144,6 +146,9 @@ class CompiledModule(torch.nn.Module):
             self._check_hooks()
         key = signature(args, self._flag_modules)
         spec = self._specialisations.get(key)
+        if spec is not None and spec.reads is not None and not spec.reads.holds():
+            self._forget(key, spec)  # a Python attribute the capture read has changed: specialise again
+            spec = None
         if spec is not None:
             self._note_last(spec)
             return spec.runner(*args)
@@ -189,6 +194,13 @@ class CompiledModule(torch.nn.Module):
                                signature=describe(args), notes=[note])
         return _Specialisation(self._original, report, None)
 
+    def _forget(self, key: tuple, spec: _Specialisation) -> None:
+        logger.info("deeppcr: %s: %s changed since it was compiled: specialising again",
+                    type(self._original).__name__, ", ".join(spec.reads.changed()))
+        with _BUILD_LOCK:
+            if self._specialisations.get(key) is spec:
+                del self._specialisations[key]
+
     def _note_last(self, spec: _Specialisation) -> None:
         if spec is not self._last:
             object.__setattr__(self, "_last", spec)
@@ -231,20 +243,26 @@ class CompiledModule(torch.nn.Module):
         return self._fail(new_report(), Reason.TRACE_FAILED, "; ".join(errors))
 
     def _build_symbolic(self, args: tuple, report: CompileReport) -> _Specialisation:
-        traced = trace(self._original, args)
+        with recording_reads(AttributeGuard(), self._original) as reads:
+            try:
+                traced = trace(self._original, args)
+            finally:
+                reads.undo_writes()  # tracing is not a call: its Python side effects are undone
         report.front_end, report.captured, report.opaque_modules = "symbolic", 1, traced.opaque
         options = CompileOptions(self.deeppcr_config, args, front_end="symbolic", autocast=autocast_on())
         result = run_pipeline(traced.graph_module, options, report)
-        return _Specialisation(self._runner(result, report), report, result.graph_module)
+        return _Specialisation(self._runner(result, report, reads), report, result.graph_module, reads=reads.freeze())
 
     def _build_record(self, args: tuple, report: CompileReport) -> _Specialisation:
-        gm, out = record(self._original, args)
+        with recording_reads(AttributeGuard(), self._original) as reads:
+            gm, out = record(self._original, args)
         report.front_end, report.captured = "record", 1
         report.notes.append("recorded one concrete run: Python-side state changes (e.g. a scheduler's counters) "
                             "happen when the original model runs, not in the rewritten graph")
         options = CompileOptions(self.deeppcr_config, args, front_end="record", autocast=autocast_on())
         result = run_pipeline(gm, options, report)
-        return _Specialisation(self._runner(result, report), report, result.graph_module, first_output=(args, out))
+        return _Specialisation(self._runner(result, report, reads), report, result.graph_module, first_output=(args, out),
+                               reads=reads.freeze())
 
     def _build_dynamo(self, args: tuple, report: CompileReport) -> _Specialisation:
         backend = DynamoBackend(self.deeppcr_config, model_name=type(self._original).__name__)
@@ -272,10 +290,15 @@ class CompiledModule(torch.nn.Module):
         spec = _Specialisation(runner, report, None)
         return spec
 
-    def _runner(self, result, report: CompileReport) -> Any:
+    def _runner(self, result, report: CompileReport, reads: Optional[AttributeGuard] = None) -> Any:
         """The rewritten graph, or the original model when no chain was rewritten (nothing to gain,
-        and the model's own Python, e.g. a scheduler's counters, keeps running as written) or when
-        the model itself has hooks (the graph would not call them)."""
+        and the model's own Python, e.g. a scheduler's counters, keeps running as written), when
+        the model itself has hooks (the graph would not call them) or its forward sets module
+        attributes (Python side effects the graph would not repeat)."""
+        if result.modified and reads is not None and reads.writes:
+            report.notes.append(f"forward sets {', '.join(reads.writes[:5])}: Python side effects the rewritten "
+                                "graph would not repeat, so the model runs as written (chains stay sequential)")
+            return self._original
         if result.modified and has_hooks(self._original):
             report.notes.append(f"the model itself has {describe_hooks(self._original)}: it runs as written, "
                                 "so they fire (the chains stay sequential)")

@@ -121,3 +121,58 @@ def test_specialisations_are_bounded():
             x = torch.randn(batch, 4)
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
     assert compiled.specialisations == 2
+
+
+class _Tempered(nn.Module):
+    """Reads Python attributes in forward: a temperature and a loop length."""
+
+    def __init__(self, depth=12, width=4):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.temperature = 2.0
+        self.steps = depth
+
+    def forward(self, x):
+        for layer in self.layers[:self.steps]:
+            x = torch.tanh(layer(x) / self.temperature)
+        return x
+
+
+def test_python_attributes_read_by_forward_are_guarded():
+    torch.manual_seed(0)
+    model = _Tempered()
+    compiled = deeppcr.compile(model, policy="always")
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    assert compiled.report.rewritten
+    model.temperature = 0.5
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    model.steps = 10  # the loop's length
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    assert compiled.report.rewritten[0].length == 10
+    compiled(x)
+    assert compiled.specialisations == 1  # re-specialised in place, not piled up
+
+
+class _Counting(nn.Module):
+    def __init__(self, depth=12, width=4):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def test_python_side_effects_keep_running():
+    torch.manual_seed(0)
+    model = _Counting()
+    compiled = deeppcr.compile(model, policy="always")
+    x = torch.randn(2, 4)
+    for _ in range(3):
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    assert model.calls == 6  # the compiled module's calls counted, as eager's do
+    assert any("_Counting.calls" in n and "side effects" in n for n in compiled.report.notes)
