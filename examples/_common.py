@@ -41,7 +41,7 @@ def setup(args: argparse.Namespace, title: str) -> None:
     why = "--threads" if args.threads else "default 1; pass --threads N to change"
     print(f"{title}  [{mode_name(args)} mode]")
     print(f"torch {torch.__version__}, device cpu, {torch.get_num_threads()} intra-op thread(s) ({why}); "
-          f"timings are medians of alternating runs in this process\n")
+          f"timings are medians of alternating runs in this process, each call on a fresh input\n")
 
 
 def time_alternating(fns: dict, repeats: int, setup_each: Optional[Callable[[str], object]] = None,
