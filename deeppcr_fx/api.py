@@ -126,13 +126,19 @@ class CompiledModule(torch.nn.Module):
 
     def reset_stats(self) -> None:
         """Forget the recorded solves of every chain."""
+        for m in self._solves():
+            m.reset_stats()
+
+    def reset_warm_start(self) -> None:
+        """Forget every chain's previous solution: each chain's next solve starts cold (from its input)."""
+        for m in self._solves():
+            m.reset_warm_start()
+
+    def _solves(self) -> list:
         from .runtime.pcr_solve import PCRSolve
 
-        for spec in self._specialisations.values():
-            if spec.graph_module is not None:
-                for m in spec.graph_module.modules():
-                    if isinstance(m, PCRSolve):
-                        m.reset_stats()
+        return [m for spec in self._specialisations.values() if spec.graph_module is not None
+                for m in spec.graph_module.modules() if isinstance(m, PCRSolve)]
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -296,10 +296,10 @@ def _segments(ps: list, start: int, period: int, count: int, gm) -> list:
 def _self_contained(c: Candidate, order: dict) -> bool:
     """No segment reads a state-dependent value computed inside the chain by another segment."""
     start = order[c.segments[0].state_in]
-    members = set(c.nodes)
+    chain = set(c.nodes) | {c.segments[0].state_in}  # once: a copy per external made this O(L^2)
     for seg in c.segments:
         for x in seg.externals:
-            if order[x] > start and _depends_on(x, members | {c.segments[0].state_in}, start, order):
+            if order[x] > start and _depends_on(x, chain, start, order):
                 return False
     return True
 

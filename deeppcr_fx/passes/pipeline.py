@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 
+import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.infra.pass_manager import PassManager
@@ -34,7 +35,6 @@ from ..results import REWRITTEN, PassError
 from .autotune import autotune
 from .decide import decide
 from .find_chains import find_chains
-from .live import share_children
 from .naming import free_name, tidy_names
 from .options import CompileOptions
 from .plan import PLANS, SHAPES, ChainPlan, plans_of
@@ -168,7 +168,23 @@ PASSES = (ShapeProp, FindChains, Validate, Decide, Describe, Rewrite)
 
 def _snapshot(gm: fx.GraphModule, name: str) -> fx.GraphModule:
     """A copy of ``gm``'s graph (sharing its Parameters and submodules) that later passes cannot change."""
-    return _GraphModule(gm, copy.deepcopy(gm.graph), class_name=name)
+    return _sharing(gm, copy.deepcopy(gm.graph), name)
+
+
+def _sharing(gm: fx.GraphModule, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """A GraphModule running ``graph`` with ``gm``'s own submodules, Parameters, buffers and tensor
+    attributes. (``GraphModule(gm, graph)`` would build new intermediate modules for every
+    ``get_attr`` path: thousands of ``nn.Module`` objects for a deep chain, and a copy that no
+    longer reads the user's modules.)"""
+    new = _GraphModule(torch.nn.Module(), fx.Graph(), class_name=class_name)
+    new._modules.update(gm._modules)
+    new._parameters.update(gm._parameters)
+    new._buffers.update(gm._buffers)
+    for key, value in vars(gm).items():  # tensor constants fx stored as plain attributes
+        if isinstance(value, torch.Tensor) and key not in vars(new):
+            object.__setattr__(new, key, value)
+    new.graph = graph
+    return new
 
 
 def _lint(gm: fx.GraphModule) -> None:
@@ -187,7 +203,7 @@ def run_pipeline(gm: fx.GraphModule, options: CompileOptions, report: CompileRep
         ``PassResult(graph_module, modified)``: the emitted graph, and whether some chain of it
         was rewritten (the caller then runs the graph, else the original model).
     """
-    gm = share_children(_GraphModule(gm, gm.graph, class_name=type(gm).__name__), gm)  # the model's modules
+    gm = _sharing(gm, gm.graph, type(gm).__name__)  # lazy recompiles, the same (the model's own) modules
     options = options.with_backward(gm)
     capture = _snapshot(gm, "capture")
     result = _run_passes(gm, options, report, capture)

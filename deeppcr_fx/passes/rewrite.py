@@ -34,13 +34,13 @@ from .plan import ChainPlan
 
 def covered_modules(c: Candidate) -> tuple:
     """The outermost original module paths each segment's nodes come from (or node names)."""
-    names: list = []
+    names: dict = {}  # an ordered set: a list's membership test made this O(L^2)
     for seg in c.segments:
         for n in seg.nodes:
             for path, _ in (n.meta.get("nn_module_stack") or {}).values():
                 path = path.replace("L['self'].", "", 1) if path.startswith("L['self'].") else path  # TorchDynamo
-                if path and path != "L['self']" and path not in names:
-                    names.append(path)
+                if path and path != "L['self']":
+                    names[path] = None
     paths = set(names)
 
     def nested(p: str) -> bool:  # some proper dotted prefix of p is itself a covered path
