@@ -259,10 +259,10 @@ def test_growing_chains_do_not_pile_up_errors(mode, kind):
     assert ratio <= RATIO, (ratio, err, res.stats)
 
 
-@pytest.mark.parametrize("seed", [286, 907, 1338, 135])
+@pytest.mark.parametrize("seed", [286, 907, 832, 135])
 def test_drawn_chains_that_piled_up_errors(seed):
     """Drawn chains (unit-scale inputs but 135) whose identity/diag solves were 13-2e5x eager's error
-    before the scale-aware tolerances: 286 identity 12.8x, 907 diag 20.5x, 1338 identity 15x (states),
+    before the scale-aware tolerances: 286 identity 12.8x, 907 diag 20.5x, 832 diag 12x (states),
     135 identity at input scale 5e-6 2.2e5x."""
     result = evaluate(draw(seed))
     assert all(v <= RATIO for v in result["ratios"].values()), (describe(draw(seed)), result["ratios"])
