@@ -34,6 +34,7 @@ from ..inspect.report import CompileReport
 from ..results import REWRITTEN, PassError
 from .autotune import autotune
 from .decide import decide
+from .empty import explain_empty
 from .find_chains import find_chains
 from .naming import free_name, tidy_names
 from .options import CompileOptions
@@ -239,6 +240,8 @@ def _run_passes(gm: fx.GraphModule, options: CompileOptions, report: CompileRepo
     history[list(history)[-1]] = gm  # the emitted graph itself
     report.graphs = history
     report.chains.extend(p.record for p in plans_of(gm))
+    if not plans_of(gm):  # every report explains an empty result
+        report.notes.extend(n for n in explain_empty(gm, options.sources) if n not in report.notes)
     return PassResult(gm, any(c.status == REWRITTEN for c in report.chains if c.graph == options.graph_index))
 
 

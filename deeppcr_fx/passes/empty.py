@@ -1,0 +1,59 @@
+"""Why a graph has no chain: where the finder looked, and what stopped it, in words for the report.
+
+Called only when ``find_chains`` found nothing. For every floating tensor the finder starts from
+(or the lack of one) it says how far the search got: the pieces between single-tensor
+bottlenecks on the state's path, whether any consecutive pieces compute the same ops, and
+whether repeats were dropped because a step reads another step's intermediate values.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.fx as fx
+
+from .find_chains import dependents, periodic_runs, pieces
+from .shape_prop import info_of
+
+
+def _floating(n: fx.Node) -> bool:
+    info = info_of(n)
+    return info is not None and info.is_tensor and info.dtype.is_floating_point
+
+
+def explain_empty(gm: fx.GraphModule, sources: Optional[list] = None) -> list:
+    """Report notes on why no chain was found in ``gm`` (starting from ``sources``, default: the
+    floating tensor placeholders)."""
+    graph = gm.graph
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if sources is None:
+        sources = [n for n in inputs if _floating(n)]
+    if not sources:
+        kinds = ", ".join(f"{n.name}: {info_of(n).describe() if info_of(n) else 'unknown'}" for n in inputs) or "none"
+        return [f"no chain found: a chain starts from a floating-point tensor input, and there is none ({kinds}); "
+                "integer inputs (token ids) and values built inside forward are not chain starts yet"]
+    notes = []
+    for source in sources:
+        ps = pieces(graph, source, gm)
+        if len(ps) < 2:
+            notes.append(f"no chain found from {source.name}: its path has {len(ps)} piece(s) between single-tensor "
+                         f"bottlenecks ({len(dependents(source)) - 1} ops depend on it); a repeated block needs one "
+                         "state value passed from block to block (a value used far ahead, such as a skip "
+                         "connection across blocks, or a state of several tensors, leaves no bottleneck)")
+            continue
+        runs = [r for r in periodic_runs([p.loose for p in ps]) if r[2] >= 2]
+        if not runs:
+            notes.append(f"no chain found from {source.name}: {len(ps)} pieces on its path, but no piece (or group "
+                         "of consecutive pieces) repeats: no two consecutive blocks compute the same ops")
+            continue
+        notes.append(f"no chain found from {source.name}: {len(runs)} repeated run(s) on its path were dropped "
+                     "because a step reads a value computed inside the run by another step")
+    loops = [n for n in graph.nodes if _floating(n) and n.users and (
+        (n.op == "get_attr" and n.target.rpartition(".")[2].startswith("_tensor_constant"))  # traced from Python
+        or (n.op == "call_function" and getattr(n.target, "__name__", "") in ("zeros", "ones", "full", "empty")
+            and not n.all_input_nodes))]
+    if loops:
+        notes.append(f"{len(loops)} tensor(s) are built inside forward from constants ({loops[0].name}, ...); if a "
+                     "loop's state starts there (h0 = zeros(...)), it is not a chain start yet: pass it as an input")
+    return notes
+
+
