@@ -1,7 +1,7 @@
 """Every option of deeppcr_fx, in one documented, immutable dataclass.
 
 Options are passed down explicitly (no global state). ``Config.replace(**kw)`` returns
-a copy with some fields changed; unknown names raise ``TypeError`` naming the field.
+a copy with some fields changed; unknown names raise ``InvalidInput`` (a ``TypeError``) naming the field.
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from .results import InvalidInput
 
 JACOBIAN_MODES = ("auto", "full", "diag", "identity", "zero")
 POLICIES = ("auto", "always", "never")
@@ -148,31 +150,31 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.jacobian not in JACOBIAN_MODES:
-            raise ValueError(f"Config.jacobian={self.jacobian!r} is not one of {JACOBIAN_MODES}.")
+            raise InvalidInput(f"Config.jacobian={self.jacobian!r} is not one of {JACOBIAN_MODES}.")
         if self.policy not in POLICIES:
-            raise ValueError(f"Config.policy={self.policy!r} is not one of {POLICIES}.")
+            raise InvalidInput(f"Config.policy={self.policy!r} is not one of {POLICIES}.")
         for name in ("atol", "rtol", "adjoint_atol", "adjoint_rtol"):
             value = getattr(self, name)
             if value is not None and not value >= 0:
-                raise ValueError(f"Config.{name} must be >= 0 (or None), got {value!r}.")
+                raise InvalidInput(f"Config.{name} must be >= 0 (or None), got {value!r}.")
         if self.max_iter is not None and self.max_iter < 1:
-            raise ValueError(f"Config.max_iter must be >= 1 (or None), got {self.max_iter}.")
+            raise InvalidInput(f"Config.max_iter must be >= 1 (or None), got {self.max_iter}.")
         if self.vectorize not in ("auto", True, False):
-            raise ValueError(f"Config.vectorize must be 'auto', True or False, got {self.vectorize!r}.")
+            raise InvalidInput(f"Config.vectorize must be 'auto', True or False, got {self.vectorize!r}.")
         if self.front_end not in ("auto", "symbolic", "record", "dynamo"):
-            raise ValueError(f"Config.front_end={self.front_end!r} is not one of "
+            raise InvalidInput(f"Config.front_end={self.front_end!r} is not one of "
                              "('auto', 'symbolic', 'record', 'dynamo').")
         if self.cache_limit < 1:
-            raise ValueError(f"Config.cache_limit must be >= 1, got {self.cache_limit}.")
+            raise InvalidInput(f"Config.cache_limit must be >= 1, got {self.cache_limit}.")
         if self.min_length < 1:
-            raise ValueError(f"Config.min_length must be >= 1, got {self.min_length}.")
+            raise InvalidInput(f"Config.min_length must be >= 1, got {self.min_length}.")
 
     def replace(self, **changes) -> "Config":
-        """A copy with ``changes`` applied; unknown option names raise ``TypeError``."""
+        """A copy with ``changes`` applied; unknown option names raise ``InvalidInput`` (a ``TypeError``)."""
         names = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - names)
         if unknown:
-            raise TypeError(f"unknown deeppcr option(s) {unknown}; known options: {sorted(names)}")
+            raise InvalidInput(f"unknown deeppcr option(s) {unknown}; known options: {sorted(names)}")
         return dataclasses.replace(self, **changes)
 
     def tolerances(self, compute_dtype: torch.dtype) -> tuple[float, float]:

@@ -21,7 +21,7 @@ PACKAGE = Path(deeppcr.__file__).parent
 # what each layer may import from the package (by top-level name under deeppcr_fx)
 ALLOWED = {
     "results": set(),
-    "config": set(),
+    "config": {"results"},
     "_optional": {"results"},
     "runtime": {"results", "config", "_optional"},
     "inspect": {"results", "config", "_optional", "runtime"},
