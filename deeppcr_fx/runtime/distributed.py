@@ -14,18 +14,26 @@ not use them): the solve's collectives pair up across ranks. A rank none of whos
 requires grad still gets differentiable states when another rank needs gradients, so it can
 take part. ``runtime/distributed_model.LayerParallel`` wraps all this for a model of blocks.
 
-How (DESIGN.md section 5): ``distributed_newton`` is ``newton.triangular_newton`` with global
-decisions (one all-gather of three numbers per check), its linear solves are the cross-rank
-affine scan of ``distributed_scan`` (one all-gather of P maps of B n^2 + B n elements and a
-flag), and each iteration first exchanges the last state of every rank (P B n elements). The
-adjoint runs the same scan in reverse (``distributed_adjoint``). Communication per Newton
-iteration is ``P (B n^2 + 2 B n + 4)`` elements gathered per rank in ``full`` mode,
-``P (3 B n + 4)`` in ``diag``, ``P (2 B n + 4)`` in ``identity``, ``P (B n + 3)`` in ``zero``
-(the iteration that converges sends no maps), independent of L.
+How (DESIGN.md section 5): the setup is one tensor all-gather (``distributed_setup``: layout check,
+x0, warm starts; pickled facts only when something differs). ``distributed_newton`` is
+``newton.triangular_newton`` with global decisions and ONE all-gather per Newton iteration: each
+rank packs its check (first unconverged row, worst ratio, a flag), its last row and that row's
+step value, and its map for the cross-rank affine scan (``distributed_scan``); the next rank's halo
+follows from those numbers, so no separate halo exchange. The first rank in logical order scans
+before the exchange (its map is its last row), the last one after it, so with two ranks their
+scans overlap the other's evaluation. A second exchange of the same size happens only in an
+iteration that checked first (or sent maps of the last Jacobians) and did not converge. Elements
+gathered per exchange: ``P (3 + 3 B n)`` with P = 2 (no matrix travels: the first rank's input is
+zero, the last rank's output is nobody's); ``P (3 + 4 B n + 2 A)`` with P > 2 (the middle ranks
+send two maps, A = B n^2 in ``full``, B n in ``diag``, 0 otherwise). Independent of L. The adjoint
+(``distributed_adjoint``) in ``full`` mode: one scan exchange (every rank scans before it; the
+later ones add their input after it with two batched products) and one check of
+``P (1 + 3 B n)`` elements; in the other modes the same Newton driver in reverse rank order, plus
+a halo exchange of ``P B n`` per iteration.
 
-Faults: a setup exchange checks that the ranks describe one chain (state structure, per-step
-and shared shapes and dtypes, options) and that each rank's first step runs; any problem
-raises ``DistributedLayoutError`` / ``DistributedSolveError`` on every rank. A collective that
+Faults: the setup exchange checks that the ranks describe one chain (state structure, per-step
+and shared shapes and dtypes, options), and the first Newton exchange that each rank's first step
+ran; any problem raises ``DistributedLayoutError`` / ``DistributedSolveError`` on every rank. A collective that
 fails (a rank died; a rank did not call in, so the process group's ``timeout`` expired) raises
 ``DistributedSolveError`` naming the operation. Use a process-group timeout you can afford to wait.
 An exception in the step (or its derivative) on one rank in the middle of the solve or its

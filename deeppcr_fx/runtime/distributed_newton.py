@@ -22,10 +22,13 @@ worst ratio above COHERENT still applies its update (Newton's remainder; here wi
 Jacobians, which the speculative exchange already carries).
 
 Speculation: an iteration that will probably not converge (the previous worst ratio was above
-1/COHERENT, or it is the first) computes and sends its maps before the decision: one collective
-per iteration. Otherwise the check goes first and, if the chain has not converged, a second
-exchange carries the maps. Either way the same maps are computed, so the answer does not
-depend on the guess, only the time.
+1/COHERENT, or it is the first) forms its Jacobians and sends its maps before the decision ("fresh"):
+one collective per iteration. A full-mode iteration that quadratic convergence predicts to end
+(previous^3 / before^2 <= 1 for the last two worst ratios) sends maps made with the last update's
+Jacobians instead ("last", no new Jacobians: what one process's remainder update uses). Otherwise
+the check goes first ("check"). When the chain has not converged after a "check" or a "last"
+exchange, a second exchange carries maps of fresh Jacobians. The plan reads only gathered numbers,
+so every rank makes the same one, and each kind of update is the one a single process makes.
 
 When ``max_iter`` is reached or a residual is not finite, the rest runs sequentially: the rank
 holding row g finishes its rows and hands its boundary value to the next rank in logical order (a
@@ -75,12 +78,22 @@ def distributed_newton(comm: Comm, order: list, offsets: list, evaluate: Callabl
     m = hi - lo
     packing = Packing(mode, U[0], P)
     stats.jacobian = mode
-    g, previous = 0, math.inf
+    g, previous, before = 0, math.inf, math.inf  # the worst ratios of the last two iterations
+    A_last, E_last, A_from = None, None, 0  # the Jacobians of the last update (rows A_from..)
     while True:
         w0 = min(max(g - lo, 0), m)
         if stats.iterations >= max_iter:
             return _finish(comm, order, offsets, finish, U, g, stats, FinishCause.MAX_ITER, what)
-        speculate = previous > 1 / COHERENT and mode != "zero"
+        # the plan: "fresh" maps before the decision, maps with the "last" update's Jacobians (a full-mode
+        # iteration that will probably end with the remainder update), or the "check" first
+        # (a global choice: it reads only gathered numbers; a rank whose rows are not all final holds A_last)
+        if mode == "full" and math.isfinite(before) and previous ** 3 <= before ** 2:
+            plan = "last"  # quadratic convergence predicts a worst ratio <= 1 (previous^3 / before^2)
+        elif previous > 1 / COHERENT and mode != "zero":
+            plan = "fresh"
+        else:
+            plan = "check"
+        speculate = plan != "check"
         buf = packing.new()
         buf[1] = total
         failure, vals, residual, jac, A, E, delta = None, None, None, None, None, None, None
@@ -105,7 +118,8 @@ def distributed_newton(comm: Comm, order: list, offsets: list, evaluate: Callabl
                     packing.put(buf, packing.v_last, vals[-1])
                 packing.put(buf, packing.u_last, U[-1])  # also when final: the next rank's halo stays this
                 if speculate and buf[0] == 0 and w0 < m:
-                    A, E, delta = _maps(packing, buf, pos, P, jac, residual, w0, j, m, mode)
+                    jac_now = jac if plan == "fresh" else (lambda: (A_last[w0 - A_from:], E_last))
+                    A, E, delta = _maps(packing, buf, pos, P, jac_now, residual, w0, j, m, mode)
         except DistributedSolveError:  # a collective inside evaluate failed: the group is broken
             raise
         except Exception as exc:  # the step raised here: every rank stops at the check below
@@ -133,7 +147,11 @@ def distributed_newton(comm: Comm, order: list, offsets: list, evaluate: Callabl
             return U
         # update the window g_new.. (g_new < total: some row has ratio > COHERENT)
         w1 = min(max(g_new - lo, 0), m)
-        if not speculate and mode != "zero":  # the check went first: a second exchange carries the maps
+        fresh = plan == "fresh" or not converged
+        if (plan == "check" or not fresh) and not converged and mode != "zero":
+            # the check went first, or the last Jacobians were sent but the chain did not converge:
+            # a second exchange carries the maps of this iteration's Jacobians
+            speculate, delta, A = False, None, None
             buf = packing.new()
             try:
                 if w1 < m:
@@ -161,7 +179,9 @@ def distributed_newton(comm: Comm, order: list, offsets: list, evaluate: Callabl
         if converged:
             stats.converged = True
             return U
-        previous = worst
+        if fresh and mode != "zero":
+            A_last, E_last, A_from = A, E, w0
+        previous, before = worst, previous
         g = g_new
 
 
