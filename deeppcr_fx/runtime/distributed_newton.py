@@ -106,14 +106,16 @@ def distributed_newton(comm: Comm, order: list, offsets: list, evaluate: Callabl
                 residual = vals - U[w0:]
                 if residual.shape[0]:
                     ratio = scaled_norm(residual, U[w0:], atol, rtol)
-                    bad = ratio > COHERENT
-                    worst, any_bad = torch.stack([ratio.max(), bad.any().to(ratio.dtype)]).tolist()
+                    bad = (ratio > COHERENT).to(torch.uint8)
+                    # one host sync: the worst ratio, whether a row is unconverged, and the first such row
+                    worst, any_bad, first_bad = torch.stack([ratio.max().double(), bad.max().double(),
+                                                             bad.argmax().double()]).tolist()
                     if not math.isfinite(worst):
                         buf[0] = _NON_FINITE
                     else:
                         buf[2] = worst
                         if any_bad:
-                            j = w0 + int(bad.to(torch.uint8).argmax())
+                            j = w0 + int(first_bad)
                             buf[1] = lo + j
                     packing.put(buf, packing.v_last, vals[-1])
                 packing.put(buf, packing.u_last, U[-1])  # also when final: the next rank's halo stays this
@@ -125,13 +127,14 @@ def distributed_newton(comm: Comm, order: list, offsets: list, evaluate: Callabl
         except Exception as exc:  # the step raised here: every rank stops at the check below
             failure, buf[0] = exc, _FAILED
         rows = comm.gather(buf, f"{what} iteration")
-        flags = rows[:, 0].tolist()
+        head = rows[:, :3].tolist()  # the one decision's host sync: flag, first unconverged row, worst per rank
+        flags = [h[0] for h in head]
         if _SETUP in flags:
             _raise_setup(comm, setup_error)
         raise_failures(comm, [f == _FAILED for f in flags], failure, f"the {what} step evaluation")
         if _NON_FINITE in flags:
             return _finish(comm, order, offsets, finish, U, g, stats, FinishCause.NON_FINITE, what)
-        head = rows[:, 1:3].tolist()
+        head = [h[1:] for h in head]
         g_new = int(min(h[0] for h in head))
         worst = max(h[1] for h in head)
         stats.iterations += 1
