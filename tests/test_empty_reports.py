@@ -5,20 +5,6 @@ import torch.nn as nn
 import deeppcr_fx as deeppcr
 
 
-class _RNN(nn.Module):
-    """A GRU cell over time whose initial state is built inside forward."""
-
-    def __init__(self):
-        super().__init__()
-        self.cell = nn.GRUCell(3, 4)
-
-    def forward(self, x):
-        h = torch.zeros(x.shape[0], 4)
-        for t in range(x.shape[1]):
-            h = self.cell(x[:, t], h)
-        return h
-
-
 class _Embedded(nn.Module):
     """Token ids in, a stack of layers on their embedding."""
 
@@ -41,9 +27,22 @@ def _notes(model, inputs):
     return " ".join(report.notes)
 
 
-def test_state_built_inside_forward():
-    notes = _notes(_RNN(), (torch.randn(2, 12, 3),))
-    assert "no chain found from x" in notes and "built inside forward" in notes
+def test_a_path_without_bottlenecks():
+    """Every block's output is kept for the end (a DenseNet-style concatenation): no single state value."""
+
+    class Dense(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(6))
+
+        def forward(self, x):
+            outs = [x]
+            for layer in self.layers:
+                outs.append(torch.tanh(layer(outs[-1])) + outs[0])
+            return torch.cat(outs, -1)
+
+    notes = _notes(Dense(), (torch.randn(2, 4),))
+    assert "no chain found from" in notes
 
 
 def test_integer_inputs():

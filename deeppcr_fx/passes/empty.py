@@ -11,13 +11,8 @@ from typing import Optional
 
 import torch.fx as fx
 
-from .find_chains import dependents, periodic_runs, pieces
+from .find_chains import default_sources, dependents, periodic_runs, pieces
 from .shape_prop import info_of
-
-
-def _floating(n: fx.Node) -> bool:
-    info = info_of(n)
-    return info is not None and info.is_tensor and info.dtype.is_floating_point
 
 
 def explain_empty(gm: fx.GraphModule, sources: Optional[list] = None) -> list:
@@ -26,11 +21,12 @@ def explain_empty(gm: fx.GraphModule, sources: Optional[list] = None) -> list:
     graph = gm.graph
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     if sources is None:
-        sources = [n for n in inputs if _floating(n)]
+        sources = default_sources(graph)
     if not sources:
         kinds = ", ".join(f"{n.name}: {info_of(n).describe() if info_of(n) else 'unknown'}" for n in inputs) or "none"
-        return [f"no chain found: a chain starts from a floating-point tensor input, and there is none ({kinds}); "
-                "integer inputs (token ids) and values built inside forward are not chain starts yet"]
+        return [f"no chain found: a chain starts from a floating-point tensor input or a floating tensor built "
+                f"from constants inside forward, and there is none ({kinds}); integer inputs (token ids) and "
+                "values computed from them (an embedding's output) are not chain starts yet"]
     notes = []
     for source in sources:
         ps = pieces(graph, source, gm)
@@ -47,13 +43,6 @@ def explain_empty(gm: fx.GraphModule, sources: Optional[list] = None) -> list:
             continue
         notes.append(f"no chain found from {source.name}: {len(runs)} repeated run(s) on its path were dropped "
                      "because a step reads a value computed inside the run by another step")
-    loops = [n for n in graph.nodes if _floating(n) and n.users and (
-        (n.op == "get_attr" and n.target.rpartition(".")[2].startswith("_tensor_constant"))  # traced from Python
-        or (n.op == "call_function" and getattr(n.target, "__name__", "") in ("zeros", "ones", "full", "empty")
-            and not n.all_input_nodes))]
-    if loops:
-        notes.append(f"{len(loops)} tensor(s) are built inside forward from constants ({loops[0].name}, ...); if a "
-                     "loop's state starts there (h0 = zeros(...)), it is not a chain start yet: pass it as an input")
     return notes
 
 

@@ -181,9 +181,9 @@ def _sharing(gm: fx.GraphModule, graph: fx.Graph, class_name: str) -> fx.GraphMo
     new._modules.update(gm._modules)
     new._parameters.update(gm._parameters)
     new._buffers.update(gm._buffers)
-    for key, value in vars(gm).items():  # tensor constants fx stored as plain attributes
-        if isinstance(value, torch.Tensor) and key not in vars(new):
-            object.__setattr__(new, key, value)
+    for node in graph.nodes:  # root attributes the graph reads: tensor constants, recorded generators
+        if node.op == "get_attr" and "." not in node.target and not hasattr(new, node.target):
+            object.__setattr__(new, node.target, getattr(gm, node.target))
     new.graph = graph
     return new
 

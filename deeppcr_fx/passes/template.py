@@ -8,7 +8,9 @@ per-step coefficients. ``StepTemplate.build(candidate)`` copies segment 0 into i
 which runs it on meta values, and handed to ``rewrite`` inside the chain's ``ChainPlan``.
 
 The copy walks each node's arguments with ``find_chains.map_args``, the traversal that
-numbered the float slots, so the template's coefficients are the slots the finder saw.
+numbered the float slots, so the template's coefficients are the slots the finder saw. Fused
+recurrent cells (``torch.gru_cell``, ...), which vmap cannot batch, become plain ops
+(``passes/decompose.py``).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from .decompose import DECOMPOSITIONS
 from .find_chains import Candidate, map_args
 
 
@@ -70,7 +73,8 @@ class StepTemplate:
         for n in seg.nodes:
             args = map_args(n.args, env.__getitem__, on_float)
             kwargs = map_args(n.kwargs, env.__getitem__, on_float)
-            env[n] = g.create_node(n.op, n.target, args, kwargs, name=n.name)
+            target = DECOMPOSITIONS.get(n.target, n.target) if n.op == "call_function" else n.target
+            env[n] = g.create_node(n.op, target, args, kwargs, name=n.name)
         g.output(env[seg.state_out])
         g.lint()
         return cls(slots, fx.GraphModule(torch.nn.Module(), g, "PCRStep"))

@@ -1,0 +1,64 @@
+"""RNN cells over time, written as users write them: ``h0`` built inside forward, a loop over ``x[:, t]``.
+
+The loop's state starts from a constant (a chain start since it is a floating tensor built from
+constants), the per-step inputs ``x[:, t]`` are hoisted and stacked, and fused cells
+(``torch.gru_cell``, ``rnn_tanh_cell``), which vmap cannot batch, run as plain ops.
+"""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import deeppcr_fx as deeppcr
+
+
+class _OverTime(nn.Module):
+    def __init__(self, cell: nn.Module, hidden: int):
+        super().__init__()
+        self.cell, self.hidden = cell, hidden
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], self.hidden, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+        return h
+
+
+class _Elman(nn.Module):
+    """A hand-written cell."""
+
+    def __init__(self, inputs: int, hidden: int):
+        super().__init__()
+        self.w_in, self.w_h = nn.Linear(inputs, hidden), nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x, h):
+        return torch.tanh(self.w_in(x) + self.w_h(h))
+
+
+CELLS = {"gru": lambda: nn.GRUCell(3, 4), "rnn_tanh": lambda: nn.RNNCell(3, 4),
+         "rnn_relu": lambda: nn.RNNCell(3, 4, nonlinearity="relu"), "elman": lambda: _Elman(3, 4)}
+
+
+@pytest.mark.parametrize("kind", sorted(CELLS))
+def test_cell_over_time_is_rewritten_and_batched(kind):
+    torch.manual_seed(0)
+    model = _OverTime(CELLS[kind](), 4).double()
+    compiled = deeppcr.compile(model, policy="always")
+    x = torch.randn(2, 40, 3, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = compiled(x)
+    assert not [w for w in caught if "batching rule" in str(w.message)]  # no per-step vmap fallback
+    (record,) = compiled.report.chains
+    assert record.status == "rewritten" and record.length == 40
+    torch.testing.assert_close(y, model(x), rtol=1e-9, atol=1e-10)
+    y.pow(2).sum().backward()
+    got = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+    x.grad = None
+    model.zero_grad(set_to_none=True)
+    model(x).pow(2).sum().backward()
+    for g, want in zip(got, [x.grad] + [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(g, want, rtol=1e-8, atol=1e-10)
+    stats = compiled.stats()[0].solves[-1]
+    assert stats.vectorized and stats.vmap_error is None
