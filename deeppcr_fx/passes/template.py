@@ -10,11 +10,13 @@ which runs it on meta values, and handed to ``rewrite`` inside the chain's ``Cha
 The copy walks each node's arguments with ``find_chains.map_args``, the traversal that
 numbered the float slots, so the template's coefficients are the slots the finder saw. Fused
 recurrent cells (``torch.gru_cell``, ...), which vmap cannot batch, become plain ops
-(``passes/decompose.py``).
+(``passes/decompose.py``), and a per-step coefficient used as a fill value
+(``full_like(x, i * dt)``: the op wants a Python number) becomes ``ones_like(x) * c``.
 """
 from __future__ import annotations
 
 import itertools
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -70,11 +72,32 @@ class StepTemplate:
         def on_float(value: float):
             return coefficients.get(next(position), value)
 
+        slots_now = set(coefficients.values())
         for n in seg.nodes:
             args = map_args(n.args, env.__getitem__, on_float)
             kwargs = map_args(n.kwargs, env.__getitem__, on_float)
-            target = DECOMPOSITIONS.get(n.target, n.target) if n.op == "call_function" else n.target
-            env[n] = g.create_node(n.op, target, args, kwargs, name=n.name)
+            env[n] = _filled(g, n, args, kwargs, slots_now) or g.create_node(
+                n.op, DECOMPOSITIONS.get(n.target, n.target) if n.op == "call_function" else n.target,
+                args, kwargs, name=n.name)
         g.output(env[seg.state_out])
         g.lint()
         return cls(slots, fx.GraphModule(torch.nn.Module(), g, "PCRStep"))
+
+
+def _filled(g: fx.Graph, n: fx.Node, args: tuple, kwargs: dict, coefficients: set):
+    """``full_like(t, c)`` / ``t.new_full(size, c)`` / ``full(size, c)`` with a per-step coefficient ``c``
+    (a 0-d tensor in the template; these ops want a Python number) as ``ones * c``: the same values."""
+    if n.op == "call_function" and n.target in (torch.full_like, torch.full):
+        head, fill, rest = args[:1], args[1] if len(args) > 1 else kwargs.get("fill_value"), args[2:]
+        ones = torch.ones_like if n.target is torch.full_like else torch.ones
+    elif n.op == "call_method" and n.target == "new_full":
+        head, fill, rest = args[:2], args[2] if len(args) > 2 else kwargs.get("fill_value"), args[3:]
+        ones = "new_ones"
+    else:
+        return None
+    if fill not in coefficients:
+        return None
+    kwargs = {k: v for k, v in kwargs.items() if k != "fill_value"}
+    op = "call_method" if isinstance(ones, str) else "call_function"
+    base = g.create_node(op, ones, (*head, *rest), kwargs)
+    return g.call_function(operator.mul, (base, fill))
