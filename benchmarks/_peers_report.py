@@ -94,7 +94,7 @@ def write(rows: List[dict], name: str) -> Path:
     timed = [r for r in rows if "ms" in r]
     keys = list(dict.fromkeys((r["problem"], r["L"], r["n"], r["B"], r["mode"]) for r in timed))
     variants = list(dict.fromkeys(r["variant"] for r in timed))
-    fig, ax = plt.subplots(figsize=(9, 1.0 + 0.28 * len(keys)))
+    fig, ax = plt.subplots(figsize=(10.5, 1.0 + 0.28 * len(keys)))
     markers = "os^vD<>px*"
     for j, v in enumerate(variants):
         pts = [(r["ms"], keys.index((r["problem"], r["L"], r["n"], r["B"], r["mode"])))
@@ -105,7 +105,7 @@ def write(rows: List[dict], name: str) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("ms per call (median; CPU, 1 thread, float32)")
     ax.grid(axis="x", lw=0.3)
-    ax.legend(fontsize=6, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path.with_suffix(".png"), dpi=120)
     return path
