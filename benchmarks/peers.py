@@ -366,8 +366,9 @@ def main(argv=None) -> int:
     ap.add_argument("--all", action="store_true", help="also L=16384 w=16 B=16 (minutes per solve)")
     ap.add_argument("--minutes", type=float, default=18.0,
                     help="start no row after this many minutes (rows run target rows first)")
-    ap.add_argument("--compile-max-L", type=int, default=4096,
-                    help="deeppcr.compile variants only up to this L (its first call at L=16384: ~110 s)")
+    ap.add_argument("--compile-max-L", type=int, default=16384,
+                    help="deeppcr.compile variants only up to this L (first call at L=16384: 34 s since commit "
+                         "76f4525, 110 s before; the 2026-12-02 main run used 4096)")
     ap.add_argument("--compile-max-T", type=int, default=1000,
                     help="deeppcr.compile variants of the GRU only up to this T (T=1000: ~14 s first call)")
     ap.add_argument("--out", default=None, help="csv name under benchmarks/results (default peers_cpu[_subset])")
