@@ -11,13 +11,15 @@ one concrete run (``passes.record``: unrolled loops, scheduler Python resolved).
 neither can capture the model, the original model runs and ``report.failure`` says why
 (``policy="always"``: an error). ``"dynamo"`` captures with TorchDynamo
 (``fullgraph=True``), the same pass as ``torch.compile(model, backend="deeppcr")``.
+``specialise.py`` builds each specialisation; this module owns the per-call dispatch: the
+signature, the guards (hooks, Python attributes, ``Config.cache_limit``) and the build lock.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import warnings
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -25,15 +27,11 @@ import torch.fx as fx
 from .config import Config
 from .inspect.report import CompileReport
 from .inspect.telemetry import ChainStats, collect
-from .passes.dynamo import DynamoBackend, make_backend
-from .passes.hooks import describe_hooks, has_hooks, hook_epoch, hooked
-from .passes.options import CompileOptions
-from .passes.pipeline import run_pipeline
-from .passes.reads import AttributeGuard, recording_reads
-from .passes.record import record
-from .passes.trace import trace
-from .results import CompileError, InvalidInput, Reason, RecordFailure, TraceFailure
-from .signature import autocast_on, describe, signature, training_sensitive
+from .passes.dynamo import make_backend
+from .passes.hooks import hook_epoch, hooked
+from .results import CompileError, InvalidInput
+from .signature import describe, signature, training_sensitive
+from .specialise import Builder, Specialisation
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +41,6 @@ logger = logging.getLogger(__name__)
 _BUILD_LOCK = threading.RLock()
 
 __all__ = ["CompileError", "CompiledModule", "compile", "dynamo_backend", "explain", "make_backend"]
-
-
-class _Specialisation:
-    def __init__(self, runner: Any, report: CompileReport, graph_module: Optional[fx.GraphModule],
-                 first_output: Any = None, reads: Optional[AttributeGuard] = None) -> None:
-        self.runner, self.report, self.graph_module = runner, report, graph_module
-        self.first_output = first_output  # (inputs, output) when the recording front end just ran the model
-        self.reads = reads if reads else None  # the Python attributes its capture read (None: none read)
 
 
 class CompiledModule(torch.nn.Module):
@@ -64,6 +54,7 @@ class CompiledModule(torch.nn.Module):
         # costs O(depth) Python time, which a 1 ms model run as written (no chain rewritten) would feel
         object.__setattr__(self, "_flag_modules", training_sensitive(model))
         object.__setattr__(self, "_deeppcr_config", config)
+        object.__setattr__(self, "_builder", Builder(model, config))
         object.__setattr__(self, "_hooked", hooked(model))  # modules with hooks (the guard in forward)
         object.__setattr__(self, "_hook_epoch", hook_epoch())
         object.__setattr__(self, "_warned_limit", False)
@@ -174,7 +165,7 @@ class CompiledModule(torch.nn.Module):
                 return first[1]  # the recording front end ran the model on these very inputs, in this call
             return spec.runner(*args)
 
-    def specialise(self, args: tuple) -> _Specialisation:
+    def specialise(self, args: tuple) -> Specialisation:
         """The specialisation for ``args``' signature, built now if there is none (nothing is run for it)."""
         key = signature(args, self._flag_modules)
         with _BUILD_LOCK:
@@ -188,7 +179,7 @@ class CompiledModule(torch.nn.Module):
         self._note_last(spec)
         return spec
 
-    def _over_limit(self, args: tuple) -> _Specialisation:
+    def _over_limit(self, args: tuple) -> Specialisation:
         """A signature past ``Config.cache_limit``: the original model runs (not kept, so memory stays bounded)."""
         limit = self.deeppcr_config.cache_limit
         note = (f"cache_limit={limit} specialisations reached: inputs {describe(args)} run the original model "
@@ -198,122 +189,22 @@ class CompiledModule(torch.nn.Module):
             warnings.warn(f"deeppcr: {type(self._original).__name__}: {note}", RuntimeWarning, stacklevel=3)
         report = CompileReport(model=type(self._original).__name__, policy=self.deeppcr_config.policy,
                                signature=describe(args), notes=[note])
-        return _Specialisation(self._original, report, None)
+        return Specialisation(self._original, report, None)
 
-    def _forget(self, key: tuple, spec: _Specialisation) -> None:
+    def _forget(self, key: tuple, spec: Specialisation) -> None:
         logger.info("deeppcr: %s: %s changed since it was compiled: specialising again",
                     type(self._original).__name__, ", ".join(spec.reads.changed()))
         with _BUILD_LOCK:
             if self._specialisations.get(key) is spec:
                 del self._specialisations[key]
 
-    def _note_last(self, spec: _Specialisation) -> None:
+    def _note_last(self, spec: Specialisation) -> None:
         if spec is not self._last:
             object.__setattr__(self, "_last", spec)
 
     # --- building -----------------------------------------------------------------------
-    def _build(self, args: tuple) -> _Specialisation:
-        model, config = self._original, self.deeppcr_config
-        new_report = lambda: CompileReport(model=type(model).__name__, policy=config.policy,  # noqa: E731
-                                           signature=describe(args))
-        errors: list = []
-        symbolic = None
-        if config.front_end in ("auto", "symbolic"):
-            try:
-                symbolic = self._build_symbolic(args, new_report())
-            except TraceFailure as exc:
-                errors.append(f"symbolic tracing: {exc}")
-            else:
-                opaque_refusals = [c for c in symbolic.report.refused if c.reason is Reason.OPAQUE_MODULE]
-                if config.front_end == "symbolic" or not opaque_refusals:
-                    return symbolic
-        if config.front_end == "dynamo":
-            return self._build_dynamo(args, new_report())
-        if config.front_end in ("auto", "record"):
-            try:
-                recorded = self._build_record(args, new_report())
-            except RecordFailure as exc:
-                errors.append(f"recording: {exc}")
-            else:
-                if symbolic is not None:  # symbolic tracing kept modules opaque inside chains: compare
-                    if len(recorded.report.rewritten) <= len(symbolic.report.rewritten):
-                        recorded.first_output = None
-                        return symbolic
-                    recorded.report.notes.append("symbolic tracing kept modules opaque inside chains; "
-                                                 "the recorded run inlines them")
-                elif errors:
-                    recorded.report.notes.append(f"{errors[0]}; recorded a concrete run instead")
-                return recorded
-        if symbolic is not None:
-            return symbolic
-        return self._fail(new_report(), Reason.TRACE_FAILED, "; ".join(errors))
-
-    def _build_symbolic(self, args: tuple, report: CompileReport) -> _Specialisation:
-        with recording_reads(AttributeGuard(), self._original) as reads:
-            try:
-                traced = trace(self._original, args)
-            finally:
-                reads.undo_writes()  # tracing is not a call: its Python side effects are undone
-        report.front_end, report.captured, report.opaque_modules = "symbolic", 1, traced.opaque
-        options = CompileOptions(self.deeppcr_config, args, front_end="symbolic", autocast=autocast_on())
-        result = run_pipeline(traced.graph_module, options, report)
-        return _Specialisation(self._runner(result, report, reads), report, result.graph_module, reads=reads.freeze())
-
-    def _build_record(self, args: tuple, report: CompileReport) -> _Specialisation:
-        with recording_reads(AttributeGuard(), self._original) as reads:
-            gm, out = record(self._original, args)
-        report.front_end, report.captured = "record", 1
-        report.notes.append("recorded one concrete run: Python-side state changes (e.g. a scheduler's counters) "
-                            "happen when the original model runs, not in the rewritten graph")
-        options = CompileOptions(self.deeppcr_config, args, front_end="record", autocast=autocast_on())
-        result = run_pipeline(gm, options, report)
-        return _Specialisation(self._runner(result, report, reads), report, result.graph_module, first_output=(args, out),
-                               reads=reads.freeze())
-
-    def _build_dynamo(self, args: tuple, report: CompileReport) -> _Specialisation:
-        backend = DynamoBackend(self.deeppcr_config, model_name=type(self._original).__name__)
-        compiled = torch.compile(self._original, backend=backend, fullgraph=True, dynamic=False)
-
-        def runner(*a):
-            try:
-                out = compiled(*a)
-            except Exception as exc:
-                if spec.graph_module is not None:  # it captured before: a genuine error of the model
-                    raise
-                detail = f"TorchDynamo (fullgraph) could not capture the model: {type(exc).__name__}: " + \
-                         (str(exc).splitlines()[0] if str(exc) else "")
-                spec.runner = self._fail(report, Reason.TRACE_FAILED, detail).runner
-                return spec.runner(*a)
-            if backend.reports:
-                latest = backend.reports[-1]
-                report.front_end, report.captured = "dynamo", len(backend.graph_modules)
-                report.graphs = latest.graphs
-                report.chains, report.notes = latest.chains, report.notes + [n for n in latest.notes
-                                                                               if n not in report.notes]
-                spec.graph_module = backend.graph_modules[-1]
-            return out
-
-        spec = _Specialisation(runner, report, None)
-        return spec
-
-    def _runner(self, result, report: CompileReport, reads: Optional[AttributeGuard] = None) -> Any:
-        """The rewritten graph, or the original model when no chain was rewritten (nothing to gain,
-        and the model's own Python, e.g. a scheduler's counters, keeps running as written), when
-        the model itself has hooks (the graph would not call them) or its forward sets module
-        attributes (Python side effects the graph would not repeat)."""
-        if result.modified and reads is not None and reads.writes:
-            report.notes.append(f"forward sets {', '.join(reads.writes[:5])}: Python side effects the rewritten "
-                                "graph would not repeat, so the model runs as written (chains stay sequential)")
-            return self._original
-        if result.modified and has_hooks(self._original):
-            report.notes.append(f"the model itself has {describe_hooks(self._original)}: it runs as written, "
-                                "so they fire (the chains stay sequential)")
-            return self._original
-        if result.modified and report.front_end == "record" and hooked(self._original):
-            report.notes.append("modules with hooks and a recorded graph (which calls no module): the model "
-                                "runs as written, so the hooks fire (the chains stay sequential)")
-            return self._original
-        return result.graph_module if result.modified else self._original
+    def _build(self, args: tuple) -> Specialisation:
+        return self._builder.build(args)
 
     def _check_hooks(self) -> None:
         """Hooks were registered somewhere since the last look (O(1) to notice, see ``passes/hooks.py``):
@@ -327,15 +218,6 @@ class CompiledModule(torch.nn.Module):
                 object.__setattr__(self, "_last", None)
             object.__setattr__(self, "_hooked", now)
             object.__setattr__(self, "_hook_epoch", hook_epoch())
-
-    def _fail(self, report: CompileReport, reason: Reason, detail: str) -> _Specialisation:
-        report.failure, report.failure_detail = reason, detail
-        if self.deeppcr_config.policy == "always":
-            raise CompileError(f"deeppcr.compile(policy='always'): {type(self._original).__name__} cannot be "
-                               f"compiled: {detail}. {reason.remedy}")
-        logger.info("deeppcr: %s runs unchanged: %s", type(self._original).__name__, detail)
-        return _Specialisation(self._original, report, None)
-
 
 def _config(config: Optional[Config], options: dict) -> Config:
     options = {k: v for k, v in options.items() if v is not None}

@@ -60,3 +60,29 @@ def test_recording_first_call_returns_this_calls_output():
     for scale in (1.0, 2.0):
         x = scale * torch.randn(2, 4)
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+class _Structured(nn.Module):
+    """Returns a pytree: a dict holding a tensor, a constant and a (tensor, None) pair."""
+
+    def __init__(self, depth=10, width=4):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return {"out": x, "n": 3, "pair": (2 * x, None)}
+
+
+def test_recorded_models_may_return_pytrees():
+    torch.manual_seed(0)
+    model = _Structured()
+    compiled = deeppcr.compile(model, policy="always", front_end="record")
+    for _ in range(2):  # the recording call, then the rewritten graph
+        x = torch.randn(2, 4)
+        got, want = compiled(x), model(x)
+        assert set(got) == {"out", "n", "pair"} and got["n"] == 3 and got["pair"][1] is None
+        torch.testing.assert_close(got["out"], want["out"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["pair"][0], want["pair"][0], rtol=1e-5, atol=1e-6)
+    assert compiled.report.front_end == "record" and compiled.report.rewritten

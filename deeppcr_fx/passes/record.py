@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from ..results import RecordFailure
 from .live import share_children
@@ -168,8 +169,14 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
+OUTPUT_SPEC = "deeppcr_output_spec"
+
+
 def record(model: torch.nn.Module, example_inputs: tuple) -> tuple[fx.GraphModule, Any]:
-    """Run ``model(*example_inputs)`` once; return the recorded GraphModule and the run's output."""
+    """Run ``model(*example_inputs)`` once; return the recorded GraphModule and the run's output.
+
+    A model returning a pytree (tuple, dict, dataclass, ModelOutput) is recorded as a graph that
+    returns the flattened leaves; ``gm.meta[OUTPUT_SPEC]`` is the ``TreeSpec`` to rebuild it."""
     rec = _Recorder(model)
     for i, x in enumerate(example_inputs):
         if not isinstance(x, torch.Tensor):
@@ -189,10 +196,18 @@ def record(model: torch.nn.Module, example_inputs: tuple) -> tuple[fx.GraphModul
             h.remove()
     if rec.error is not None:
         raise RecordFailure(rec.error)
-    if not isinstance(out, torch.Tensor):
-        raise RecordFailure(f"the model returned a {type(out).__name__}; recording supports one tensor output")
-    rec.graph.output(rec.node_for(out))
+    if isinstance(out, torch.Tensor):
+        rec.graph.output(rec.node_for(out))
+        spec = None
+    else:  # any pytree: a tuple, dict, dataclass or ModelOutput (diffusers and transformers register theirs)
+        leaves, spec = tree_flatten(out)
+        if not all(isinstance(v, torch.Tensor) or v is None or isinstance(v, (bool, int, float, str)) for v in leaves):
+            raise RecordFailure(f"the model returned a {type(out).__name__} holding values that are neither tensors "
+                                "nor constants; recording supports pytrees of tensors")
+        rec.graph.output(tuple(rec.node_for(v) if isinstance(v, torch.Tensor) else v for v in leaves))
     # a dict root maps qualified names to the very objects: the model's Parameters are shared, not copied
     gm = share_children(fx.GraphModule(dict(rec.attrs), rec.graph, type(model).__name__), model)
     gm.graph.lint()
+    if spec is not None:
+        gm.meta[OUTPUT_SPEC] = spec  # the graph returns the flattened leaves; unflatten with this
     return gm, out

@@ -1,0 +1,165 @@
+"""Building one specialisation: capture the model with a front end, run the pass pipeline, pick the runner.
+
+``Builder(model, config).build(args)`` tries the front ends in ``Config.front_end``'s order
+(symbolic tracing, then one recorded run; or TorchDynamo), runs ``passes.pipeline`` on what was
+captured, and returns a ``Specialisation``: what to call for inputs of this signature (the
+rewritten graph, or the model itself when nothing was rewritten, when the model has hooks of its
+own or its forward has Python side effects), its report and its emitted graph.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_unflatten
+
+from .config import Config
+from .inspect.report import CompileReport
+from .passes.dynamo import DynamoBackend
+from .passes.hooks import describe_hooks, has_hooks, hooked
+from .passes.options import CompileOptions
+from .passes.pipeline import run_pipeline
+from .passes.reads import AttributeGuard, recording_reads
+from .passes.record import OUTPUT_SPEC, record
+from .passes.trace import trace
+from .results import CompileError, Reason, RecordFailure, TraceFailure
+from .signature import autocast_on, describe
+
+logger = logging.getLogger(__name__)
+
+
+def _unflattened(gm: fx.GraphModule, spec, *args):
+    return tree_unflatten(list(gm(*args)), spec)
+
+
+class Specialisation:
+    def __init__(self, runner: Any, report: CompileReport, graph_module: Optional[fx.GraphModule],
+                 first_output: Any = None, reads: Optional[AttributeGuard] = None) -> None:
+        self.runner, self.report, self.graph_module = runner, report, graph_module
+        self.first_output = first_output  # (inputs, output) when the recording front end just ran the model
+        self.reads = reads if reads else None  # the Python attributes its capture read (None: none read)
+
+
+class Builder:
+    """Builds the specialisations of one model under one ``Config``."""
+
+    def __init__(self, model: torch.nn.Module, config: Config) -> None:
+        self.model, self.config = model, config
+
+    def build(self, args: tuple) -> Specialisation:
+        model, config = self.model, self.config
+        new_report = lambda: CompileReport(model=type(model).__name__, policy=config.policy,  # noqa: E731
+                                           signature=describe(args))
+        errors: list = []
+        symbolic = None
+        if config.front_end in ("auto", "symbolic"):
+            try:
+                symbolic = self._symbolic(args, new_report())
+            except TraceFailure as exc:
+                errors.append(f"symbolic tracing: {exc}")
+            else:
+                opaque_refusals = [c for c in symbolic.report.refused if c.reason is Reason.OPAQUE_MODULE]
+                if config.front_end == "symbolic" or not opaque_refusals:
+                    return symbolic
+        if config.front_end == "dynamo":
+            return self._dynamo(args, new_report())
+        if config.front_end in ("auto", "record"):
+            try:
+                recorded = self._record(args, new_report())
+            except RecordFailure as exc:
+                errors.append(f"recording: {exc}")
+            else:
+                if symbolic is not None:  # symbolic tracing kept modules opaque inside chains: compare
+                    if len(recorded.report.rewritten) <= len(symbolic.report.rewritten):
+                        recorded.first_output = None
+                        return symbolic
+                    recorded.report.notes.append("symbolic tracing kept modules opaque inside chains; "
+                                                 "the recorded run inlines them")
+                elif errors:
+                    recorded.report.notes.append(f"{errors[0]}; recorded a concrete run instead")
+                return recorded
+        if symbolic is not None:
+            return symbolic
+        return self._fail(new_report(), Reason.TRACE_FAILED, "; ".join(errors))
+
+    def _symbolic(self, args: tuple, report: CompileReport) -> Specialisation:
+        with recording_reads(AttributeGuard(), self.model) as reads:
+            try:
+                traced = trace(self.model, args)
+            finally:
+                reads.undo_writes()  # tracing is not a call: its Python side effects are undone
+        report.front_end, report.captured, report.opaque_modules = "symbolic", 1, traced.opaque
+        options = CompileOptions(self.config, args, front_end="symbolic", autocast=autocast_on())
+        result = run_pipeline(traced.graph_module, options, report)
+        return Specialisation(self._runner(result, report, reads), report, result.graph_module, reads=reads.freeze())
+
+    def _record(self, args: tuple, report: CompileReport) -> Specialisation:
+        with recording_reads(AttributeGuard(), self.model) as reads:
+            gm, out = record(self.model, args)
+        spec = gm.meta.get(OUTPUT_SPEC)
+        report.front_end, report.captured = "record", 1
+        report.notes.append("recorded one concrete run: Python-side state changes (e.g. a scheduler's counters) "
+                            "happen when the original model runs, not in the rewritten graph")
+        options = CompileOptions(self.config, args, front_end="record", autocast=autocast_on())
+        result = run_pipeline(gm, options, report)
+        runner = self._runner(result, report, reads)
+        if spec is not None and runner is result.graph_module:  # the graph returns the output's leaves
+            runner = functools.partial(_unflattened, result.graph_module, spec)
+        return Specialisation(runner, report, result.graph_module, first_output=(args, out),
+                               reads=reads.freeze())
+
+    def _dynamo(self, args: tuple, report: CompileReport) -> Specialisation:
+        backend = DynamoBackend(self.config, model_name=type(self.model).__name__)
+        compiled = torch.compile(self.model, backend=backend, fullgraph=True, dynamic=False)
+
+        def runner(*a):
+            try:
+                out = compiled(*a)
+            except Exception as exc:
+                if spec.graph_module is not None:  # it captured before: a genuine error of the model
+                    raise
+                detail = f"TorchDynamo (fullgraph) could not capture the model: {type(exc).__name__}: " + \
+                         (str(exc).splitlines()[0] if str(exc) else "")
+                spec.runner = self._fail(report, Reason.TRACE_FAILED, detail).runner
+                return spec.runner(*a)
+            if backend.reports:
+                latest = backend.reports[-1]
+                report.front_end, report.captured = "dynamo", len(backend.graph_modules)
+                report.graphs = latest.graphs
+                report.chains, report.notes = latest.chains, report.notes + [n for n in latest.notes
+                                                                               if n not in report.notes]
+                spec.graph_module = backend.graph_modules[-1]
+            return out
+
+        spec = Specialisation(runner, report, None)
+        return spec
+
+    def _runner(self, result, report: CompileReport, reads: Optional[AttributeGuard] = None) -> Any:
+        """The rewritten graph, or the original model when no chain was rewritten (nothing to gain,
+        and the model's own Python, e.g. a scheduler's counters, keeps running as written), when
+        the model itself has hooks (the graph would not call them) or its forward sets module
+        attributes (Python side effects the graph would not repeat)."""
+        if result.modified and reads is not None and reads.writes:
+            report.notes.append(f"forward sets {', '.join(reads.writes[:5])}: Python side effects the rewritten "
+                                "graph would not repeat, so the model runs as written (chains stay sequential)")
+            return self.model
+        if result.modified and has_hooks(self.model):
+            report.notes.append(f"the model itself has {describe_hooks(self.model)}: it runs as written, "
+                                "so they fire (the chains stay sequential)")
+            return self.model
+        if result.modified and report.front_end == "record" and hooked(self.model):
+            report.notes.append("modules with hooks and a recorded graph (which calls no module): the model "
+                                "runs as written, so the hooks fire (the chains stay sequential)")
+            return self.model
+        return result.graph_module if result.modified else self.model
+
+    def _fail(self, report: CompileReport, reason: Reason, detail: str) -> Specialisation:
+        report.failure, report.failure_detail = reason, detail
+        if self.config.policy == "always":
+            raise CompileError(f"deeppcr.compile(policy='always'): {type(self.model).__name__} cannot be "
+                               f"compiled: {detail}. {reason.remedy}")
+        logger.info("deeppcr: %s runs unchanged: %s", type(self.model).__name__, detail)
+        return Specialisation(self.model, report, None)
