@@ -62,3 +62,21 @@ def test_cell_over_time_is_rewritten_and_batched(kind):
         torch.testing.assert_close(g, want, rtol=1e-8, atol=1e-10)
     stats = compiled.stats()[0].solves[-1]
     assert stats.vectorized and stats.vmap_error is None
+
+
+def test_warm_starts_back_off_when_fresh_inputs_never_meet_the_guess():
+    """A chain driven by fresh per-step inputs never meets the previous call's trajectory: the warm start's
+    sequential prefix (L / 16 steps) buys nothing, so after one miss the next calls start cold."""
+    from deeppcr_fx.runtime.pcr_solve import COLD_AFTER_MISS
+
+    torch.manual_seed(0)
+    model = _OverTime(nn.GRUCell(3, 2), 2)
+    compiled = deeppcr.compile(model, policy="always")
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(1, 200, 3)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    solves = compiled.stats()[0].solves
+    assert not solves[0].warm_start  # nothing to start from
+    assert solves[1].warm_start and solves[1].forward.guess_met is False and solves[1].forward.prefix == 12
+    assert not any(s.warm_start for s in solves[2:]) and COLD_AFTER_MISS >= 2

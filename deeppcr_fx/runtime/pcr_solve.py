@@ -3,7 +3,7 @@
 It holds the step template (a small GraphModule of one segment, without parameters:
 weights arrive as stacked per-step inputs built from the user's Parameters at call
 time) and calls ``deeppcr_fx.solve``. With ``Config.warm_start`` each solve starts from the
-previous call's solution. The last call's ``SolveStats`` is kept in ``last_stats``; with
+previous call's solution (after one that never met it, the next ``COLD_AFTER_MISS`` calls start cold). The last call's ``SolveStats`` is kept in ``last_stats``; with
 ``Config.record_stats`` every solve's stats are also kept in ``history`` (the latest
 ``MAX_RECORDED_SOLVES``; ``reset_stats()`` clears them). With ``Config.progress`` each solve
 shows a progress bar (tqdm) fed by the Newton loop's ``on_iteration`` hook.
@@ -29,6 +29,10 @@ from .stats import SolveStats
 MAX_RECORDED_SOLVES = 1000  # per chain: a training loop keeps only its latest solves' telemetry
 # A warm start keeps the last solution (L * B * n elements) alive between calls; larger ones are dropped.
 WARM_START_MAX_ELEMENTS = 1 << 25
+# After a warm start whose sequential prefix never met the previous solution (it cost L / 16 sequential
+# steps for nothing), this many calls start cold before a warm start is tried again.
+COLD_AFTER_MISS = 8
+COSTLY_PREFIX = 8  # a missed prefix shorter than this costs less than it may save: keep warm starting
 
 
 class PCRSolve(torch.nn.Module):
@@ -61,6 +65,7 @@ class PCRSolve(torch.nn.Module):
         self.last_stats: Optional[SolveStats] = None
         self.history: deque = deque(maxlen=MAX_RECORDED_SOLVES)
         self._guess: Optional[torch.Tensor] = None  # the last solution, where the next solve starts
+        self._cold_calls = 0  # calls left to start cold after a warm start that did not pay
         self.replication = ReplicationMemo()  # whether ``step`` accepts a replicated batch
 
     def forward(self, x0: torch.Tensor, *inputs):
@@ -70,13 +75,17 @@ class PCRSolve(torch.nn.Module):
             from .progress import SolveProgress  # tqdm is optional
 
             bar = SolveProgress(self.length, self.describe())
+        warm = self.config.warm_start and self._cold_calls == 0
+        self._cold_calls = max(0, self._cold_calls - 1)
         try:
             res = solve(self.step, x0, per_step=per_step, shared=shared, config=self.config, length=self.length,
-                        on_iteration=bar, initial_guess=self._guess if self.config.warm_start else None,
-                        replication=self.replication)
+                        on_iteration=bar, initial_guess=self._guess if warm else None, replication=self.replication)
         finally:
             if bar is not None:
                 bar.close()
+        forward = res.stats.forward
+        if forward.guess_met is False and forward.prefix >= COSTLY_PREFIX:  # trajectories that never meet (a
+            self._cold_calls = COLD_AFTER_MISS  # chain driven by fresh per-step inputs): the next calls start cold
         keep = self.config.warm_start and res.solution is not None and res.solution.numel() <= WARM_START_MAX_ELEMENTS
         self._guess = res.solution if keep else None
         self.last_stats = res.stats
@@ -91,6 +100,7 @@ class PCRSolve(torch.nn.Module):
     def reset_warm_start(self) -> None:
         """Forget the previous solution: the next solve starts cold (from the input repeated)."""
         self._guess = None
+        self._cold_calls = 0
 
     @property
     def mode(self) -> str:

@@ -179,9 +179,9 @@ class _Problem:
             met = bool(scaled_norm((z_next - U[l]).unsqueeze(0), z_next.unsqueeze(0), self.atol, self.rtol)[0] <= 1)
             z = U[l] = z_next
             if met:
-                self.stats.forward.prefix = l + 1
+                self.stats.forward.prefix, self.stats.forward.guess_met = l + 1, True
                 return l + 1
-        self.stats.forward.prefix = max_prefix(self.stats.length)
+        self.stats.forward.prefix, self.stats.forward.guess_met = max_prefix(self.stats.length), False
         return self.stats.forward.prefix
 
     def _start(self, x0_flat: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ class PassStats:
     sequential_from: Optional[int] = None  # first step computed by the sequential finish
     jacobian: str = ""
     prefix: int = 0  # leading steps computed sequentially until they met a warm start's guess
+    guess_met: Optional[bool] = None  # whether that prefix met the guess (None: no warm start)
 
     def to_dict(self) -> dict:
         d = asdict(self)
