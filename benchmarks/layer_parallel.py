@@ -70,9 +70,10 @@ def fresh_x(B: int, w: int, call: int) -> torch.Tensor:
 
 
 def sequential(x, W, b):
+    # unbind, not W[l]: indexing a Parameter L times makes its backward add L full-size gradients (O(L^2))
     z = x
-    for l in range(W.shape[0]):
-        z = step(z, W[l], b[l])
+    for W_l, b_l in zip(W.unbind(0), b.unbind(0)):
+        z = step(z, W_l, b_l)
     return z
 
 

@@ -110,9 +110,21 @@ def run_case(rank: int, name: str, L: int, cuts: list, group=None, warm: bool = 
     kwargs = dict(per_step=per_step, shared=shared, group=group, **options)
     if not per_step:
         kwargs["length"] = hi - lo
-    res = deeppcr.solve(ch.step, x0 if rank == 0 else None, **kwargs)
-    if warm:
-        res = deeppcr.solve(ch.step, x0 if rank == 0 else None, initial_guess=res.solution, **kwargs)
+    from deeppcr_fx.runtime.distributed_comm import Comm
+
+    object_gathers, plain = [0], Comm.gather_objects
+
+    def counted(self, obj, what):  # the setup's slow path (pickled facts): only when something differs
+        object_gathers[0] += 1
+        return plain(self, obj, what)
+
+    Comm.gather_objects = counted
+    try:
+        res = deeppcr.solve(ch.step, x0 if rank == 0 else None, **kwargs)
+        if warm:
+            res = deeppcr.solve(ch.step, x0 if rank == 0 else None, initial_guess=res.solution, **kwargs)
+    finally:
+        Comm.gather_objects = plain
     g = torch.Generator().manual_seed(7)
     C = [torch.randn(L, *p.shape, generator=g, dtype=torch.float64) for p in _parts(ch.x0)]
     sum(((s * c[lo:hi]).sum() for s, c in zip(_parts(res.states), C))).backward()
@@ -133,6 +145,7 @@ def run_case(rank: int, name: str, L: int, cuts: list, group=None, warm: bool = 
         "has_grads": [p.grad is not None for p in per_step + shared],
         "stats": res.stats.to_dict(),
         "volume": res.volume,
+        "object_gathers": object_gathers[0],
         "offsets": res.offsets,
         "shape": tuple(_parts(res.states)[0].shape),
     }

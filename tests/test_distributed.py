@@ -71,6 +71,7 @@ def _check(results, key):
         assert case["stats"] == results[0][key]["stats"], f"stats differ between rank 0 and rank {rank}"
         lo, hi = case["offsets"][rank], case["offsets"][rank + 1]
         assert case["shape"][0] == hi - lo
+        assert case["object_gathers"] == 0  # the setup agreed in one tensor all-gather
 
 
 @pytest.mark.parametrize("key", [c[0] for c in CASES_2])
@@ -263,3 +264,64 @@ def test_packing_fold_hands_on_the_updated_last_row():
     assert torch.allclose(x_in[2], rows_out[8 - 2], atol=1e-12)
     assert torch.allclose(new_last[0], U_last[0] + rows_out[1], atol=1e-12)
     assert torch.allclose(new_last[1], U_last[1] + rows_out[6], atol=1e-12)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo group of one process (this one): the setup's encodings and paths without spawning."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def _count_object_gathers(monkeypatch) -> list:
+    from deeppcr_fx.runtime.distributed_comm import Comm
+
+    calls, plain = [0], Comm.gather_objects
+
+    def counted(self, obj, what):
+        calls[0] += 1
+        return plain(self, obj, what)
+
+    monkeypatch.setattr(Comm, "gather_objects", counted)
+    return calls
+
+
+def test_setup_paths_on_one_rank(one_rank_group, monkeypatch):
+    """The fast setup (one tensor all-gather, the state spec and x0 encoded inline) and its fallbacks:
+    a state of more components than the fixed layout holds goes through the pickled facts, a state
+    wider than the inline slots takes one more all-gather; each gives the sequential answer, and a
+    warm start from the solution confirms in one iteration."""
+    import deeppcr_fx as deeppcr
+
+    objects = _count_object_gathers(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    L = 12
+
+    def check(step, x0, per_step, expected_objects, **options):
+        before = objects[0]
+        res = deeppcr.solve(step, x0, per_step=per_step, group=one_rank_group, **options)
+        z, ref = x0, []
+        for l in range(L):
+            z = step(z, *(p[l] for p in per_step))
+            ref.append(z)
+        parts = res.states if isinstance(res.states, tuple) else (res.states,)
+        refs = tuple(torch.stack(c) for c in zip(*ref)) if isinstance(x0, tuple) else (torch.stack(ref),)
+        assert max(float((a - b).abs().max()) for a, b in zip(parts, refs)) < 1e-10
+        assert objects[0] - before == expected_objects
+        return res
+
+    W = torch.randn(L, 4, 4, generator=g, dtype=torch.float64) * 0.4
+    x0 = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    res = check(lambda z, W: torch.tanh(z @ W), x0, (W,), 0)
+    warm = deeppcr.solve(lambda z, W: torch.tanh(z @ W), x0, per_step=(W,), group=one_rank_group,
+                         initial_guess=res.solution)
+    assert warm.stats.warm_start and warm.stats.forward.iterations == 1
+    # nine components: more than the fixed layout's MAX_COMPONENTS -> pickled facts
+    x9 = tuple(torch.randn(2, 2, generator=g, dtype=torch.float64) for _ in range(9))
+    S = torch.rand(L, 2, generator=g, dtype=torch.float64) * 0.5
+    check(lambda z, s: tuple(torch.tanh(c * s) for c in z), x9, (S,), 1)
+    # 2 x 300 elements: wider than the inline slots -> one more tensor all-gather, no pickling
+    xw = torch.randn(2, 300, generator=g, dtype=torch.float64)
+    D = torch.rand(L, 300, generator=g, dtype=torch.float64) * 0.5
+    check(lambda z, d: torch.tanh(z * d), xw, (D,), 0, jacobian="diag")
