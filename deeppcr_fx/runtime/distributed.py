@@ -202,11 +202,6 @@ def _record_vectorized(steps: Steps, stats: SolveStats) -> None:
         stats.vmap_error = steps.vmap_error
 
 
-def _union_requires_grad(gathered: list) -> list:
-    flags = [f["shared_grad"] for _, f in gathered]
-    return [any(col) for col in zip(*flags)]
-
-
 def _device(x0, per_step: tuple, shared: tuple) -> torch.device:
     parts = (x0 if isinstance(x0, tuple) else () if x0 is None else (x0,)) + per_step + \
         tuple(s for s in shared if isinstance(s, torch.Tensor))

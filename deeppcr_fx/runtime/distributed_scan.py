@@ -168,7 +168,7 @@ def fold(packing: Packing, rows: torch.Tensor, order: list, offsets: list, g_new
         if q == P - 1:
             new_last.append(None)
             break
-        lo, hi = offsets[q], offsets[q + 1]
+        hi = offsets[q + 1]
         row = rows[order[q]]
         u_last = packing.vec(row, packing.u_last)
         if g_new >= hi:  # every row of q is final

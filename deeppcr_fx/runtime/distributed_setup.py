@@ -23,7 +23,6 @@ from typing import Any, Optional
 
 import torch
 
-from ..results import DistributedLayoutError, DistributedSolveError
 from .distributed_comm import Comm
 from .state import StateSpec
 
