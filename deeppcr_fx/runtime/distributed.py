@@ -52,11 +52,12 @@ import torch
 from ..config import Config
 from . import jacobians
 from .distributed_adjoint import adjoint_distributed
-from .distributed_comm import Comm, DistributedLayoutError, DistributedSolveError, PeerFailure
+from ..results import DistributedLayoutError, DistributedSolveError, PeerFailure
+from .distributed_comm import Comm
 from .distributed_newton import distributed_newton
 from .distributed_setup import setup
 from . import steps as steps_module
-from .solve import SolveResult, _bind_constants, _check_length, _stack_grads
+from .chain_io import SolveResult, bind_constants, check_length, stack_grads
 from .state import StateSpec
 from .stats import PassStats, SolveStats
 from .steps import Steps
@@ -106,7 +107,7 @@ def solve_distributed(step: Callable, x0, per_step: Sequence[torch.Tensor] = (),
         x0_parts = tuple(torch.zeros(s, dtype=d, device=device) for s, d in zip(spec.shapes, spec.dtypes))
 
     direct_call = getattr(steps_module, "direct_call", lambda f: f)  # skips torch.fx's error print
-    step = _bind_constants(direct_call(step), len(per_step), shared)
+    step = bind_constants(direct_call(step), len(per_step), shared)
     shared_tensors = tuple(s for s in shared if isinstance(s, torch.Tensor))
     steps = Steps(step, spec, per_step, shared_tensors, config.vectorize)
     setup_error = None  # carried by the first exchange of the forward solve: every rank raises there
@@ -146,7 +147,7 @@ def _local_facts(x0, per_step: tuple, shared: tuple, length: Optional[int], conf
     if any(isinstance(p, torch.Tensor) and p.dim() > 0 and p.shape[0] == 0 for p in per_step) or length == 0:
         raise ValueError("this rank's slice of the chain is empty; every rank of the group needs at least one step "
                          "(use a group of fewer ranks for a shorter chain).")
-    n_steps = _check_length(per_step, length)
+    n_steps = check_length(per_step, length)
     spec = None if x0 is None else StateSpec.of(x0, config.batch)
     return {
         "length": n_steps,
@@ -310,7 +311,7 @@ class _DistChainSolve(torch.autograd.Function):
         problem: _Problem = ctx.problem
         comm, spec, steps = problem.comm, problem.spec, problem.steps
         halo, U, *inputs = ctx.saved_tensors
-        G = _stack_grads(spec, grads, U)
+        G = stack_grads(spec, grads, U)
         Zprev = torch.cat([halo.unsqueeze(0), U[:-1]])
         n_ps = len(steps.per_step)
         wrt = [i for i in range(n_ps) if ctx.needs_input_grad[1 + problem.n_x0 + i] and inputs[i].is_floating_point()]

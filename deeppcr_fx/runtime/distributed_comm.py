@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from ..results import DeepPCRError, DistributedLayoutError, DistributedSolveError, PeerFailure
+from ..results import DeepPCRError, DistributedSolveError, PeerFailure
 
 
 def raise_failures(comm: "Comm", flags, local: Optional[BaseException], what: str) -> None:
