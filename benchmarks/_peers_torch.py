@@ -111,3 +111,35 @@ class Problem:
 def _flat(ts) -> np.ndarray:
     return np.concatenate([np.asarray(t.detach().double().reshape(-1) if isinstance(t, torch.Tensor) else t,
                                       dtype=np.float64).reshape(-1) for t in ts])
+
+
+def _priority(p):
+    """Issue 14's target rows first (a run that hits --minutes loses the least useful rows):
+    L=4096 w=4 B=1; L=16384 w<=4 B=1; GRU T>=10000; the other L>=4096 rows; then the rest."""
+    kind, L, n, B, _ = p
+    if kind == "mlp" and (L, n, B) == (4096, 4, 1):
+        return 0
+    if kind == "mlp" and L >= 16384 and n <= 4 and B == 1:
+        return 1
+    if kind == "gru" and L >= 10000:
+        return 2
+    if kind == "mlp" and L >= 4096 and not (n >= 16 and B >= 16):
+        return 3
+    return 4 if kind == "gru" or L < 4096 else 5
+
+
+def problems(args):
+    """The (kind, L, n, B, modes) rows the command line asks for, the issue's target rows first."""
+    out = []
+    if not args.no_mlp:
+        for L in args.L:
+            for w in args.w:
+                for B in args.B:
+                    if (L, w, B) == (16384, 16, 16) and not args.all:
+                        continue  # full-mode Jacobians of 2^26 elements: minutes per call (--all runs it)
+                    out.append(("mlp", L, w, B, args.modes))
+    if not args.no_gru:
+        for T in args.T:
+            for n in args.n:
+                out.append(("gru", T, n, 1, ["forward"]))
+    return sorted(out, key=_priority)

@@ -56,7 +56,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _peers_jax as pj  # noqa: E402
 from _peers_report import print_table, write  # noqa: E402
-from _peers_torch import INPUTS, GRUPlainOps, Problem, _flat, gru_step, mlp_step  # noqa: E402
+from _peers_torch import INPUTS, GRUPlainOps, Problem, _flat, gru_step, mlp_step, problems  # noqa: E402
 
 import deeppcr_fx as deeppcr  # noqa: E402
 
@@ -315,37 +315,6 @@ def measure(prob, mode, tc_policy, budget_s, max_rounds, compile_max_L=None):
     if compile_note:
         result.append(dict(prob.params, mode=mode, variant="compile_cold/warm", note=compile_note))
     return result
-
-
-def _priority(p):
-    """Issue 14's target rows first (a run that hits --minutes loses the least useful rows):
-    L=4096 w=4 B=1; L=16384 w<=4 B=1; GRU T>=10000; the other L>=4096 rows; then the rest."""
-    kind, L, n, B, _ = p
-    if kind == "mlp" and (L, n, B) == (4096, 4, 1):
-        return 0
-    if kind == "mlp" and L >= 16384 and n <= 4 and B == 1:
-        return 1
-    if kind == "gru" and L >= 10000:
-        return 2
-    if kind == "mlp" and L >= 4096 and not (n >= 16 and B >= 16):
-        return 3
-    return 4 if kind == "gru" or L < 4096 else 5
-
-
-def problems(args):
-    out = []
-    if not args.no_mlp:
-        for L in args.L:
-            for w in args.w:
-                for B in args.B:
-                    if (L, w, B) == (16384, 16, 16) and not args.all:
-                        continue  # full-mode Jacobians of 2^26 elements: minutes per call (--all runs it)
-                    out.append(("mlp", L, w, B, args.modes))
-    if not args.no_gru:
-        for T in args.T:
-            for n in args.n:
-                out.append(("gru", T, n, 1, ["forward"]))
-    return sorted(out, key=_priority)
 
 
 def main(argv=None) -> int:
