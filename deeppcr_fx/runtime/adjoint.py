@@ -34,6 +34,32 @@ from .stats import PassStats
 from .steps import Steps
 
 
+def step_functions(steps: Steps, Zprev: torch.Tensor, wrt: Sequence[int]) -> tuple:
+    """``(g, inputs, state_pullback)`` for the adjoint of all of ``steps`` at ``Zprev``: ``g(Z, *diff)``
+    evaluates them with the inputs ``wrt`` replaced by ``diff`` (for the parameter pullback),
+    ``inputs`` are ``steps.inputs``, and ``state_pullback(c)`` is ``J^T c``. Products J^T c (n of them
+    for the Jacobians, one per adjoint iteration) need only the state's pullback, made on first use:
+    the inputs' gradients are formed once, by the full pullback at the end."""
+    f = steps.batched_with_params(0, Zprev.shape[0])
+    inputs = list(steps.inputs)
+
+    def g(Z, *diff):
+        args = list(inputs)
+        for i, t in zip(wrt, diff):
+            args[i] = t
+        return f(Z, *args)
+
+    state_vjp = None
+
+    def state_pullback(c):
+        nonlocal state_vjp
+        if state_vjp is None:
+            state_vjp = vjp(lambda Z: f(Z, *inputs), Zprev)[1]
+        return state_vjp(c)[0]
+
+    return g, inputs, state_pullback
+
+
 def adjoint(steps: Steps, Zprev: torch.Tensor, G: torch.Tensor, wrt: Sequence[int],
             mode: str, atol: float, rtol: float, max_iter: int, stats: PassStats,
             replicated: Optional[Steps] = None, replicate_quietly: bool = True) -> tuple:
@@ -46,25 +72,7 @@ def adjoint(steps: Steps, Zprev: torch.Tensor, G: torch.Tensor, wrt: Sequence[in
     ``jacobians.jacobian_replicated`` (else the state's pullback is vmapped over cotangents).
     Returns ``(dZprev, *dinputs)`` where ``dZprev[0]`` is the gradient w.r.t. x0.
     """
-    f = steps.batched_with_params(0, Zprev.shape[0])
-    inputs = list(steps.inputs)
-
-    def g(Z, *diff):
-        args = list(inputs)
-        for i, t in zip(wrt, diff):
-            args[i] = t
-        return f(Z, *args)
-
-    # Products J^T c (n of them for the Jacobians, one per adjoint iteration) need only the state's
-    # pullback: the inputs' gradients are formed once, by the full pullback at the end.
-    state_vjp = None
-
-    def state_pullback(c):
-        nonlocal state_vjp
-        if state_vjp is None:
-            state_vjp = vjp(lambda Z: f(Z, *inputs), Zprev)[1]
-        return state_vjp(c)[0]
-
+    g, inputs, state_pullback = step_functions(steps, Zprev, wrt)
     stats.jacobian = mode
     _, pullback = vjp(g, Zprev, *(inputs[i] for i in wrt))
     if mode != "full":

@@ -31,6 +31,7 @@ import torch
 from torch.func import vjp
 
 from . import jacobians
+from .adjoint import step_functions
 from .distributed_comm import Comm, DistributedSolveError, raise_failures
 from .distributed_newton import distributed_newton
 from .distributed_scan import cross_rank_scan
@@ -44,22 +45,7 @@ def adjoint_distributed(comm: Comm, lengths: Sequence[int], steps: Steps, Zprev:
                         replicated: Optional[Steps] = None) -> tuple:
     """``(dZprev, *dinputs)`` for this rank's rows; ``dZprev[0]`` is dLoss/dx0 on the first rank."""
     m = Zprev.shape[0]
-    f = steps.batched_with_params(0, m)
-    inputs = list(steps.inputs)
-
-    def g(Z, *diff):
-        args = list(inputs)
-        for i, t in zip(wrt, diff):
-            args[i] = t
-        return f(Z, *args)
-
-    state_vjp = None
-
-    def state_pullback(c):
-        nonlocal state_vjp
-        if state_vjp is None:
-            state_vjp = vjp(lambda Z: f(Z, *inputs), Zprev)[1]
-        return state_vjp(c)[0]
+    g, inputs, state_pullback = step_functions(steps, Zprev, wrt)
 
     order = list(reversed(range(comm.size)))
     offsets = [0]

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from .distributed_comm import Comm, DistributedSolveError, raise_failures
-from .scan import affine_scan, default_chunk
+from .scan import affine_scan, default_chunk, sweep_chunks
 
 
 def reduce_maps(A: Optional[torch.Tensor], r: torch.Tensor, mode: str) -> tuple:
@@ -226,16 +226,7 @@ def scan_with_propagator(A: Optional[torch.Tensor], r: torch.Tensor, mode: str) 
     r = r.reshape(C, chunk, -1, n).transpose(0, 1).reshape(chunk, -1, n).contiguous()
     if full:
         r = r.unsqueeze(-1)
-    P = torch.empty_like(A)
-    P[0] = A[0]
-    rs, As, Ps = r.unbind(0), A.unbind(0), P.unbind(0)
-    for k in range(1, chunk):
-        if full:
-            rs[k].baddbmm_(As[k], rs[k - 1])
-            torch.bmm(As[k], Ps[k - 1], out=Ps[k])
-        else:
-            rs[k].addcmul_(As[k], rs[k - 1])
-            torch.mul(As[k], Ps[k - 1], out=Ps[k])
+    P = sweep_chunks(A, r, full)
     P_last = P[-1].reshape(C, -1, *mat)
     carry = affine_scan(P_last, r[-1].reshape(C, -1, n), mode, chunk=0)  # each chunk's last row, zero input
     Q = cumulative_products(P_last, mode)  # Q_c = P_last,c ... P_last,0

@@ -140,6 +140,23 @@ def _matmul(A: torch.Tensor, B: torch.Tensor, mode: str) -> torch.Tensor:
     return A @ B if mode == "full" else A * B
 
 
+def sweep_chunks(A: torch.Tensor, r: torch.Tensor, full: bool) -> torch.Tensor:
+    """Every chunk at once, its rows as if the row before it were zero: ``r[k] += A[k] r[k-1]`` in place
+    along dim 0 (chunk rows; dim 1 runs over chunks and samples; ``r`` as column vectors when ``full``).
+    Returns the running products ``P[k] = A[k] ... A[0]``."""
+    P = torch.empty_like(A)
+    P[0] = A[0]
+    rs, As, Ps = r.unbind(0), A.unbind(0), P.unbind(0)  # row views made once, not 5 per loop turn
+    for k in range(1, A.shape[0]):
+        if full:
+            rs[k].baddbmm_(As[k], rs[k - 1])
+            torch.bmm(As[k], Ps[k - 1], out=Ps[k])
+        else:
+            rs[k].addcmul_(As[k], rs[k - 1])
+            torch.mul(As[k], Ps[k - 1], out=Ps[k])
+    return P
+
+
 def _chunked_scan(A: torch.Tensor, r: torch.Tensor, mode: str, chunk: int) -> torch.Tensor:
     length, tail = r.shape[0], r.shape[1:]
     n_chunks = -(-length // chunk)
@@ -156,16 +173,7 @@ def _chunked_scan(A: torch.Tensor, r: torch.Tensor, mode: str, chunk: int) -> to
     r = r.reshape(n_chunks, chunk, -1, n).transpose(0, 1).reshape(chunk, -1, n).contiguous()
     if full:
         r = r.unsqueeze(-1)  # column vectors for baddbmm
-    P = torch.empty_like(A)
-    P[0] = A[0]
-    rs, As, Ps = r.unbind(0), A.unbind(0), P.unbind(0)  # row views made once, not 5 per loop turn
-    for k in range(1, chunk):  # every chunk at once: its rows as if the row before it were zero
-        if full:
-            rs[k].baddbmm_(As[k], rs[k - 1])
-            torch.bmm(As[k], Ps[k - 1], out=Ps[k])
-        else:
-            rs[k].addcmul_(As[k], rs[k - 1])
-            torch.mul(As[k], Ps[k - 1], out=Ps[k])
+    P = sweep_chunks(A, r, full)
     # the chunks' last rows: D_c = r_c,last + P_c,last D_{c-1}; chunk 0's P multiplies the zero vector
     per_chunk = (n_chunks, -1, n) + ((n,) if full else ())
     last_r = r[-1].reshape(n_chunks, -1, n)
