@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 
 from .shape_prop import info_of
+from .sources import default_sources
 
 _LITERALS = (int, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
 
@@ -316,25 +317,6 @@ def _depends_on(x: fx.Node, chain: set, start: int, order: dict) -> bool:
                 seen.add(a)
                 stack.append(a)
     return False
-
-
-_FACTORIES = ("zeros", "ones", "full", "empty", "zeros_like", "ones_like", "full_like", "empty_like")
-
-
-def default_sources(graph: fx.Graph) -> list:
-    """Where chains may start: floating tensor inputs, and floating tensors built inside forward from
-    constants (a loop's ``h0 = torch.zeros(...)``, which tracing turns into a tensor constant)."""
-    def floating(n: fx.Node) -> bool:
-        info = info_of(n)
-        return info is not None and info.is_tensor and info.dtype.is_floating_point
-
-    def constant(n: fx.Node) -> bool:
-        if n.op == "get_attr":
-            return n.target.rpartition(".")[2].startswith("_tensor_constant")
-        return n.op == "call_function" and getattr(n.target, "__name__", "") in _FACTORIES \
-            and not any(info_of(a) is None or info_of(a).is_tensor and a.op == "placeholder" for a in n.all_input_nodes)
-
-    return [n for n in graph.nodes if floating(n) and (n.op == "placeholder" or (constant(n) and n.users))]
 
 
 def find_chains(gm: fx.GraphModule, sources: Optional[Iterable[fx.Node]] = None) -> list[Candidate]:
