@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -226,7 +226,7 @@ def _config(config: Optional[Config], options: dict) -> Config:
 
 def compile(model: torch.nn.Module, example_inputs: Optional[tuple] = None, policy: Optional[str] = None,
             jacobian: Optional[str] = None, min_length: Optional[int] = None, config: Optional[Config] = None,
-            **options) -> CompiledModule:
+            group: Any = None, **options) -> CompiledModule:
     """Compile ``model``: find its chains and rewrite them into parallel ``PCRSolve`` nodes.
 
     Lazy: nothing happens until the first call (or now, for ``example_inputs``); each new input
@@ -240,13 +240,22 @@ def compile(model: torch.nn.Module, example_inputs: Optional[tuple] = None, poli
             (every valid chain) or ``"never"`` (trace and report only).
         jacobian, min_length: the ``Config`` fields of these names.
         config: a ``Config``; the keyword options above and ``**options`` override its fields.
+        group: a ``torch.distributed`` process group: split the model's longest chain by depth over its
+            ranks (``deeppcr_fx/layer_parallel.py``); every rank calls ``compile`` and the result.
 
     Returns:
         A ``CompiledModule``: call it like ``model``; ``.report`` says what was found, rewritten and
         refused (with reasons), ``.stats()`` how each rewritten chain's solves converged.
     """
-    compiled = CompiledModule(model, _config(config, dict(policy=policy, jacobian=jacobian,
-                                                          min_length=min_length, **options)))
+    config = _config(config, dict(policy=policy, jacobian=jacobian, min_length=min_length, **options))
+    if group is not None:
+        from .layer_parallel import LayerParallelModule
+
+        parallel = LayerParallelModule(model, group, config)
+        if example_inputs is not None:
+            parallel.build(tuple(example_inputs))
+        return parallel
+    compiled = CompiledModule(model, config)
     if example_inputs is not None:
         compiled.specialise(tuple(example_inputs))
     return compiled
