@@ -221,6 +221,75 @@ def run_model(rank: int, nprocs: int, n_blocks: int = 24, steps: int = 10) -> di
     }
 
 
+class Net(torch.nn.Module):
+    """An input layer, ``n_blocks`` tanh blocks in a Python loop, a head: the model ``compile(group=)`` splits."""
+
+    def __init__(self, n_blocks: int = 24) -> None:
+        super().__init__()
+        self.pre, self.post = _ends(0)
+        self.blocks = torch.nn.ModuleList([Block(i) for i in range(n_blocks)])
+
+    def forward(self, x):
+        z = self.pre(x)
+        for block in self.blocks:
+            z = block(z)
+        return self.post(z)
+
+
+def run_compiled_model(rank: int, nprocs: int, meta: bool, steps: int = 10) -> dict:
+    """``deeppcr.compile(Net(), group=WORLD)`` trained with SGD vs ``Net()`` in one process. ``meta``: the
+    model is built on the meta device, compiled with example inputs, then loaded from the reference's weights."""
+    import warnings
+
+    import deeppcr_fx as deeppcr
+
+    group = dist.group.WORLD
+    g = torch.Generator().manual_seed(11)
+    X, Y = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 1, generator=g, dtype=torch.float64)
+    ref = Net()
+    initial = {k: v.clone() for k, v in ref.state_dict().items()}
+    if meta:
+        with torch.device("meta"):
+            net = Net().double()
+        compiled = deeppcr.compile(net, example_inputs=(X,), group=group)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "copying ... to a meta parameter ... is a no-op": other ranks' slices
+            net.load_state_dict(initial)
+    else:
+        net = Net()
+        compiled = deeppcr.compile(net, group=group)
+    opt = torch.optim.SGD(compiled.parameters(), lr=0.05)
+    losses = []
+    for _ in range(steps):
+        out = compiled(X)
+        loss = F.mse_loss(out, Y) if compiled.is_last else None
+        compiled.backward(loss)
+        opt.step()
+        opt.zero_grad()
+        losses.append(None if loss is None else float(loss))
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    ref_losses = []
+    for _ in range(steps):
+        loss = F.mse_loss(ref(X), Y)
+        loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        ref_losses.append(float(loss))
+    mine = dict(compiled.named_parameters())
+    theirs = dict(ref.named_parameters())
+    return {
+        "names": sorted(mine),
+        "params": max(float((p - theirs[k]).abs().max()) for k, p in mine.items()),
+        "moved": max(float((p - initial[k]).abs().max()) for k, p in mine.items()),
+        "losses": None if not compiled.is_last else max(abs(a - b) for a, b in zip(losses, ref_losses)),
+        "out": out is not None,
+        "blocks": compiled.blocks,
+        "meta_left": sum(p.is_meta for p in net.parameters()),
+        "stats": compiled.stats.to_dict(),
+        "rewritten": len(compiled.report.rewritten),
+    }
+
+
 # --- process groups ------------------------------------------------------------------------------
 def _worker(rank: int, nprocs: int, init: str, out_dir: str, entry: str, args: tuple, timeout_s: float) -> None:
     torch.set_num_threads(1)
