@@ -116,3 +116,169 @@ def test_autocast_computes_what_eager_autocast_computes():
         torch.testing.assert_close(g, p.grad)
     compiled(x)
     assert compiled.report.rewritten
+
+
+# --- the ways of asking autograd for gradients --------------------------------------------------------
+# A compiled chain's stacked Parameters are inputs of the autograd graph (so every way of asking reaches
+# them); a plain ``loss.backward()`` writes their ``.grad`` directly (fast), anything else goes through
+# autograd's own AccumulateGrad nodes. Each case is compared with the eager model in float64.
+
+
+class _Headed(nn.Module):
+    """A chain of Linear+tanh layers (rewritten) between an input layer and a head (not in the chain)."""
+
+    def __init__(self, depth=10, width=3):
+        super().__init__()
+        self.inp = nn.Linear(2, width)
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.head = nn.Linear(width, 1)
+        self.unused = nn.Linear(1, 1)  # never called
+
+    def forward(self, x):
+        h = self.inp(x)
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+        return self.head(h)
+
+
+def _headed():
+    torch.manual_seed(0)
+    model = _Headed().double()
+    compiled = deeppcr.compile(model, policy="always")
+    x = torch.randn(4, 2, dtype=torch.float64)
+    compiled(x)
+    assert len(compiled.report.rewritten) == 1
+    return model, compiled, x
+
+
+def _loss(fn, x):
+    return (fn(x) ** 2).sum()
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def _chain_params(model):
+    return [p for layer in model.layers for p in layer.parameters()]
+
+
+def _direct_writes(compiled):
+    """Whether the last backward wrote the chain's ``.grad`` directly (the flat groups' gradient buffers hold them)."""
+    from deeppcr_fx.runtime.stacked import FLAT_GROUPS, StackedAttributes
+
+    stacks = [m for m in compiled.graph_module.modules() if isinstance(m, StackedAttributes)]
+    groups = [FLAT_GROUPS.get(m._tensors()) for m in stacks]
+    return [g is not None and g.grads.buffer is not None for g in groups]
+
+
+@pytest.mark.parametrize("which", ["all", "chain", "one_chain_weight", "head_and_chain_bias"])
+def test_autograd_grad_reaches_any_subset_of_parameters(which):
+    model, compiled, x = _headed()
+    chain = _chain_params(model)
+    subset = {"all": [p for n, p in model.named_parameters() if not n.startswith("unused")], "chain": chain,
+              "one_chain_weight": [model.layers[3].weight],
+              "head_and_chain_bias": [model.head.weight, model.layers[7].bias, model.inp.bias]}[which]
+    got = torch.autograd.grad(_loss(compiled, x), subset)
+    want = torch.autograd.grad(_loss(model, x), subset)
+    for g, w in zip(got, want):
+        _close(g, w)
+    assert all(p.grad is None for p in model.parameters())  # autograd.grad writes no .grad
+
+
+def test_autograd_grad_with_allow_unused():
+    model, compiled, x = _headed()
+    wanted = [model.layers[0].weight, model.unused.weight, model.head.bias]
+    got = torch.autograd.grad(_loss(compiled, x), wanted, allow_unused=True)
+    want = torch.autograd.grad(_loss(model, x), wanted, allow_unused=True)
+    assert got[1] is None and want[1] is None
+    _close(got[0], want[0])
+    _close(got[2], want[2])
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("which", ["chain_weight", "chain_and_head", "all_chain"])
+def test_backward_with_inputs_fills_only_those(which):
+    model, compiled, x = _headed()
+    chain = _chain_params(model)
+    chosen = {"chain_weight": [model.layers[5].weight], "chain_and_head": [model.layers[2].bias, model.head.weight],
+              "all_chain": chain}[which]
+    _loss(model, x).backward(inputs=chosen)
+    want = {id(p): p.grad.clone() for p in chosen}
+    model.zero_grad(set_to_none=True)
+    _loss(compiled, x).backward(inputs=chosen)
+    for p in model.parameters():
+        if id(p) in want:
+            _close(p.grad, want[id(p)])
+        else:
+            assert p.grad is None
+
+
+def test_input_gradient_alone_writes_no_parameter_grad():
+    model, compiled, x = _headed()
+    x = x.requires_grad_()
+    (got,) = torch.autograd.grad(_loss(compiled, x), x)
+    (want,) = torch.autograd.grad(_loss(model, x), x)
+    _close(got, want)
+    assert all(p.grad is None for p in model.parameters())
+    _loss(compiled, x).backward(inputs=[x])
+    _close(x.grad, want)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_plain_backward_writes_directly_and_accumulates():
+    model, compiled, x = _headed()
+    x2 = torch.randn_like(x)
+    _loss(model, x).backward()
+    _loss(model, x2).backward()
+    want = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    _loss(compiled, x).backward()
+    assert _direct_writes(compiled) == [True, True]  # the fast path is kept where it is safe
+    _loss(compiled, x2).backward()
+    got = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        _close(g, w)
+
+
+def test_retain_graph_then_other_requests_on_the_same_graph():
+    """One graph differentiated three ways: plain backward twice (retain_graph), then autograd.grad."""
+    model, compiled, x = _headed()
+    loss = _loss(model, x)
+    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)
+    want = [p.grad.clone() for p in _chain_params(model)]
+    want_grad = torch.autograd.grad(loss, [model.layers[1].weight])[0]
+    model.zero_grad(set_to_none=True)
+    loss = _loss(compiled, x)
+    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)
+    for p, w in zip(_chain_params(model), want):
+        _close(p.grad, w)
+    before = [p.grad.clone() for p in _chain_params(model)]
+    _close(torch.autograd.grad(loss, [model.layers[1].weight])[0], want_grad)
+    for p, b in zip(_chain_params(model), before):  # autograd.grad left every .grad alone
+        _close(p.grad, b)
+
+
+def test_hooks_registered_between_forward_and_backward_fire():
+    """Whether ``.grad`` may be written directly is decided in the backward pass: a hook registered after
+    the forward pass still sees its gradient (and the Parameters then go through autograd)."""
+    model, compiled, x = _headed()
+    seen = {"hook": [], "post": []}
+    loss = _loss(compiled, x)
+    p, q = model.layers[4].weight, model.layers[6].bias
+    p.register_hook(lambda g: seen["hook"].append(g.clone()))
+    q.register_post_accumulate_grad_hook(lambda t: seen["post"].append(t.grad.clone()))
+    loss.backward()
+    assert len(seen["hook"]) == len(seen["post"]) == 1  # both fired in the compiled model's backward
+    got = [t.grad.clone() for t in model.parameters() if t.grad is not None]
+    model.zero_grad(set_to_none=True)
+    _loss(model, x).backward()
+    _close(seen["hook"][0], p.grad)
+    _close(seen["post"][0], q.grad)
+    want = [t.grad for t in model.parameters() if t.grad is not None]
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        _close(g, w)

@@ -1,25 +1,37 @@
 """Direct gradients: a stacked per-step gradient written into L Parameters' ``.grad`` at once.
 
-Autograd gives every leaf tensor its own ``AccumulateGrad`` node, and the engine runs each
-of them separately: for a deep chain's thousands of Parameters that costs more than the
-parallel solve's whole forward and backward (``benchmarks/results/backward_vs_autograd_cpu.csv``:
-``bwd_solve_ms`` against ``bwd_solve+stack_ms``). So a stacked per-step input (``StackedAttributes``) can instead enter the graph through one
-private *anchor* leaf: its backward receives the stacked gradient G (L, ...) and
+A stacked per-step input (``StackedAttributes``) enters the graph through one custom node whose
+inputs are a private *anchor* leaf and the L Parameters themselves, so every way of asking
+autograd for gradients reaches them. Its backward receives the stacked gradient G (L, ...) and
+asks the engine whether it will run the anchor's ``AccumulateGrad`` node
+(``torch._C._will_engine_execute_node``): only a plain ``loss.backward()`` does (no ``inputs=``,
+not ``torch.autograd.grad``: those run only what leads to the tensors asked for, never the
+private anchor). Then, where it is *provably* what autograd would do, it
 
-- sets ``p.grad = G[l]`` (views of G) where ``.grad`` is None, or adds ``G[l]`` to the
-  existing ``.grad`` (one ``torch._foreach_add_``), exactly as ``AccumulateGrad`` would;
-- checks that no Parameter was modified in place between the forward and the backward
-  pass (autograd's own "modified by an inplace operation" check, which a leaf-free graph
-  would otherwise lose).
+- sets ``p.grad = G[l]`` (views of one buffer) where ``.grad`` is None, or adds ``G[l]`` to the
+  existing ``.grad`` (one ``torch._foreach_add_``), exactly as ``AccumulateGrad`` would, and
+  returns no gradient for the Parameters (the engine still visits their ``AccumulateGrad``
+  nodes, which do nothing without one);
 
-This is only used where it does what autograd's own accumulation would: every tensor is a
-distinct leaf (a Parameter tied into several steps needs its gradients summed: autograd
-does that) that requires grad and has no tensor hooks (``register_hook``,
-``register_post_accumulate_grad_hook``), and no ``torch.distributed`` process group is up
-(DistributedDataParallel and FSDP hook ``AccumulateGrad`` nodes from C++). The one thing it
-changes: the Parameters are not nodes of the graph, so ``torch.autograd.grad(loss, params)``
-and ``loss.backward(inputs=params)`` do not reach them (an "unused" error; no gradient with
-``inputs=``). Use ``Config(direct_grads=False)`` for those; ``loss.backward()`` is unaffected.
+and otherwise returns ``G[l]`` for each Parameter, and autograd's own ``AccumulateGrad`` nodes
+(or ``torch.autograd.grad``'s capture) take them: ``torch.autograd.grad(loss, params)``, any
+subset, ``allow_unused``; ``loss.backward(inputs=[p])``; hooks. In every case it checks that no
+Parameter was modified in place between the forward and the backward pass (autograd's own
+"modified by an inplace operation" check, which the solve's saved stack would not see).
+
+Provably safe, checked in the backward pass (hooks registered after the forward count): a plain
+``loss.backward()`` without ``create_graph``; every tensor a leaf that requires grad, each in one
+row (a tensor tied into several steps needs its gradients summed: the flat group guarantees
+distinct rows); no tensor hooks (``register_hook``, ``register_post_accumulate_grad_hook``); no
+``torch.distributed`` process group up (DistributedDataParallel and FSDP hook ``AccumulateGrad``
+nodes from C++, invisibly from here). Hooks put directly on an ``AccumulateGrad`` node
+(``get_gradient_edge(p).node.register_hook``) outside a process group are not seen: they run with
+no gradient in a plain backward.
+
+Cost (``benchmarks/results/backward_vs_autograd_cpu.csv``): giving the graph L Parameter inputs
+costs a little per Parameter (the Function's arguments forward, one engine visit backward), far
+less than autograd's own stacking (one ``AccumulateGrad`` accumulation each), which the other
+requests pay as eager does.
 """
 from __future__ import annotations
 
@@ -100,22 +112,34 @@ class GradBuffer:
 def direct_grads_apply(stacked: torch.Tensor, tensors: list, grad_buffer: Optional[GradBuffer] = None
                        ) -> torch.Tensor:
     """``stacked`` (whose rows hold ``tensors``' values) as a differentiable tensor whose gradient
-    lands in ``tensors[l].grad``; ``grad_buffer`` lets later calls reuse the ``.grad`` views."""
+    reaches ``tensors`` (all leaves requiring grad): written into ``.grad`` directly in a plain
+    ``loss.backward()`` where that is safe, else handed to autograd (see the module docstring);
+    ``grad_buffer`` lets later calls reuse the ``.grad`` views."""
     anchor = torch.zeros((), dtype=stacked.dtype, device=stacked.device, requires_grad=True)
-    return _DirectGrads.apply(anchor, stacked, tensors, list(map(_VERSION, tensors)), grad_buffer or GradBuffer())
+    return _DirectGrads.apply(anchor, stacked, grad_buffer or GradBuffer(), tensors, *tensors)
+
+
+def plain_backward(anchor_node) -> bool:
+    """Whether the running backward pass is a plain ``loss.backward()`` (no ``inputs=``, not
+    ``torch.autograd.grad``): the engine then runs every node of the graph, the private
+    ``anchor_node`` included; otherwise it runs only what leads to the requested inputs, which
+    the anchor never is. Any doubt (another engine, e.g. compiled autograd) answers False."""
+    try:
+        return bool(torch._C._will_engine_execute_node(anchor_node))
+    except (RuntimeError, TypeError):
+        return False
 
 
 class _DirectGrads(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, anchor, stacked, tensors, versions, grad_buffer):
-        ctx.tensors, ctx.versions, ctx.grad_buffer = tensors, versions, grad_buffer
+    def forward(ctx, anchor, stacked, grad_buffer, tensors, *inputs):
+        ctx.tensors, ctx.versions, ctx.grad_buffer = tensors, list(map(_VERSION, tensors)), grad_buffer
         return stacked.detach()
 
-    # The anchor is private, so the engine runs this node only in a plain ``loss.backward()`` (an
-    # ``autograd.grad`` or ``backward(inputs=...)`` call never asks for the anchor's gradient).
     @staticmethod
     def backward(ctx, grad):
         tensors = ctx.tensors
+        nothing = (None, None, None, None)
         if list(map(_VERSION, tensors)) != ctx.versions:
             raise StaleParameters(
                 "one of the Parameters stacked into a deeppcr chain was modified by an inplace operation "
@@ -123,8 +147,12 @@ class _DirectGrads(torch.autograd.Function):
                 "run the forward pass again after changing the Parameters."
             )
         if grad is None:
-            return None, None, None, None, None
+            return nothing + (None,) * len(tensors)
         grad = grad.to(tensors[0].dtype)
+        # Checked now, not in the forward pass: hooks registered or a process group set up since count.
+        if torch.is_grad_enabled() or not plain_backward(ctx.next_functions[0][0]) \
+                or not supports_direct_grads(tensors):
+            return nothing + grad.unbind(0)  # autograd's AccumulateGrad nodes take them from here
         with torch.no_grad():
             current = list(map(_GRAD, tensors))
             if all(g is None for g in current):  # the usual case after optimizer.zero_grad()
@@ -139,4 +167,5 @@ class _DirectGrads(torch.autograd.Function):
                         incoming.append(g)
                 if existing:
                     torch._foreach_add_(existing, incoming)
-        return None, None, None, None, None
+        # None for each tensor: its AccumulateGrad node, which the engine still visits, does nothing.
+        return nothing + (None,) * len(tensors)

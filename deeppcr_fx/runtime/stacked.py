@@ -18,9 +18,11 @@ This module removes both:
   ``torch.stack`` per call, as does a tensor tied into several steps (it cannot view two rows),
   a Parameter that views a user's larger tensor (``Parameter(flat[l])``: flattening would cut it
   loose) and a tensor swapped in by ``torch.func.functional_call`` (``FlatGroups.may_flatten``).
-- **Direct gradients** (``Config.direct_grads``, see ``direct_grads.py``): in a plain
-  ``loss.backward()`` the stacked gradient is written into the Parameters' ``.grad`` (as
-  views of one buffer) instead of flowing through L autograd leaves.
+- **Direct gradients** (``Config.direct_grads``, see ``direct_grads.py``): the flat buffer enters
+  the graph through one node whose inputs are the L Parameters (so ``torch.autograd.grad`` and
+  ``backward(inputs=...)`` reach them); in a plain ``loss.backward()`` it writes the stacked
+  gradient into their ``.grad`` (as views of one buffer) instead of having autograd accumulate
+  it leaf by leaf, and hands it to autograd otherwise (hooks, a process group, other requests).
 
 The module keeps each owner module and attribute name (in the GraphModule's tree, which holds
 the user's Parameter objects, as ``get_attr`` would read them) and reads ``owner._parameters``
@@ -39,7 +41,7 @@ from typing import Optional
 
 import torch
 
-from .direct_grads import _IS_LEAF, _REQUIRES_GRAD, GradBuffer, direct_grads_apply, supports_direct_grads
+from .direct_grads import _IS_LEAF, _REQUIRES_GRAD, GradBuffer, direct_grads_apply
 
 # A group that had to be re-flattened this many times in a row (its tensors keep being replaced)
 # stops re-flattening and stacks per call.
@@ -125,6 +127,20 @@ class FlatGroups:
 FLAT_GROUPS = FlatGroups()  # the registry every StackedAttributes shares by default (see the module docstring)
 
 
+class _Accumulators:
+    """A flat group and its tensors' ``AccumulateGrad`` nodes; a copy starts empty (nodes cannot be copied)."""
+
+    def __init__(self) -> None:
+        self.group: Optional[_FlatGroup] = None
+        self.nodes: list = []
+
+    def __deepcopy__(self, memo) -> "_Accumulators":
+        return _Accumulators()
+
+    def __reduce__(self):
+        return (_Accumulators, ())
+
+
 class StackedAttributes(torch.nn.Module):
     """``forward() -> torch.stack([owner.<name> for each (owner, name)])``, kept as flat storage."""
 
@@ -143,6 +159,7 @@ class StackedAttributes(torch.nn.Module):
         self._flattened = False
         self._reflattens = 0  # consecutive calls that found the tensors changed and flattened again
         self.mode = "stack"  # how the last call stacked: "flat" or "stack" (for tests and the report)
+        object.__setattr__(self, "_accumulators", _Accumulators())
 
     def forward(self) -> torch.Tensor:
         # Every per-call pass over the L tensors is a C-level map: at L = 4096 a Python loop per
@@ -159,9 +176,19 @@ class StackedAttributes(torch.nn.Module):
             # Under grad mode the solve may save these values for a backward pass (for an input's
             # gradient): a copy keeps a later in-place update of the frozen tensors from reaching it.
             return group.buffer.clone() if torch.is_grad_enabled() else group.buffer.detach()
-        if self.direct_grads and supports_direct_grads(tensors, flags):
+        if self.direct_grads and all(flags):  # leaves (a flat group's are), each of its own row
+            self._keep_accumulators(group, tensors)
             return direct_grads_apply(group.buffer, tensors, group.grads)
-        return torch.stack(tensors)  # autograd's own path: hooks, non-leaf or partly frozen tensors
+        return torch.stack(tensors)  # autograd's own path: partly frozen tensors
+
+    def _keep_accumulators(self, group: _FlatGroup, tensors: list) -> None:
+        """Hold the tensors' ``AccumulateGrad`` nodes while ``group`` is current: a leaf holds its node
+        only weakly, so each forward pass would otherwise make L new ones (half the cost of giving
+        the graph L Parameter inputs: ``benchmarks/results/backward_vs_autograd_cpu.csv``). Kept here,
+        not in the shared group, whose lifetime the first tensor decides (a node holds its tensor)."""
+        held = self._accumulators
+        if held.group is not group:
+            held.group, held.nodes = group, [torch.autograd.graph.get_gradient_edge(t).node for t in tensors]
 
     def _tensors(self) -> list:
         try:
