@@ -80,3 +80,63 @@ def test_warm_starts_back_off_when_fresh_inputs_never_meet_the_guess():
     assert not solves[0].warm_start  # nothing to start from
     assert solves[1].warm_start and solves[1].forward.guess_met is False and solves[1].forward.prefix == 12
     assert not any(s.warm_start for s in solves[2:]) and COLD_AFTER_MISS >= 2
+
+
+# --- states of several tensors (passes/find_states.py) -------------------------------------------------
+class _LSTMOverTime(nn.Module):
+    def __init__(self, inputs: int, hidden: int):
+        super().__init__()
+        self.cell, self.hidden = nn.LSTMCell(inputs, hidden), hidden
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], self.hidden, dtype=x.dtype)
+        c = torch.zeros(x.shape[0], self.hidden, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            h, c = self.cell(x[:, t], (h, c))
+        return h + 0.5 * c
+
+
+class _Oscillator(nn.Module):
+    """A hand-written two-tensor state: position and velocity under a learned force (symplectic Euler)."""
+
+    def __init__(self, w: int, steps: int, dt: float = 0.1):
+        super().__init__()
+        self.force, self.steps, self.dt = nn.Sequential(nn.Linear(w, w), nn.Tanh(), nn.Linear(w, w)), steps, dt
+
+    def forward(self, x):
+        v = torch.zeros_like(x)
+        for _ in range(self.steps):
+            v = 0.9 * v + self.dt * self.force(x)
+            x = x + self.dt * v
+        return x, v
+
+
+def _outputs_and_grads(model, x, out):
+    loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).reshape(o.shape)).sum()
+               for o in (out if isinstance(out, tuple) else (out,)))
+    return [o.detach() for o in (out if isinstance(out, tuple) else (out,))], \
+        torch.autograd.grad(loss, [x] + list(model.parameters()))
+
+
+@pytest.mark.parametrize("case", ["lstm", "oscillator"])
+def test_states_of_two_tensors_are_rewritten(case):
+    torch.manual_seed(0)
+    if case == "lstm":
+        model, x, L = _LSTMOverTime(3, 4).double(), torch.randn(2, 30, 3, dtype=torch.float64), 30
+    else:
+        model, x, L = _Oscillator(4, 24).double(), torch.randn(3, 4, dtype=torch.float64), 24
+    x.requires_grad_(True)
+    compiled = deeppcr.compile(model, policy="always")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _outputs_and_grads(model, x, compiled(x))
+    assert not [w for w in caught if "batching rule" in str(w.message)]  # lstm_cell decomposed: batched
+    want = _outputs_and_grads(model, x, model(x))
+    (record,) = compiled.report.chains
+    assert record.status == "rewritten" and record.length == L and record.state.startswith("(")
+    solve = compiled.graph_module.get_submodule(record.submodule)
+    assert solve.length == L and "getitem" in str(solve.step.code)  # the step unpacks the tuple state
+    for g, w in zip(got[0] + list(got[1]), want[0] + list(want[1])):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
+    stats = compiled.stats()[0].solves[-1]
+    assert stats.vectorized and stats.vmap_error is None

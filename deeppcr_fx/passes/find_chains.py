@@ -46,6 +46,19 @@ class Segment:
     nodes: list  # the state-dependent nodes, in graph order
     externals: list  # state-independent values read, in first-use order (slots)
     floats: list  # float constants, in traversal order (slots)
+    # a state of several tensors (passes/find_states.py): its components, in definition order; state_in and
+    # state_out are then the first components (names for the report). Empty for a single-tensor state.
+    state_ins: tuple = ()
+    state_outs: tuple = ()
+
+    @property
+    def ins(self) -> tuple:
+        """The state's components entering this step (one node for a single-tensor state)."""
+        return self.state_ins or (self.state_in,)
+
+    @property
+    def outs(self) -> tuple:
+        return self.state_outs or (self.state_out,)
 
 
 @dataclass
@@ -62,6 +75,11 @@ class Candidate:
     @property
     def nodes(self) -> list:
         return [n for s in self.segments for n in s.nodes]
+
+    @property
+    def components(self) -> int:
+        """How many tensors the state is (1: a single tensor; more: a tuple state)."""
+        return len(self.segments[0].ins)
 
 
 @dataclass
@@ -128,8 +146,11 @@ def _freeze(a: Any) -> Any:
 class _Form:
     """Canonical form of a list of nodes read from one input state."""
 
-    def __init__(self, state_in: fx.Node, nodes: list, strict: bool, gm) -> None:
-        self.state_in, self.strict, self.gm = state_in, strict, gm
+    def __init__(self, state_in, nodes: list, strict: bool, gm) -> None:
+        """``state_in``: the state's node, or a tuple of its components (keyed by position)."""
+        multi = isinstance(state_in, tuple)
+        self.state_index = {n: _Key(("S", j)) for j, n in enumerate(state_in)} if multi else {state_in: _Key(("S",))}
+        self.strict, self.gm = strict, gm
         self.local = {n: i for i, n in enumerate(nodes)}
         self.externals: list = []
         self._ext_index: dict = {}
@@ -149,8 +170,8 @@ class _Form:
         return _freeze(map_args(a, self._node_key, self._float_key))
 
     def _node_key(self, a: fx.Node) -> _Key:
-        if a is self.state_in:
-            return _Key(("S",))
+        if a in self.state_index:
+            return self.state_index[a]
         if a in self.local:
             return _Key(("L", self.local[a]))
         if a not in self._ext_index:
@@ -171,7 +192,7 @@ def _hashable(x: Any) -> Any:
         return repr(x)
 
 
-def canonical(state_in: fx.Node, nodes: list, strict: bool, gm=None) -> _Form:
+def canonical(state_in, nodes: list, strict: bool, gm=None) -> _Form:
     return _Form(state_in, nodes, strict, gm)
 
 
@@ -296,8 +317,8 @@ def _segments(ps: list, start: int, period: int, count: int, gm) -> list:
 
 def _self_contained(c: Candidate, order: dict) -> bool:
     """No segment reads a state-dependent value computed inside the chain by another segment."""
-    start = order[c.segments[0].state_in]
-    chain = set(c.nodes) | {c.segments[0].state_in}  # once: a copy per external made this O(L^2)
+    start = min(order[n] for n in c.segments[0].ins)
+    chain = set(c.nodes) | set(c.segments[0].ins)  # once: a copy per external made this O(L^2)
     for seg in c.segments:
         for x in seg.externals:
             if order[x] > start and _depends_on(x, chain, start, order):
@@ -320,10 +341,13 @@ def _depends_on(x: fx.Node, chain: set, start: int, order: dict) -> bool:
 
 
 def find_chains(gm: fx.GraphModule, sources: Optional[Iterable[fx.Node]] = None) -> list[Candidate]:
-    """Every repeated run of >= 2 segments, from all sources, without overlap."""
+    """Every repeated run of >= 2 segments, from all sources, without overlap: single-tensor states
+    (cuts at bottlenecks, below), then states of several tensors (``passes/find_states.py``) where the
+    single-tensor chains leave a source's path mostly uncovered."""
+    from .find_states import multi_state_candidates  # it builds on this module's forms and runs
+
     graph = gm.graph
-    if sources is None:
-        sources = default_sources(graph)
+    sources = default_sources(graph) if sources is None else list(sources)
     candidates = []
     for source, relax in ((s, r) for s in sources for r in (False, True)):
         if relax:
@@ -341,10 +365,12 @@ def find_chains(gm: fx.GraphModule, sources: Optional[Iterable[fx.Node]] = None)
                 candidates.append(Candidate(source, s_p, _segments(run, s_start, s_p, s_count, gm)))
     order = {n: i for i, n in enumerate(graph.nodes)}
     candidates = [c for c in candidates if _self_contained(c, order)]
-    candidates.sort(key=lambda c: -len(c.nodes))
+    candidates += [c for c in multi_state_candidates(gm, sources, candidates) if _self_contained(c, order)]
+    # most nodes covered first; on a tie the state of fewer tensors (a single-tensor chain) wins
+    candidates.sort(key=lambda c: (-len(c.nodes), c.components))
     chosen, used = [], set()
     for c in candidates:
         if used.isdisjoint(c.nodes):
             chosen.append(c)
             used.update(c.nodes)
-    return sorted(chosen, key=lambda c: order[c.segments[0].state_in])
+    return sorted(chosen, key=lambda c: min(order[n] for n in c.segments[0].ins))

@@ -29,7 +29,7 @@ def chain_record(index: int, plan: ChainPlan, gm: fx.GraphModule, options: Compi
     refusal = plan.refusal
     return ChainRecord(
         index=index, front_end=options.front_end, graph=options.graph_index,
-        state=c.segments[0].state_in.name, end=c.segments[-1].state_out.name, state_shape=shape,
+        state=_names(c.segments[0].ins), end=_names(c.segments[-1].outs), state_shape=shape,
         dtype=_dtype(info) if shape is not None else "",
         length=c.length, period=c.period, replaced=tuple(n.name for n in c.nodes), covers=covered_modules(c),
         n_per_step=0 if slots is None else slots.n_per_step,
@@ -38,6 +38,11 @@ def chain_record(index: int, plan: ChainPlan, gm: fx.GraphModule, options: Compi
         status=REWRITTEN if refusal is None else REFUSED,
         reason=None if refusal is None else refusal.reason, detail="" if refusal is None else refusal.detail,
         decision=plan.decision, cost=_cost(options, plan))
+
+
+def _names(nodes: tuple) -> str:
+    """A state's node name; a state of several tensors as ``(h, c)`` (the shape shown is the first's)."""
+    return nodes[0].name if len(nodes) == 1 else "(" + ", ".join(n.name for n in nodes) + ")"
 
 
 def _dtype(info) -> str:
@@ -72,7 +77,7 @@ def _inputs(c: Candidate, slots: Slots, gm: fx.GraphModule) -> tuple:
     """What each step reads besides the state: per-step (stacked), per-step float coefficients, shared."""
     segs = c.segments
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    start = order.get(segs[0].state_in, -1)
+    start = min(order.get(n, -1) for n in segs[0].ins)
 
     def describe(kind: str, first: fx.Node, last: fx.Node) -> InputRecord:
         info = info_of(first)

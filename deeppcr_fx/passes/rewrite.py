@@ -12,6 +12,9 @@ After::
     states = pcr_solve_0(x, stack, stack_1, ..., shared...)   # PCRSolve: (L, *x.shape)
     hL = states[L - 1]
 
+A state of several tensors (``passes/find_states.py``) enters as a tuple ``(h0, c0)`` and leaves as
+one stacked tensor per component: ``h_k = getitem(getitem(states, 0), k - 1)``.
+
 State-independent values a step reads are slots (``passes/template.py``): the same node
 in every segment is a shared input, different nodes are stacked (``StackedAttributes`` or
 ``torch.stack`` of the original Parameters, at call time, so gradients reach them),
@@ -61,10 +64,14 @@ def rewrite(gm: fx.GraphModule, plan: ChainPlan, config: Config, name: str, repl
     c, slots = plan.candidate, plan.template.slots
     for seg in c.segments:
         seg.state_in = replaced.get(seg.state_in, seg.state_in)
+        seg.state_ins = tuple(replaced.get(n, n) for n in seg.state_ins)
         seg.externals = [replaced.get(x, x) for x in seg.externals]
     graph, segs = gm.graph, c.segments
     members = set(c.nodes)
-    x0, last = segs[0].state_in, segs[-1].state_out
+    multi = c.components > 1
+    x0 = tuple(segs[0].ins) if multi else segs[0].state_in
+    # after the chain's last node: a state of several tensors ends in several nodes
+    last = segs[-1].state_out if not multi else max(c.nodes, key={n: i for i, n in enumerate(graph.nodes)}.get).next
     module = PCRSolve(plan.template.graph_module, c.length, slots.n_per_step, config, covered_modules(c), c.period)
     module.planned_mode = plan.mode
     gm.add_submodule(name, module)
@@ -79,9 +86,12 @@ def rewrite(gm: fx.GraphModule, plan: ChainPlan, config: Config, name: str, repl
         shared = [segs[0].externals[i] for i in slots.shared_ext]
         solve_node = graph.call_module(name, (x0, *per_step, *shared))
         outs = {}
+        components = [graph.call_function(operator.getitem, (solve_node, j)) for j in range(c.components)] \
+            if multi else [solve_node]
         for k, seg in enumerate(segs):
-            if seg is segs[-1] or any(u not in members for u in seg.state_out.users):
-                outs[seg.state_out] = graph.call_function(operator.getitem, (solve_node, k))
+            for out, states in zip(seg.outs, components):
+                if out not in outs and (seg is segs[-1] or any(u not in members for u in out.users)):
+                    outs[out] = graph.call_function(operator.getitem, (states, k))
     for old, new in outs.items():
         replaced[old] = new
         old.replace_all_uses_with(new, delete_user_cb=lambda u: u not in members)

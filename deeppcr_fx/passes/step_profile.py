@@ -35,10 +35,11 @@ import torch.nn.functional as F
 
 from ..config import Config
 from ..runtime import jacobians
-from ..runtime.state import batched_layout, sample_layout
+from ..runtime.state import batched_layout
 from .find_chains import Candidate
 from .shape_prop import info_of
 from .template import Slots
+from .validate import state_layout
 
 _BOOKKEEPING = {operator.getitem, getattr}
 _BOOKKEEPING_METHODS = {"size", "dim", "numel", "__getitem__", "type_as", "to"}
@@ -148,11 +149,12 @@ def profile(c: Candidate, gm: fx.GraphModule, config: Config, device_type: str, 
     """The cost model's view of candidate ``c``; None when the state's shape is unknown."""
 
     seg = c.segments[0]
-    info = info_of(seg.state_in)
-    if info is None or not info.is_tensor or c.shapes_differ:
+    infos = [info_of(n) for n in seg.ins]
+    if any(i is None or not i.is_tensor for i in infos) or c.shapes_differ:
         return None
+    info = infos[0]
     shape = info.shape
-    batch, width = sample_layout(shape, config.batch)
+    batch, width = state_layout([i.shape for i in infos], config.batch)
     members = set(seg.nodes)
     later = _module_paths(c.segments[1].nodes) if len(c.segments) > 1 else set()
     slots = Slots.of(c)
@@ -171,7 +173,7 @@ def profile(c: Candidate, gm: fx.GraphModule, config: Config, device_type: str, 
         module_calls=len(_module_paths(seg.nodes) - later),
         flops=float(sum(node_flops(n) for n in seg.nodes)),
         per_step_tensors=per_step, grad_tensors=int(grads),
-        residual=sum(u in members for u in seg.state_in.users) >= 2,
+        residual=c.components > 1 or sum(u in members for u in seg.state_in.users) >= 2,
         mode=jacobians.choose_mode(config.jacobian, int(width), config.full_max_state, c.length * int(batch)),
         iteration_cap=config.iteration_cap(c.length),
         itemsize=torch.empty((), dtype=info.dtype, device="meta").element_size(),

@@ -4,7 +4,8 @@ A validated chain's segments differ only in what they read besides the state. Ea
 value is a *slot* (``Slots``): the same node in every segment is a shared input, different
 nodes are per-step inputs (stacked along L), and float constants that differ per step become
 per-step coefficients. ``StepTemplate.build(candidate)`` copies segment 0 into its own graph
-``(z, *per_step_slices, *coefficients, *shared) -> z_next`` — built once, by ``validate``,
+``(z, *per_step_slices, *coefficients, *shared) -> z_next`` (``z`` a tuple for a state of several
+tensors, ``passes/find_states.py``) — built once, by ``validate``,
 which runs it on meta values, and handed to ``rewrite`` inside the chain's ``ChainPlan``.
 
 The copy walks each node's arguments with ``find_chains.map_args``, the traversal that
@@ -61,7 +62,11 @@ class StepTemplate:
         slots = Slots.of(c)
         seg = c.segments[0]
         g = fx.Graph()
-        env = {seg.state_in: g.placeholder("z")}
+        z = g.placeholder("z")
+        if c.components == 1:
+            env = {seg.state_in: z}
+        else:  # a tuple state: the solver passes (and wants back) the components in the segment's order
+            env = {n: g.call_function(operator.getitem, (z, j)) for j, n in enumerate(seg.state_ins)}
         for k, i in enumerate(slots.per_step_ext):
             env[seg.externals[i]] = g.placeholder(f"step_{k}")
         coefficients = {j: g.placeholder(f"coef_{k}") for k, j in enumerate(slots.per_step_float)}
@@ -79,7 +84,7 @@ class StepTemplate:
             env[n] = _filled(g, n, args, kwargs, slots_now) or g.create_node(
                 n.op, DECOMPOSITIONS.get(n.target, n.target) if n.op == "call_function" else n.target,
                 args, kwargs, name=n.name)
-        g.output(env[seg.state_out])
+        g.output(env[seg.state_out] if c.components == 1 else tuple(env[n] for n in seg.state_outs))
         g.lint()
         return cls(slots, fx.GraphModule(torch.nn.Module(), g, "PCRStep"))
 

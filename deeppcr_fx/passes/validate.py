@@ -13,6 +13,7 @@ autotuning) is applied afterwards by the pipeline's ``decide`` pass.
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import Optional
 
@@ -82,8 +83,8 @@ def _template_check(c: Candidate) -> "tuple[Optional[Refusal], Optional[StepTemp
     template = StepTemplate.build(c)
     slots = template.slots
     try:
-        state = info_of(seg.state_in)
-        args = [_meta(state)]
+        states = [info_of(n) for n in seg.ins]
+        args = [_meta(states[0]) if c.components == 1 else tuple(_meta(s) for s in states)]
         args += [_meta(info_of(seg.externals[i])) for i in slots.per_step_ext]
         args += [torch.empty((), dtype=torch.float64, device="meta") for _ in slots.per_step_float]
         args += [_meta(info_of(seg.externals[i])) for i in slots.shared_ext]
@@ -92,11 +93,15 @@ def _template_check(c: Candidate) -> "tuple[Optional[Refusal], Optional[StepTemp
     except META_FAILURES as exc:
         return Refusal(Reason.UNSTACKABLE_INPUT, f"the one-step template does not run with stacked inputs: "
                                                  f"{_first_line(exc)}"), None
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != state.shape or out.dtype != state.dtype:
-        return Refusal(Reason.SHAPES_DIFFER, f"one step maps {state.describe()} to {out!r:.80}"), None
+    outs = (out,) if c.components == 1 else out
+    if not isinstance(outs, tuple) or len(outs) != len(states) or any(
+            not isinstance(o, torch.Tensor) or tuple(o.shape) != s.shape or o.dtype != s.dtype
+            for o, s in zip(outs, states)):
+        described = ", ".join(s.describe() for s in states)
+        return Refusal(Reason.SHAPES_DIFFER, f"one step maps {described} to {out!r:.80}"), None
     try:  # Newton and the adjoint differentiate the step with respect to the state
         value, pullback = torch.func.vjp(lambda z: template.graph_module.forward(z, *args[1:]), args[0])
-        pullback(torch.ones_like(value))
+        pullback(torch.utils._pytree.tree_map(torch.ones_like, value))
     except META_FAILURES as exc:
         return Refusal(Reason.NOT_DIFFERENTIABLE, _first_line(exc)), None
     return None, template
@@ -122,11 +127,21 @@ def validate(plan: ChainPlan, gm: fx.GraphModule, shapes: ShapeInfo, config: Con
 def planned_mode(c: Candidate, config: Config) -> str:
     """The Jacobian mode ``deeppcr.solve`` will use for this chain's state (``""`` if its shape is unknown):
     the runtime's own rules, ``sample_layout`` (honours ``Config.batch``) and ``choose_mode``."""
-    info = info_of(c.segments[0].state_in)
-    if info is None or not info.is_tensor:
+    infos = [info_of(n) for n in c.segments[0].ins]
+    if any(info is None or not info.is_tensor for info in infos):
         return ""
-    batch, width = sample_layout(info.shape, config.batch)
+    batch, width = state_layout([info.shape for info in infos], config.batch)
     return choose_mode(config.jacobian, width, config.full_max_state, c.length * batch)
+
+
+def state_layout(shapes: list, batch) -> tuple:
+    """``(B, n)`` of a state of one or several tensors, as ``runtime/state.StateSpec.of`` splits it."""
+    if len(shapes) == 1:
+        return sample_layout(shapes[0], batch)
+    batched = batch if batch is not None else all(len(s) >= 2 for s in shapes) and len({s[0] for s in shapes}) == 1
+    if batched:
+        return shapes[0][0], sum(math.prod(s[1:]) for s in shapes)
+    return 1, sum(math.prod(s) for s in shapes)
 
 
 def _hooks(c: Candidate, gm: fx.GraphModule) -> Optional[Refusal]:
@@ -158,13 +173,14 @@ def _structure(c: Candidate, shapes: ShapeInfo) -> Optional[Refusal]:
     for n in c.nodes:
         if n.op == "call_module" and n.name in shapes.data_dependent:
             return Refusal(Reason.DATA_DEPENDENT_CONTROL_FLOW, f"{n.target}: {shapes.failed.get(n.name, '')}")
-    info = info_of(first.state_in)
-    if info is None or any(info_of(n) is None for n in c.nodes):
+    infos = [info_of(n) for n in first.ins]
+    if any(info is None for info in infos) or any(info_of(n) is None for n in c.nodes):
         return Refusal(Reason.SHAPES_UNKNOWN, f"no meta value for nodes after {first.state_in.name}")
-    if not info.is_tensor or not info.dtype.is_floating_point:
-        return Refusal(Reason.UNSUPPORTED_STATE, f"state {first.state_in.name} is {info.describe()}")
+    for n, info in zip(first.ins, infos):
+        if not info.is_tensor or not info.dtype.is_floating_point:
+            return Refusal(Reason.UNSUPPORTED_STATE, f"state {n.name} is {info.describe()}")
     members = set(c.nodes)
-    outs = {s.state_out for s in c.segments}
+    outs = {o for s in c.segments for o in s.outs}
     for n in c.nodes:
         if n not in outs and any(u not in members for u in n.users):
             return Refusal(Reason.ESCAPING_VALUE, f"{n.name} is used by {[u.name for u in n.users if u not in members]}")
