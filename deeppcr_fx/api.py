@@ -29,7 +29,7 @@ from .inspect.report import CompileReport
 from .inspect.telemetry import ChainStats, collect
 from .passes.dynamo import make_backend
 from .passes.hooks import hook_epoch, hooked
-from .results import CompileError, InvalidInput
+from .results import CompileError
 from .signature import describe, signature, training_sensitive
 from .specialise import Builder, Specialisation
 
@@ -137,58 +137,57 @@ class CompiledModule(torch.nn.Module):
         return self
 
     def forward(self, *args, **kwargs):
-        if kwargs:
-            raise InvalidInput("deeppcr.compile: pass inputs positionally (keyword inputs are not traced yet).")
         if hook_epoch() != self._hook_epoch:  # a hook was registered somewhere since the last call
             self._check_hooks()
-        key = signature(args, self._flag_modules)
+        key = signature(args, self._flag_modules, kwargs)
         spec = self._specialisations.get(key)
         if spec is not None and spec.reads is not None and not spec.reads.holds():
             self._forget(key, spec)  # a Python attribute the capture read has changed: specialise again
             spec = None
         if spec is not None:
             self._note_last(spec)
-            return spec.runner(*args)
+            return spec.runner(*args, **kwargs)
         with _BUILD_LOCK:  # one build at a time; its first run too (it flattens Parameters, see runtime/stacked.py)
             spec = self._specialisations.get(key)
             if spec is not None:  # another thread built it meanwhile
                 self._note_last(spec)
-                return spec.runner(*args)
+                return spec.runner(*args, **kwargs)
             if len(self._specialisations) >= self.deeppcr_config.cache_limit:
-                self._note_last(self._over_limit(args))
-                return self._original(*args)
-            spec = self._build(args)
+                self._note_last(self._over_limit(args, kwargs))
+                return self._original(*args, **kwargs)
+            spec = self._build(args, kwargs)
             first, spec.first_output = spec.first_output, None
             self._specialisations[key] = spec
             self._note_last(spec)
             if first is not None:
                 return first[1]  # the recording front end ran the model on these very inputs, in this call
-            return spec.runner(*args)
+            return spec.runner(*args, **kwargs)
 
-    def specialise(self, args: tuple) -> Specialisation:
-        """The specialisation for ``args``' signature, built now if there is none (nothing is run for it)."""
-        key = signature(args, self._flag_modules)
+    def specialise(self, args: tuple, kwargs: Optional[dict] = None) -> Specialisation:
+        """The specialisation for the signature of ``args`` (and ``kwargs``), built now if there is none
+        (nothing is run for it)."""
+        key = signature(args, self._flag_modules, kwargs)
         with _BUILD_LOCK:
             spec = self._specialisations.get(key)
             if spec is None and len(self._specialisations) >= self.deeppcr_config.cache_limit:
-                spec = self._over_limit(args)
+                spec = self._over_limit(args, kwargs)
             elif spec is None:
-                spec = self._build(args)
+                spec = self._build(args, kwargs)
                 spec.first_output = None  # never handed to a later call: its inputs may have changed
                 self._specialisations[key] = spec
         self._note_last(spec)
         return spec
 
-    def _over_limit(self, args: tuple) -> Specialisation:
+    def _over_limit(self, args: tuple, kwargs: Optional[dict] = None) -> Specialisation:
         """A signature past ``Config.cache_limit``: the original model runs (not kept, so memory stays bounded)."""
         limit = self.deeppcr_config.cache_limit
-        note = (f"cache_limit={limit} specialisations reached: inputs {describe(args)} run the original model "
+        note = (f"cache_limit={limit} specialisations reached: inputs {describe(args, kwargs)} run the original model "
                 "(raise Config.cache_limit, or call with fewer distinct shapes)")
         if not self._warned_limit:
             object.__setattr__(self, "_warned_limit", True)
             warnings.warn(f"deeppcr: {type(self._original).__name__}: {note}", RuntimeWarning, stacklevel=3)
         report = CompileReport(model=type(self._original).__name__, policy=self.deeppcr_config.policy,
-                               signature=describe(args), notes=[note])
+                               signature=describe(args, kwargs), notes=[note])
         return Specialisation(self._original, report, None)
 
     def _forget(self, key: tuple, spec: Specialisation) -> None:
@@ -203,8 +202,8 @@ class CompiledModule(torch.nn.Module):
             object.__setattr__(self, "_last", spec)
 
     # --- building -----------------------------------------------------------------------
-    def _build(self, args: tuple) -> Specialisation:
-        return self._builder.build(args)
+    def _build(self, args: tuple, kwargs: Optional[dict] = None) -> Specialisation:
+        return self._builder.build(args, kwargs)
 
     def _check_hooks(self) -> None:
         """Hooks were registered somewhere since the last look (O(1) to notice, see ``passes/hooks.py``):

@@ -7,6 +7,7 @@ every call, so it must stay cheap: O(1) in the model's depth for stacks of torch
 from __future__ import annotations
 
 import operator
+from typing import Optional
 
 import torch
 
@@ -44,10 +45,10 @@ def _autocast() -> tuple:
     return tuple((d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d))
 
 
-def signature(args: tuple, flag_modules: list) -> tuple:
+def signature(args: tuple, flag_modules: list, kwargs: Optional[dict] = None) -> tuple:
     """What a specialisation depends on: grad mode, saved-tensor hooks, autocast, the train/eval flags
-    of ``flag_modules``, and each input's shape, dtype and device (or a value's repr). Built on every
-    call: keep it cheap."""
+    of ``flag_modules``, and each input's shape, dtype and device (or a value's repr), keyword inputs
+    by name (in the order given). Built on every call: keep it cheap."""
     key = [torch.is_grad_enabled(), _saved_tensor_hooks(False) is not None, _autocast(),
            tuple(map(_TRAINING, flag_modules))]
     for a in args:
@@ -55,13 +56,22 @@ def signature(args: tuple, flag_modules: list) -> tuple:
             key += (a.shape, a.dtype, a.device)
         else:
             key += ("value", type(a).__name__, repr(a))
+    if kwargs:
+        for name, a in kwargs.items():
+            if isinstance(a, torch.Tensor):
+                key += (name, a.shape, a.dtype, a.device)
+            else:
+                key += (name, "value", type(a).__name__, repr(a))
     return tuple(key)
 
 
-def describe(args: tuple) -> str:
-    """``float32[2, 4]@cpu, 3``: the inputs, for reports and messages."""
-    return ", ".join(f"{str(a.dtype).replace('torch.', '')}{list(a.shape)}@{a.device}" if isinstance(a, torch.Tensor)
-                     else repr(a) for a in args)
+def _describe(a) -> str:
+    return f"{str(a.dtype).replace('torch.', '')}{list(a.shape)}@{a.device}" if isinstance(a, torch.Tensor) else repr(a)
+
+
+def describe(args: tuple, kwargs: Optional[dict] = None) -> str:
+    """``float32[2, 4]@cpu, 3, mask=int64[2, 4]@cpu``: the inputs, for reports and messages."""
+    return ", ".join([_describe(a) for a in args] + [f"{k}={_describe(a)}" for k, a in (kwargs or {}).items()])
 
 
 def autocast_on() -> bool:

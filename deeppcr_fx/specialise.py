@@ -8,13 +8,11 @@ own or its forward has Python side effects), its report and its emitted graph.
 """
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any, Optional
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_unflatten
 
 from .config import Config
 from .inspect.report import CompileReport
@@ -23,7 +21,9 @@ from .passes.hooks import describe_hooks, has_hooks, hooked
 from .passes.options import CompileOptions
 from .passes.pipeline import run_pipeline
 from .passes.reads import AttributeGuard, recording_reads
-from .passes.record import OUTPUT_SPEC, record
+from .passes.escapes import recompute_escapes
+from .passes.pytrees import Inputs, Outputs
+from .passes.record import INPUTS, OUTPUT_SPEC, record
 from .passes.trace import trace
 from .results import CompileError, Reason, RecordFailure, TraceFailure
 from .signature import autocast_on, describe
@@ -31,8 +31,16 @@ from .signature import autocast_on, describe
 logger = logging.getLogger(__name__)
 
 
-def _unflattened(gm: fx.GraphModule, spec, *args):
-    return tree_unflatten(list(gm(*args)), spec)
+class GraphCall:
+    """Calls a recorded graph as the model is called: picks the graph's tensor inputs from the call's
+    arguments (``Inputs``) and rebuilds the model's output from the tensors it returns (``Outputs``)."""
+
+    def __init__(self, gm: fx.GraphModule, inputs: Inputs, outputs: Optional[Outputs]) -> None:
+        self.gm, self.inputs, self.outputs = gm, inputs, outputs
+
+    def __call__(self, *args, **kwargs):
+        out = self.gm(*self.inputs.tensors(args, kwargs))
+        return out if self.outputs is None else self.outputs.rebuild(out)
 
 
 class Specialisation:
@@ -49,15 +57,15 @@ class Builder:
     def __init__(self, model: torch.nn.Module, config: Config) -> None:
         self.model, self.config = model, config
 
-    def build(self, args: tuple) -> Specialisation:
-        model, config = self.model, self.config
+    def build(self, args: tuple, kwargs: Optional[dict] = None) -> Specialisation:
+        model, config, kwargs = self.model, self.config, dict(kwargs or {})
         new_report = lambda: CompileReport(model=type(model).__name__, policy=config.policy,  # noqa: E731
-                                           signature=describe(args))
+                                           signature=describe(args, kwargs))
         errors: list = []
         symbolic = None
         if config.front_end in ("auto", "symbolic"):
             try:
-                symbolic = self._symbolic(args, new_report())
+                symbolic = self._symbolic(args, kwargs, new_report())
             except TraceFailure as exc:
                 errors.append(f"symbolic tracing: {exc}")
             else:
@@ -65,10 +73,10 @@ class Builder:
                 if config.front_end == "symbolic" or not opaque_refusals:
                     return symbolic
         if config.front_end == "dynamo":
-            return self._dynamo(args, new_report())
+            return self._dynamo(new_report())
         if config.front_end in ("auto", "record"):
             try:
-                recorded = self._record(args, new_report())
+                recorded = self._record(args, kwargs, new_report())
             except RecordFailure as exc:
                 errors.append(f"recording: {exc}")
             else:
@@ -83,9 +91,13 @@ class Builder:
                 return recorded
         if symbolic is not None:
             return symbolic
+        if config.front_end == "auto":  # neither captured the model: TorchDynamo may (it runs on the first call)
+            return self._dynamo(new_report(), errors)
         return self._fail(new_report(), Reason.TRACE_FAILED, "; ".join(errors))
 
-    def _symbolic(self, args: tuple, report: CompileReport) -> Specialisation:
+    def _symbolic(self, args: tuple, kwargs: dict, report: CompileReport) -> Specialisation:
+        if kwargs:
+            raise TraceFailure("keyword inputs are captured by recording a run")
         with recording_reads(AttributeGuard(), self.model) as reads:
             try:
                 traced = trace(self.model, args)
@@ -96,41 +108,45 @@ class Builder:
         result = run_pipeline(traced.graph_module, options, report)
         return Specialisation(self._runner(result, report, reads), report, result.graph_module, reads=reads.freeze())
 
-    def _record(self, args: tuple, report: CompileReport) -> Specialisation:
+    def _record(self, args: tuple, kwargs: dict, report: CompileReport) -> Specialisation:
         with recording_reads(AttributeGuard(), self.model) as reads:
-            gm, out = record(self.model, args)
-        spec = gm.meta.get(OUTPUT_SPEC)
+            gm, out = record(self.model, args, kwargs)
+        inputs = gm.meta[INPUTS]
         report.front_end, report.captured = "record", 1
         report.notes.append("recorded one concrete run: Python-side state changes (e.g. a scheduler's counters) "
                             "happen when the original model runs, not in the rewritten graph")
-        options = CompileOptions(self.config, args, front_end="record", autocast=autocast_on())
+        tensors = tuple(inputs.tensors(args, kwargs))
+        report.notes.extend(recompute_escapes(gm, tensors))
+        options = CompileOptions(self.config, tensors, front_end="record", autocast=autocast_on())
         result = run_pipeline(gm, options, report)
         runner = self._runner(result, report, reads)
-        if spec is not None and runner is result.graph_module:  # the graph returns the output's leaves
-            runner = functools.partial(_unflattened, result.graph_module, spec)
+        if runner is result.graph_module:
+            runner = GraphCall(result.graph_module, inputs, gm.meta.get(OUTPUT_SPEC))
         return Specialisation(runner, report, result.graph_module, first_output=(args, out),
                                reads=reads.freeze())
 
-    def _dynamo(self, args: tuple, report: CompileReport) -> Specialisation:
-        backend = DynamoBackend(self.config, model_name=type(self.model).__name__)
+    def _dynamo(self, report: CompileReport, errors: tuple = ()) -> Specialisation:
+        backend = DynamoBackend(self.config, model_name=type(self.model).__name__, model=self.model)
         compiled = torch.compile(self.model, backend=backend, fullgraph=True, dynamic=False)
 
-        def runner(*a):
+        def runner(*a, **kw):
             try:
-                out = compiled(*a)
+                out = compiled(*a, **kw)
             except Exception as exc:
                 if spec.graph_module is not None:  # it captured before: a genuine error of the model
                     raise
-                detail = f"TorchDynamo (fullgraph) could not capture the model: {type(exc).__name__}: " + \
-                         (str(exc).splitlines()[0] if str(exc) else "")
+                detail = "; ".join([*errors, f"TorchDynamo (fullgraph) could not capture the model: "
+                                    f"{type(exc).__name__}: " + (str(exc).splitlines()[0] if str(exc) else "")])
                 spec.runner = self._fail(report, Reason.TRACE_FAILED, detail).runner
-                return spec.runner(*a)
+                return spec.runner(*a, **kw)
             if backend.reports:
                 latest = backend.reports[-1]
                 report.front_end, report.captured = "dynamo", len(backend.graph_modules)
                 report.graphs = latest.graphs
                 report.chains, report.notes = latest.chains, report.notes + [n for n in latest.notes
                                                                                if n not in report.notes]
+                report.notes.extend(f"{e}; captured with TorchDynamo instead" for e in errors
+                                    if f"{e}; captured with TorchDynamo instead" not in report.notes)
                 spec.graph_module = backend.graph_modules[-1]
             return out
 

@@ -3,7 +3,10 @@
 TorchDynamo follows Python that symbolic tracing cannot (a diffusers scheduler's
 ``step`` with its ``step_index`` bookkeeping, Python-int timesteps), unrolls the loop
 and hands over one graph per captured region. Parameters usually arrive as graph
-inputs (placeholders); a chain may start only from the other floating inputs. Random
+inputs (placeholders); a chain may start from the other inputs' floating tensors and from
+the first floating tensors computed from them (``passes/sources.py``: an embedding of token
+ids). Values a chain's steps hand to the caller (a KV cache in the output) are recomputed
+after the chain (``passes/escapes.py``). Random
 draws whose shape is static do not depend on the state, so they stay in the graph in
 their original order and the rewritten graph draws exactly the same numbers.
 
@@ -20,8 +23,11 @@ import torch.fx as fx
 
 from ..config import Config
 from ..inspect.report import CompileReport
+from .escapes import recompute_escapes
 from .options import CompileOptions
 from .pipeline import run_pipeline
+from .shape_prop import propagate
+from .sources import default_sources
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +40,11 @@ def _describe_inputs(example_inputs) -> str:
 class DynamoBackend:
     """A TorchDynamo backend running the deeppcr pipeline on every graph it receives."""
 
-    def __init__(self, config: Config, reports: Optional[list] = None, model_name: str = "dynamo graph") -> None:
+    def __init__(self, config: Config, reports: Optional[list] = None, model_name: str = "dynamo graph",
+                 model: Optional[torch.nn.Module] = None) -> None:
         self.config = config
+        # the model's own tensors arrive as graph inputs too: they are not the caller's inputs
+        self._state = set() if model is None else {id(t) for t in list(model.parameters()) + list(model.buffers())}
         self.reports = [] if reports is None else reports
         self.model_name = model_name
         self.graph_modules: list = []
@@ -44,8 +53,11 @@ class DynamoBackend:
         report = CompileReport(model=self.model_name, policy=self.config.policy,
                                signature=_describe_inputs(example_inputs), front_end="dynamo", captured=1)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        sources = [n for n, x in zip(placeholders, example_inputs)
-                   if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter)]
+        inputs = [n for n, x in zip(placeholders, example_inputs) if isinstance(x, torch.Tensor)
+                  and not isinstance(x, torch.nn.Parameter) and id(x) not in self._state]
+        propagate(gm, tuple(example_inputs))
+        sources = default_sources(gm.graph, inputs)
+        report.notes.extend(recompute_escapes(gm, tuple(example_inputs), sources))
         options = CompileOptions(self.config, tuple(example_inputs), front_end="dynamo",
                                  graph_index=len(self.graph_modules), sources=tuple(sources))
         result = run_pipeline(gm, options, report)

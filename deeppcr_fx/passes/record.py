@@ -14,6 +14,17 @@ graph there. Recording runs the model once on the real inputs under a
   only sound when they do not depend on the inputs: reading an input-dependent value
   (data-dependent control flow) makes recording fail with that reason.
 
+Work that reads only a tensor's shape, dtype and device (``zeros_like(h)``, ``h.new_full(...)``)
+is recorded as the factory call it amounts to (``zeros(shape, dtype=, device=)``), which reads
+no tensor: it does not depend on the state, so a chain finder hoists it. A concatenation with
+legacy 1-D empty tensors (``cat([torch.tensor([]), k])``, how a transformers ``DynamicCache``
+starts) is recorded without them: the same value, and vmap can batch it.
+
+Inputs may be positional or keyword; tensors become placeholders (``Inputs``), other values
+(``None``, flags) are baked in. The output may be any pytree, with objects torch's pytree does
+not know inside it (a ``DynamicCache``): the graph returns the output's tensors and
+``gm.meta[OUTPUT_SPEC]`` (an ``Outputs``) rebuilds the model's output from them.
+
 The graph is specialised to the recorded run: the same loop length, the same Python
 decisions. Python-side effects (a scheduler's step counter) happen during recording
 only; models whose forward resets such state at its start (as samplers do) replay
@@ -28,10 +39,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from ..results import RecordFailure
 from .live import share_children
+from .pytrees import Inputs, Outputs
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +52,12 @@ _CONCRETE_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__
 _DATA_DEPENDENT_SHAPES = {torch.nonzero, torch.Tensor.nonzero, torch.masked_select, torch.Tensor.masked_select,
                           torch.unique, torch.argwhere}
 _SKIP = {torch.Tensor.__repr__, torch.Tensor.__format__, torch.Tensor.__str__}
+# ops whose result depends only on their tensor argument's shape, dtype and device: -> the factory, and
+# where its fill value sits (None: no fill value)
+_LIKE = {torch.zeros_like: (torch.zeros, None), torch.ones_like: (torch.ones, None),
+         torch.empty_like: (torch.empty, None), torch.full_like: (torch.full, 1),
+         torch.Tensor.new_zeros: (torch.zeros, None), torch.Tensor.new_ones: (torch.ones, None),
+         torch.Tensor.new_empty: (torch.empty, None), torch.Tensor.new_full: (torch.full, 2)}
 
 
 def _method_names() -> dict:
@@ -148,6 +165,13 @@ class _Recorder(TorchFunctionMode):
             return out
         if not list(_tensors(out)):
             return out
+        if func in _LIKE and isinstance(out, torch.Tensor):
+            factory = self._factory(func, out, args, kwargs)
+            if factory is not None:
+                self.nodes[id(out)] = (out, factory)
+                return out
+        if func in (torch.cat, torch.concat, torch.concatenate) and args and isinstance(args[0], (list, tuple)):
+            args = (_without_legacy_empty(args[0]),) + tuple(args[1:])
         try:
             node = _emit(self.graph, func, self._arg(tuple(args)), self._arg(dict(kwargs)))
         except RecordFailure as exc:
@@ -169,19 +193,51 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
+    def _factory(self, func, out: torch.Tensor, args: tuple, kwargs: dict):
+        """``zeros_like(h)`` as ``zeros(h.shape, dtype=, device=)``: a node that reads no tensor (None when
+        the fill value is itself a tensor)."""
+        factory, fill_at = _LIKE[func]
+        extra = {"dtype": out.dtype, "device": out.device}
+        if out.requires_grad and kwargs.get("requires_grad"):
+            extra["requires_grad"] = True
+        if fill_at is None:
+            return self.graph.call_function(factory, (tuple(out.shape),), extra)
+        fill = args[fill_at] if len(args) > fill_at else kwargs.get("fill_value")
+        if isinstance(fill, torch.Tensor) or fill is None:
+            return None
+        return self.graph.call_function(factory, (tuple(out.shape), fill), extra)
+
+
+def _without_legacy_empty(tensors):
+    """``cat``'s legacy rule skips 1-D empty tensors among higher-dimensional ones: drop them explicitly."""
+    kept = [t for t in tensors if not (isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == 0)]
+    if kept and len(kept) < len(tensors) and all(isinstance(t, torch.Tensor) for t in kept):
+        return type(tensors)(kept) if isinstance(tensors, (list, tuple)) else kept
+    return tensors
+
+
 OUTPUT_SPEC = "deeppcr_output_spec"
+INPUTS = "deeppcr_inputs"
 
 
-def record(model: torch.nn.Module, example_inputs: tuple) -> tuple[fx.GraphModule, Any]:
-    """Run ``model(*example_inputs)`` once; return the recorded GraphModule and the run's output.
+def record(model: torch.nn.Module, example_inputs: tuple, example_kwargs: "dict | None" = None
+           ) -> tuple[fx.GraphModule, Any]:
+    """Run ``model(*example_inputs, **example_kwargs)`` once; return the recorded GraphModule and the output.
 
-    A model returning a pytree (tuple, dict, dataclass, ModelOutput) is recorded as a graph that
-    returns the flattened leaves; ``gm.meta[OUTPUT_SPEC]`` is the ``TreeSpec`` to rebuild it."""
+    The graph's inputs are the call's tensors (``Inputs.of(args, kwargs)``: positional, then keyword);
+    other arguments are baked in. It returns the output's tensors; ``gm.meta[OUTPUT_SPEC]`` (an
+    ``Outputs``) rebuilds the model's output from them."""
+    kwargs = dict(example_kwargs or {})
     rec = _Recorder(model)
     for i, x in enumerate(example_inputs):
-        if not isinstance(x, torch.Tensor):
-            raise RecordFailure(f"input {i} is a {type(x).__name__}; recording takes tensor inputs only")
-        rec.placeholder(x, f"input_{i}")
+        if not isinstance(x, torch.Tensor) and not isinstance(x, (bool, int, float, str, type(None))):
+            raise RecordFailure(f"input {i} is a {type(x).__name__}; recording takes tensors and plain values")
+    for k, x in kwargs.items():
+        if not isinstance(x, torch.Tensor) and not isinstance(x, (bool, int, float, str, type(None))):
+            raise RecordFailure(f"input {k}= is a {type(x).__name__}; recording takes tensors and plain values")
+    inputs = Inputs.of(tuple(example_inputs), kwargs)
+    for x, label in zip(inputs.tensors(tuple(example_inputs), kwargs), inputs.labels()):
+        rec.placeholder(x, label)
     handles = []  # temporary hooks that tell which module each op comes from (removed below)
     for path, mod in model.named_modules():
         if path:
@@ -190,24 +246,19 @@ def record(model: torch.nn.Module, example_inputs: tuple) -> tuple[fx.GraphModul
             handles.append(mod.register_forward_hook(lambda m, a, o: rec.module_stack.pop() and None))
     try:
         with rec:
-            out = model(*example_inputs)
+            out = model(*example_inputs, **kwargs)
     finally:
         for h in handles:
             h.remove()
     if rec.error is not None:
         raise RecordFailure(rec.error)
-    if isinstance(out, torch.Tensor):
-        rec.graph.output(rec.node_for(out))
-        spec = None
-    else:  # any pytree: a tuple, dict, dataclass or ModelOutput (diffusers and transformers register theirs)
-        leaves, spec = tree_flatten(out)
-        if not all(isinstance(v, torch.Tensor) or v is None or isinstance(v, (bool, int, float, str)) for v in leaves):
-            raise RecordFailure(f"the model returned a {type(out).__name__} holding values that are neither tensors "
-                                "nor constants; recording supports pytrees of tensors")
-        rec.graph.output(tuple(rec.node_for(v) if isinstance(v, torch.Tensor) else v for v in leaves))
+    outputs = Outputs(out)  # any pytree, with objects such as a DynamicCache inside (RecordFailure if not)
+    nodes = tuple(rec.node_for(t) for t in outputs.tensors)
+    rec.graph.output(nodes[0] if outputs.single else nodes)
     # a dict root maps qualified names to the very objects: the model's Parameters are shared, not copied
     gm = share_children(fx.GraphModule(dict(rec.attrs), rec.graph, type(model).__name__), model)
     gm.graph.lint()
-    if spec is not None:
-        gm.meta[OUTPUT_SPEC] = spec  # the graph returns the flattened leaves; unflatten with this
+    if not outputs.single:
+        gm.meta[OUTPUT_SPEC] = outputs.forget()  # the graph returns the output's tensors; outputs.rebuild(...) the output
+    gm.meta[INPUTS] = inputs
     return gm, out

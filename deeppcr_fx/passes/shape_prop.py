@@ -166,6 +166,10 @@ class _MetaInterpreter(fx.Interpreter):
 
     def call_method(self, target, args, kwargs):
         self._check(args, kwargs)
+        if target in ("cpu", "cuda") and isinstance(args[0], torch.Tensor):  # a device move: stay on meta
+            return args[0]
+        if target == "to":  # x.to("cpu"), x.to(device=...): the device becomes meta
+            args, kwargs = _to_on_meta(args, kwargs)
         return self._cached("call_method", target, args, kwargs, super().call_method)
 
     def _cached(self, op, target, args, kwargs, run):
@@ -195,6 +199,19 @@ def on_meta(target: Any, args: tuple, kwargs: dict) -> dict:
     if "device" in kwargs or (target in _FACTORIES and not any(isinstance(a, torch.Tensor) for a in _flat(args))):
         return {**kwargs, "device": "meta"}
     return kwargs
+
+
+def _to_on_meta(args: tuple, kwargs: dict) -> tuple:
+    """``Tensor.to``'s arguments for running it on meta values: any device becomes ``meta``."""
+    def device_like(a):
+        return isinstance(a, torch.device) or (isinstance(a, str) and a.split(":")[0] in _DEVICE_TYPES)
+    args = tuple("meta" if device_like(a) else a for a in args)
+    if "device" in kwargs:
+        kwargs = {**kwargs, "device": "meta"}
+    return args, kwargs
+
+
+_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "hpu", "meta", "mtia", "privateuseone")
 
 
 def meta_forward(mod: torch.nn.Module, state: dict, args: tuple, kwargs: dict) -> Any:
