@@ -15,6 +15,7 @@ from .results import InvalidInput
 
 JACOBIAN_MODES = ("auto", "full", "diag", "identity", "zero")
 POLICIES = ("auto", "always", "never")
+BACKENDS = ("auto", "eager", "inductor")
 
 # Default convergence tolerances per *compute* dtype, forward and adjoint alike:
 # ||r_{l,b}|| <= atol + rtol * ||u_{l,b}|| (max norm over one sample's state at one row) for the
@@ -88,6 +89,23 @@ class Config:
         Show a progress bar (tqdm, ``pip install 'deeppcr_fx[progress]'``) for each compiled
         chain's solve: steps final out of L, Newton iterations, worst residual. Off by default.
 
+    backend:
+        What runs the forward Newton iterations: ``"eager"`` (PyTorch ops, the reference; always
+        correct), ``"inductor"`` (each iteration one function traced and compiled by
+        ``torch.compile`` per step and input signature; about 10 s the first time, reused by
+        later solves of the same step and shapes and by inductor's on-disk cache across processes;
+        a step it cannot trace runs eagerly and ``stats.backend_error`` says why) or ``"auto"``:
+        eager until the eager time spent on one step and signature exceeds the predicted compile
+        time, then compiled (so short or one-off solves never pay for a compile). See
+        ``deeppcr_fx.runtime.backend``.
+    check_every:
+        The compiled backend reads its convergence flags from the device every this many
+        iterations (one host sync each; the iterations after convergence are no-ops). ``None``:
+        1 on CPU (a sync is free there, an iteration is not), 4 on CUDA.
+    cuda_graphs:
+        Capture the compiled iteration in a CUDA graph (``torch.compile(mode="reduce-overhead")``)
+        when the state is on CUDA; does nothing on CPU. Needs a backend that compiles.
+
     Compiler
     --------
     policy:
@@ -139,6 +157,9 @@ class Config:
     record_stats: bool = True
     warm_start: bool = True
     progress: bool = False
+    backend: str = "auto"
+    check_every: Optional[int] = None
+    cuda_graphs: bool = False
     # compiler
     policy: str = "auto"
     min_length: int = 8
@@ -157,6 +178,13 @@ class Config:
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise InvalidInput(f"Config.{name} must be >= 0 (or None), got {value!r}.")
+        if self.backend not in BACKENDS:
+            raise InvalidInput(f"Config.backend={self.backend!r} is not one of {BACKENDS}.")
+        if self.check_every is not None and self.check_every < 1:
+            raise InvalidInput(f"Config.check_every must be >= 1 (or None), got {self.check_every}.")
+        if self.cuda_graphs and self.backend == "eager":
+            raise InvalidInput("Config(cuda_graphs=True) captures the compiled iteration: use backend='auto' or "
+                               "'inductor', not 'eager'.")
         if self.max_iter is not None and self.max_iter < 1:
             raise InvalidInput(f"Config.max_iter must be >= 1 (or None), got {self.max_iter}.")
         if self.vectorize not in ("auto", True, False):
@@ -187,6 +215,10 @@ class Config:
         atol, rtol = _DEFAULT_TOLERANCES.get(compute_dtype, _DEFAULT_TOLERANCES[torch.float32])
         return (atol if self.adjoint_atol is None else self.adjoint_atol,
                 rtol if self.adjoint_rtol is None else self.adjoint_rtol)
+
+    def checks_every(self, device: torch.device) -> int:
+        """Iterations between the compiled backend's convergence checks (``check_every``)."""
+        return self.check_every or (1 if device.type == "cpu" else 4)
 
     def iteration_cap(self, length: int) -> int:
         return min(length, 64) if self.max_iter is None else self.max_iter

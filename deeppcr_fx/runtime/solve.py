@@ -8,6 +8,7 @@ the linear adjoint (``adjoint.adjoint``).
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -17,6 +18,7 @@ from ..config import Config
 from . import jacobians
 from .adjoint import adjoint
 from .newton import scaled_norm, triangular_newton
+from .fused_solve import CompiledForward, constants_of
 from .chain_io import SolveResult, bind_constants, check_length, stack_grads
 from .state import StateSpec
 from .stats import PassStats, SolveStats
@@ -65,7 +67,8 @@ def solve(step: Callable, x0, per_step: Sequence[torch.Tensor] = (), shared: Seq
     shared = tuple(shared) if isinstance(shared, (tuple, list)) else (shared,)
     length = check_length(per_step, length)
     spec = StateSpec.of(x0, config.batch)
-    step = bind_constants(direct_call(step), len(per_step), shared)
+    user_step = direct_call(step)
+    step = bind_constants(user_step, len(per_step), shared)
     shared_tensors = tuple(s for s in shared if isinstance(s, torch.Tensor))
     steps = Steps(step, spec, per_step, shared_tensors, config.vectorize)
     with torch.no_grad():
@@ -83,6 +86,7 @@ def solve(step: Callable, x0, per_step: Sequence[torch.Tensor] = (), shared: Seq
     problem.initial_guess = initial_guess
     if replication is not None:
         problem.replication = replication
+    problem.compiled = CompiledForward(problem, user_step, constants_of(shared))
     outs = _ChainSolve.apply(problem, *x0_parts, *steps.inputs)
     steps.record(stats)
     return SolveResult(states=outs if spec.is_tuple else outs[0], stats=stats, solution=problem.solution)
@@ -111,6 +115,7 @@ class _Problem:
         self.initial_guess: Optional[torch.Tensor] = None
         self.solution: Optional[torch.Tensor] = None
         self.replication = jacobians.ReplicationMemo()  # whether the step accepts a replicated batch
+        self.compiled: Optional[CompiledForward] = None  # the compiled iteration, where the backend uses one
 
     def forward(self, x0_flat: torch.Tensor) -> torch.Tensor:
         steps, mode, length = self.steps, self.mode, self.stats.length
@@ -132,9 +137,16 @@ class _Problem:
 
         U = self._start(x0_flat)
         start = self._meet_guess(x0_flat, U) if self.stats.warm_start else 0
+        solved = None if self.compiled is None else self.compiled.forward(x0_flat, U, start, finish)
+        if solved is not None:
+            self.solution = solved.detach()
+            return solved
+        t0 = time.perf_counter()
         triangular_newton(evaluate, finish, U, mode, self.atol, self.rtol,
                           self.config.iteration_cap(length), self.stats.forward, self.config.record_stats,
                           self.on_iteration, start=start)
+        if self.compiled is not None:
+            self.compiled.record_eager(time.perf_counter() - t0)
         self.stats.autodiff = "replicated" if replicated is not None and jac.replicate_error is None else jac.ad
         self.stats.autodiff_error = jac.rev_error
         self.stats.replicate_error = jac.replicate_error

@@ -46,6 +46,12 @@ class SolveStats:
     autodiff_error: Optional[str] = None  # why reverse mode was abandoned, if it was
     replicate_error: Optional[str] = None  # why the replicated batch was abandoned, if it was
     warm_start: bool = False  # Newton started from the previous call's solution
+    # which runtime ran the forward iterations: "eager" or "inductor" (the compiled iteration,
+    # runtime/fused.py); why the compiled one was not used where it was asked for; seconds this solve
+    # spent tracing and compiling (None: it compiled nothing)
+    backend: str = "eager"
+    backend_error: Optional[str] = None
+    compile_s: Optional[float] = None
     forward: PassStats = field(default_factory=PassStats)
     backward: Optional[PassStats] = None
 

@@ -1,0 +1,103 @@
+"""The glue between ``solve`` and the compiled iteration: pick the backend, build or reuse the
+compiled ``NewtonIteration`` for this step and signature, run it, finish sequentially if needed.
+
+``forward(...)`` returns the solved iterate, or None when this solve runs eagerly (the caller then
+runs ``newton.triangular_newton`` and reports the eager seconds back with ``record_eager``).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import torch
+
+from ..results import FinishCause
+from . import backend
+from .fused import CONVERGED, NON_FINITE, NewtonIteration, fused_chunk, run_newton
+from .newton import _finish
+
+
+class CompiledForward:
+    """One solve's view of the compiled-iteration cache (see ``backend``)."""
+
+    def __init__(self, problem, user_step: Callable, constants: tuple) -> None:
+        self.problem = problem
+        p = problem
+        self.chunk = fused_chunk(p.stats.length, torch.device("cpu"))
+        steps = p.steps
+        self.key = ("newton", p.mode, p.spec, p.atol, p.rtol, p.stats.length, self.chunk, constants,
+                    backend.tensor_signature(steps.inputs), len(steps.per_step), p.config.cuda_graphs)
+        self.user_step = user_step
+        self.entry: Optional[backend.Entry] = None
+
+    def forward(self, x0_flat: torch.Tensor, U: torch.Tensor, start: int, finish: Callable) -> Optional[torch.Tensor]:
+        p, cfg = self.problem, self.problem.config
+        if cfg.backend == "eager" or p.steps.vectorize is False or p.steps.vmap_error is not None:
+            return None
+        device = x0_flat.device
+        replicated = p.replicated_steps()
+        self.entry = backend.entry(self.user_step, self.key + (replicated is not None, device.type))
+        if self.entry is None:
+            p.stats.backend_error = "the step or a non-tensor shared value cannot be a cache key"
+            return None
+        if not backend.use_compiled(cfg.backend, self.entry, device):
+            p.stats.backend_error = self.entry.error
+            return None
+        cuda_graphs = cfg.cuda_graphs and device.type == "cuda"
+        inputs = tuple(p.steps.inputs)
+        state = _initial_state(U, start)
+        if self.entry.fn is None:
+            t0 = time.perf_counter()
+            if self._build(replicated, x0_flat, U, state, inputs, cuda_graphs) is None:
+                p.stats.backend_error = self.entry.error
+                return None
+            p.stats.compile_s = time.perf_counter() - t0
+        call = self.entry.fn if not cuda_graphs else _cloning(self.entry.fn)
+        p.stats.backend = "inductor"
+        U, status, first = run_newton(call, U, x0_flat, inputs, start, cfg.iteration_cap(p.stats.length),
+                                      cfg.checks_every(device), p.stats.forward, cfg.record_stats, p.on_iteration)
+        p.stats.forward.jacobian = p.mode
+        if status == CONVERGED:
+            p.stats.forward.converged = True
+        else:
+            _finish(finish, first, U, p.stats.forward,
+                    FinishCause.NON_FINITE if status == NON_FINITE else FinishCause.MAX_ITER)
+        return U
+
+    def _build(self, replicated, x0_flat, U, state, inputs, cuda_graphs):
+        p = self.problem
+        n_ps, n_sh = len(p.steps.per_step), len(p.steps.shared)
+        candidates = [replicated.spec, None] if replicated is not None else [None]
+        errors = []
+        for rep in candidates:
+            it = NewtonIteration(p.steps.step, p.spec, n_ps, n_sh, p.mode, rep, p.atol, p.rtol, self.chunk)
+            self.entry.error = None
+            out = backend.build(self.entry, it, (U, x0_flat, *state, *inputs), cuda_graphs)
+            if out is not None:
+                return out
+            errors.append(self.entry.error)
+        self.entry.error = "; ".join(errors)
+        return None
+
+    def record_eager(self, seconds: float) -> None:
+        if self.entry is not None:
+            self.entry.eager_s += seconds
+
+
+def _initial_state(U: torch.Tensor, start: int) -> tuple:
+    device = U.device
+    return (torch.tensor(start, device=device), torch.tensor(float("inf"), dtype=U.dtype, device=device),
+            torch.tensor(0, dtype=torch.int8, device=device), torch.tensor(0, device=device))
+
+
+def _cloning(fn: Callable) -> Callable:
+    """CUDA-graph outputs are overwritten by the next replay: keep copies."""
+    def call(*args):
+        return tuple(o.clone() for o in fn(*args))
+    return call
+
+
+def constants_of(shared: tuple) -> tuple:
+    """The non-tensor shared values (baked into a traced graph, so part of its key)."""
+    return tuple((i, s) for i, s in enumerate(shared) if not isinstance(s, torch.Tensor))
+

@@ -1,0 +1,131 @@
+"""The compiled iteration (``Config(backend="inductor")``, runtime/fused.py) against the eager runtime and
+the plain sequential loop. Inductor compiles cost seconds, so the problems are few and built once per
+module: every test that solves one reuses its compiled kernels (``runtime/backend.py``'s cache)."""
+import math
+
+import pytest
+import torch
+
+import deeppcr_fx as deeppcr
+from chains import PROBLEMS
+from deeppcr_fx.results import FinishCause, InvalidInput
+from deeppcr_fx.runtime import backend, fused_scan, scan
+
+L = 24
+# one chain object per problem for the whole module (same step objects: compiled once)
+CHAINS = {name: PROBLEMS[name](L) for name in ("tanh", "residual", "ddim", "tuple")}
+CASES = [("tanh", "full"), ("residual", "diag"), ("ddim", "identity"), ("tuple", "full"), ("tanh", "zero")]
+
+
+def _solve(chain, mode, backend_name, **kw):
+    return deeppcr.solve(chain.step, chain.x0, per_step=chain.per_step, shared=chain.shared, jacobian=mode,
+                         backend=backend_name, **kw)
+
+
+def _close(a, b, **tol):
+    for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+        torch.testing.assert_close(x, y, **tol)
+
+
+@pytest.mark.parametrize("problem,mode", CASES)
+def test_compiled_iteration_matches_eager_and_sequential(problem, mode):
+    chain = CHAINS[problem]
+    eager = _solve(chain, mode, "eager")
+    compiled = _solve(chain, mode, "inductor")
+    assert compiled.stats.backend == "inductor", compiled.stats.backend_error
+    _close(compiled.states, chain.sequential(), rtol=1e-9, atol=1e-9)
+    _close(compiled.states, eager.states, rtol=1e-9, atol=1e-9)
+    f, e = compiled.stats.forward, eager.stats.forward
+    # the same algorithm: the same iterations, windows and outcome (residuals to round-off)
+    assert (f.iterations, f.window_starts, f.converged, f.sequential_finish) == \
+        (e.iterations, e.window_starts, e.converged, e.sequential_finish)
+    big = [i for i, r in enumerate(e.residuals) if r > 1]  # below 1 they are round-off of different kernels
+    assert [f.residuals[i] for i in big] == pytest.approx([e.residuals[i] for i in big], rel=1e-6)
+
+
+def test_gradients_after_a_compiled_forward_match_autograd():
+    chain = CHAINS["tanh"]
+    W, b = (p.clone().requires_grad_() for p in chain.per_step)
+    x0 = chain.x0.clone().requires_grad_()
+    res = deeppcr.solve(chain.step, x0, per_step=(W, b), jacobian="full", backend="inductor")
+    assert res.stats.backend == "inductor"
+    got = torch.autograd.grad(res.states.sin().sum(), (x0, W, b))
+    z, states = x0, []
+    for l in range(L):
+        z = chain.step(z, W[l], b[l])
+        states.append(z)
+    want = torch.autograd.grad(torch.stack(states).sin().sum(), (x0, W, b))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+
+
+def test_compiled_kernels_are_reused_across_solves():
+    chain = CHAINS["tanh"]
+    _solve(chain, "full", "inductor")
+    x0 = torch.randn_like(chain.x0)  # a fresh input of the same signature
+    again = deeppcr.solve(chain.step, x0, per_step=chain.per_step, jacobian="full", backend="inductor")
+    assert again.stats.backend == "inductor" and again.stats.compile_s is None
+    _close(again.states, chain.sequential(x0=x0), rtol=1e-9, atol=1e-9)
+
+
+def test_non_finite_and_max_iter_finish_sequentially():
+    chain = CHAINS["tanh"]
+    capped = _solve(chain, "full", "inductor", max_iter=2)
+    assert capped.stats.sequential_finish is FinishCause.MAX_ITER and capped.stats.iterations == 2
+    assert capped.stats.forward.sequential_from == _solve(chain, "full", "eager", max_iter=2).stats.forward.sequential_from
+    _close(capped.states, chain.sequential(), rtol=1e-9, atol=1e-9)
+    x0 = chain.x0.clone()
+    x0[0, 0] = math.inf  # the sequential answer holds inf/nan too: equal where finite, same pattern
+    res = deeppcr.solve(chain.step, x0, per_step=chain.per_step, jacobian="full", backend="inductor")
+    assert res.stats.backend == "inductor" and res.stats.sequential_finish is FinishCause.NON_FINITE
+    torch.testing.assert_close(res.states, chain.sequential(x0=x0), equal_nan=True)
+
+
+def test_a_step_that_closes_over_tensors_runs_eagerly_and_says_why():
+    W = torch.randn(3, 3, dtype=torch.float64) / 3
+    x0 = torch.randn(2, 3, dtype=torch.float64)
+    res = deeppcr.solve(lambda z, c: torch.tanh(z @ W) + c, x0, per_step=(torch.zeros(6, 1, dtype=torch.float64),),
+                        backend="inductor")
+    assert res.stats.backend == "eager" and "closes over" in res.stats.backend_error
+    z, want = x0, []
+    for _ in range(6):
+        z = torch.tanh(z @ W)
+        want.append(z)
+    torch.testing.assert_close(res.states, torch.stack(want))
+
+
+def test_auto_compiles_only_once_eager_time_would_have_paid_for_it(monkeypatch):
+    chain = CHAINS["residual"]
+    assert _solve(chain, "diag", "auto").stats.backend in ("eager", "inductor")  # inductor if compiled above
+    fresh = PROBLEMS["residual"](L)  # a new step object: nothing compiled for it yet
+    first = _solve(fresh, "diag", "auto")
+    assert first.stats.backend == "eager" and first.stats.compile_s is None
+    monkeypatch.setitem(backend.COMPILE_PRIOR_S, "cpu", 0.0)  # eager time already exceeds the prior
+    second = _solve(fresh, "diag", "auto")
+    assert second.stats.backend == "inductor"
+    _close(second.states, fresh.sequential(), rtol=1e-9, atol=1e-9)
+
+
+def test_backend_options_are_checked_and_cuda_graphs_is_a_no_op_on_cpu():
+    with pytest.raises(InvalidInput, match="backend"):
+        deeppcr.Config(backend="jit")
+    with pytest.raises(InvalidInput, match="cuda_graphs"):
+        deeppcr.Config(backend="eager", cuda_graphs=True)
+    with pytest.raises(InvalidInput, match="check_every"):
+        deeppcr.Config(check_every=0)
+    chain = CHAINS["tanh"]
+    res = _solve(chain, "full", "inductor", cuda_graphs=True)
+    assert res.stats.backend == "inductor"
+    _close(res.states, chain.sequential(), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["full", "diag"])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_traceable_scan_matches_the_eager_scan(mode, transpose, chunk):
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(23, 2, 3, 3, dtype=torch.float64, generator=g) * 0.5
+    A = A if mode == "full" else A[..., 0]
+    r = torch.randn(23, 2, 3, dtype=torch.float64, generator=g)
+    want = scan.affine_scan(A, r, mode, transpose=transpose, chunk=0)
+    torch.testing.assert_close(fused_scan.scan(A, r, mode, transpose, chunk), want)
