@@ -203,7 +203,12 @@ class CompiledModule(torch.nn.Module):
 
     # --- building -----------------------------------------------------------------------
     def _build(self, args: tuple, kwargs: Optional[dict] = None) -> Specialisation:
-        return self._builder.build(args, kwargs)
+        try:
+            return self._builder.build(args, kwargs)
+        except CompileError:
+            if self._builder.failed is not None:  # policy="always" and no front end worked: the report says why
+                self._note_last(self._builder.failed)
+            raise
 
     def _check_hooks(self) -> None:
         """Hooks were registered somewhere since the last look (O(1) to notice, see ``passes/hooks.py``):

@@ -24,6 +24,8 @@ from .passes.reads import AttributeGuard, recording_reads
 from .passes.escapes import recompute_escapes
 from .passes.pytrees import Inputs, Outputs
 from .passes.record import INPUTS, OUTPUT_SPEC, record
+from .passes.shape_prop import propagate
+from .passes.shape_reads import constant_shape_reads, has_shape_reads, home_device
 from .passes.trace import trace
 from .results import CompileError, Reason, RecordFailure, TraceFailure
 from .signature import autocast_on, describe
@@ -56,6 +58,7 @@ class Builder:
 
     def __init__(self, model: torch.nn.Module, config: Config) -> None:
         self.model, self.config = model, config
+        self.failed: Optional[Specialisation] = None  # the latest build that raised CompileError (its report)
 
     def build(self, args: tuple, kwargs: Optional[dict] = None) -> Specialisation:
         model, config, kwargs = self.model, self.config, dict(kwargs or {})
@@ -96,17 +99,22 @@ class Builder:
         return self._fail(new_report(), Reason.TRACE_FAILED, "; ".join(errors))
 
     def _symbolic(self, args: tuple, kwargs: dict, report: CompileReport) -> Specialisation:
-        if kwargs:
-            raise TraceFailure("keyword inputs are captured by recording a run")
         with recording_reads(AttributeGuard(), self.model) as reads:
             try:
-                traced = trace(self.model, args)
+                traced = trace(self.model, args, kwargs)
             finally:
                 reads.undo_writes()  # tracing is not a call: its Python side effects are undone
         report.front_end, report.captured, report.opaque_modules = "symbolic", 1, traced.opaque
-        options = CompileOptions(self.config, args, front_end="symbolic", autocast=autocast_on())
+        tensors = args if traced.inputs is None else tuple(traced.inputs.tensors(args, kwargs))
+        if has_shape_reads(traced.graph_module):  # zeros_like(h), device=h.device: constants of this signature
+            propagate(traced.graph_module, tensors)
+            constant_shape_reads(traced.graph_module, home_device(tensors))
+        options = CompileOptions(self.config, tensors, front_end="symbolic", autocast=autocast_on())
         result = run_pipeline(traced.graph_module, options, report)
-        return Specialisation(self._runner(result, report, reads), report, result.graph_module, reads=reads.freeze())
+        runner = self._runner(result, report, reads)
+        if runner is result.graph_module and traced.inputs is not None:
+            runner = GraphCall(result.graph_module, traced.inputs, None)
+        return Specialisation(runner, report, result.graph_module, reads=reads.freeze())
 
     def _record(self, args: tuple, kwargs: dict, report: CompileReport) -> Specialisation:
         with recording_reads(AttributeGuard(), self.model) as reads:
@@ -174,6 +182,7 @@ class Builder:
 
     def _fail(self, report: CompileReport, reason: Reason, detail: str) -> Specialisation:
         report.failure, report.failure_detail = reason, detail
+        self.failed = Specialisation(self.model, report, None)
         if self.config.policy == "always":
             raise CompileError(f"deeppcr.compile(policy='always'): {type(self.model).__name__} cannot be "
                                f"compiled: {detail}. {reason.remedy}")

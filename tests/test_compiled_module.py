@@ -86,3 +86,92 @@ def test_recorded_models_may_return_pytrees():
         torch.testing.assert_close(got["out"], want["out"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got["pair"][0], want["pair"][0], rtol=1e-5, atol=1e-6)
     assert compiled.report.front_end == "record" and compiled.report.rewritten
+
+
+class _Keywords(nn.Module):
+    """Optional inputs by keyword, a Python option, and a default left out (``mask``)."""
+
+    def __init__(self, depth=10, width=4):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x, cond=None, scale=1.0, mask=None):
+        for layer in self.layers:
+            x = torch.tanh(layer(x)) * scale
+            if cond is not None:
+                x = x + cond
+        return x if mask is None else x * mask
+
+
+def test_keyword_inputs_are_traced_and_specialised():
+    """Tensors passed by keyword are graph inputs; Python values and defaults left out are constants of the
+    specialisation (a placeholder for ``cond=None`` would take the ``cond is not None`` branch)."""
+    torch.manual_seed(0)
+    model = _Keywords().double()
+    compiled = deeppcr.compile(model, policy="always")
+    x, c = torch.randn(3, 4, dtype=torch.float64), 0.1 * torch.randn(3, 4, dtype=torch.float64)
+    calls = [lambda f: f(x, cond=c), lambda f: f(x, scale=0.5), lambda f: f(mask=c, x=x, cond=c),
+             lambda f: f(x, c, 0.9), lambda f: f(x)]
+    for n, call in enumerate(calls, 1):
+        for _ in range(2):
+            torch.testing.assert_close(call(compiled), call(model), rtol=1e-9, atol=1e-12)
+        assert compiled.report.front_end == "symbolic" and [c.length for c in compiled.report.rewritten] == [10]
+        assert compiled.specialisations == n
+
+
+class _Cache:
+    """An object torch's pytree does not know, holding per-layer tensors (as a transformers DynamicCache)."""
+
+    def __init__(self):
+        self.keys, self.device = [], None
+
+
+class _Caching(nn.Module):
+    def __init__(self, depth=10, width=4):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.keys = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x):
+        cache = _Cache()
+        for layer, key in zip(self.layers, self.keys):
+            k = key(x)
+            cache.keys.append(torch.cat([torch.tensor([], dtype=x.dtype), k], dim=-1))
+            x = torch.tanh(layer(x) + 0.1 * k)
+        cache.device = x.device
+        return x, cache
+
+
+def test_values_handed_to_the_caller_are_recomputed_after_the_chain():
+    """Each step puts a value into an object the model returns: the chain is still rewritten (the values are
+    recomputed from the solved states after it), and the object is rebuilt on every call."""
+    torch.manual_seed(0)
+    model = _Caching().double()
+    compiled = deeppcr.compile(model, policy="always", front_end="record")
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    compiled(x)
+    report = compiled.report
+    assert [c.length for c in report.rewritten] == [10], str(report)
+    assert any("recomputed from the solved states" in n for n in report.notes)
+    (out, cache), (ref, ref_cache) = compiled(x), model(x)
+    assert type(cache) is _Cache and cache is not compiled(x)[1] and cache.device == x.device
+    for a, b in zip([out] + cache.keys, [ref] + ref_cache.keys):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    loss = lambda o, c: (o.sum() + sum((k * k).sum() for k in c.keys))  # noqa: E731
+    got = torch.autograd.grad(loss(out, cache), [x, *model.parameters()])
+    want = torch.autograd.grad(loss(ref, ref_cache), [x, *model.parameters()])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_report_set_when_nothing_captures_the_model():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    compiled = deeppcr.compile(Branchy(), policy="always", front_end="record")
+    try:
+        compiled(torch.ones(2, 2))
+    except deeppcr.CompileError:
+        pass
+    assert compiled.report is not None and compiled.report.failure is not None

@@ -27,6 +27,7 @@ from .escapes import recompute_escapes
 from .options import CompileOptions
 from .pipeline import run_pipeline
 from .shape_prop import propagate
+from .shape_reads import constant_shape_reads, home_device
 from .sources import default_sources
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class DynamoBackend:
         inputs = [n for n, x in zip(placeholders, example_inputs) if isinstance(x, torch.Tensor)
                   and not isinstance(x, torch.nn.Parameter) and id(x) not in self._state]
         propagate(gm, tuple(example_inputs))
+        if constant_shape_reads(gm, home_device(example_inputs)):
+            propagate(gm, tuple(example_inputs))
         sources = default_sources(gm.graph, inputs)
         report.notes.extend(recompute_escapes(gm, tuple(example_inputs), sources))
         options = CompileOptions(self.config, tuple(example_inputs), front_end="dynamo",

@@ -14,9 +14,10 @@ graph there. Recording runs the model once on the real inputs under a
   only sound when they do not depend on the inputs: reading an input-dependent value
   (data-dependent control flow) makes recording fail with that reason.
 
-Work that reads only a tensor's shape, dtype and device (``zeros_like(h)``, ``h.new_full(...)``)
+Work that reads only a tensor's shape, dtype and device (``zeros_like(h)``, ``h.new_ones(...)``)
 is recorded as the factory call it amounts to (``zeros(shape, dtype=, device=)``), which reads
-no tensor: it does not depend on the state, so a chain finder hoists it. A concatenation with
+no tensor: it does not depend on the state, so a chain finder hoists it (not on an input itself,
+nor with a float fill value: ``passes/shape_reads.py`` says why). A concatenation with
 legacy 1-D empty tensors (``cat([torch.tensor([]), k])``, how a transformers ``DynamicCache``
 starts) is recorded without them: the same value, and vmap can batch it.
 
@@ -165,7 +166,7 @@ class _Recorder(TorchFunctionMode):
             return out
         if not list(_tensors(out)):
             return out
-        if func in _LIKE and isinstance(out, torch.Tensor):
+        if func in _LIKE and isinstance(out, torch.Tensor) and not self._of_input(args):
             factory = self._factory(func, out, args, kwargs)
             if factory is not None:
                 self.nodes[id(out)] = (out, factory)
@@ -193,6 +194,11 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
+    def _of_input(self, args: tuple) -> bool:
+        """The op reads an input itself (``v = zeros_like(x)``: runs once, stays paired with ``x``)."""
+        hit = self.nodes.get(id(args[0])) if args and isinstance(args[0], torch.Tensor) else None
+        return hit is not None and hit[0] is args[0] and hit[1].op == "placeholder"
+
     def _factory(self, func, out: torch.Tensor, args: tuple, kwargs: dict):
         """``zeros_like(h)`` as ``zeros(h.shape, dtype=, device=)``: a node that reads no tensor (None when
         the fill value is itself a tensor)."""
@@ -203,7 +209,7 @@ class _Recorder(TorchFunctionMode):
         if fill_at is None:
             return self.graph.call_function(factory, (tuple(out.shape),), extra)
         fill = args[fill_at] if len(args) > fill_at else kwargs.get("fill_value")
-        if isinstance(fill, torch.Tensor) or fill is None:
+        if isinstance(fill, (torch.Tensor, float)) or fill is None:  # a float may differ per step: a coefficient
             return None
         return self.graph.call_function(factory, (tuple(out.shape), fill), extra)
 

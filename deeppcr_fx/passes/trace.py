@@ -27,7 +27,7 @@ import functools
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -35,7 +35,9 @@ from torch.fx._symbolic_trace import _maybe_revert_all_patches, _Patcher
 
 from ..results import TraceFailure
 from .hooks import describe_hooks, has_hooks
+from .keywords import bind, drop_constant_placeholders, variadic
 from .live import share_children
+from .pytrees import Inputs
 from .shape_prop import _to_meta, meta_cache_key, meta_forward, on_meta
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ logger = logging.getLogger(__name__)
 class TraceResult:
     graph_module: fx.GraphModule
     opaque: dict = field(default_factory=dict)  # module path -> why its forward stayed opaque
+    inputs: Optional[Inputs] = None  # with keyword inputs: the call arguments the graph takes, in order
 
 
 _META = "pcr_trace_meta"
@@ -272,21 +275,29 @@ def _own_thread_patches():
         _Patcher.patch, _Patcher.patch_method = patch, patch_method
 
 
-def trace(model: torch.nn.Module, example_inputs: tuple = ()) -> TraceResult:
+def trace(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: Optional[dict] = None) -> TraceResult:
     """Trace ``model`` into a functional GraphModule that shares the model's Parameters.
 
     Arguments:
         model: the module to trace (its attributes are restored afterwards; nothing else changes).
         example_inputs: the inputs whose meta values answer shape queries while tracing.
+        example_kwargs: keyword inputs: with them, the call is bound to ``forward``'s signature
+            (``passes/keywords.py``); tensors are traced, other values and defaults are constants.
 
     Returns:
-        ``TraceResult(graph_module, opaque)``: the graph, and the modules kept opaque with why.
+        ``TraceResult(graph_module, opaque, inputs)``: the graph, the modules kept opaque with why,
+        and (with keywords) which call arguments the graph takes, in its order.
 
     Raises ``TraceFailure`` when the model's own ``forward`` cannot be traced. Thread-safe: one
     trace at a time, and other threads' module calls are unaffected while it runs.
     """
     with _TRACE_LOCK, _own_thread_patches(), torch.random.fork_rng(devices=[]):
-        return _trace(model, example_inputs)
+        if not example_kwargs and variadic(model):  # forward(*args, **kwargs): fx makes the placeholders
+            return _trace(model, example_inputs)
+        concrete, values, inputs = bind(model, tuple(example_inputs), dict(example_kwargs or {}))
+        result = _trace(model, tuple(values), concrete, values)
+        result.inputs = inputs
+        return result
 
 
 # Random draws whose arguments are all concrete (``torch.randn(h.shape)``: shapes are concrete while
@@ -314,15 +325,18 @@ def _random_as_nodes(tracer: fx.Tracer):
             setattr(torch, name, fn)
 
 
-def _trace(model: torch.nn.Module, example_inputs: tuple) -> TraceResult:
+def _trace(model: torch.nn.Module, example_inputs: tuple, concrete: Optional[dict] = None,
+           values: Optional[list] = None) -> TraceResult:
     tracer = InliningTracer(tuple(example_inputs))
     before = set(vars(model))
     try:
         try:
             with _random_as_nodes(tracer):
-                graph = tracer.trace(model)
+                graph = tracer.trace(model, concrete_args=concrete)
         except Exception as exc:
             raise TraceFailure(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        if concrete is not None:
+            drop_constant_placeholders(graph, values)
         for node in graph.nodes:
             node.meta.pop(_META, None)
         gm = share_children(fx.GraphModule(tracer.root, graph, model.__class__.__name__), model)
