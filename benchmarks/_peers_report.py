@@ -9,7 +9,7 @@ from typing import List, Optional
 RESULTS = Path(__file__).resolve().parent / "results"
 COLS = ["problem", "L", "n", "B", "mode", "variant", "ms", "iterations", "per_it_ms", "x_jax_newton",
         "per_it_x_jax", "x_jax_scan", "speedup_vs_eager", "max_err", "compile_s", "rounds", "note"]
-NEWTON = ("solve", "compile_cold", "compile_warm", "compile_GRUCell", "jax_newton")
+NEWTON = ("solve", "solve_inductor", "compile_cold", "compile_warm", "compile_GRUCell", "jax_newton")
 
 
 def _its(v) -> Optional[int]:

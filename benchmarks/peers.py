@@ -11,7 +11,8 @@ Variants (each row: one problem x one variant):
   loop, so compile time grows with L (L=1024 w=4 forward: ~130 s on this CPU): it is attempted on
   the probe row (L=1024 w=4 B=1 forward, ``--torch-compile probe``, the default) and elsewhere only
   where the measured seconds per step predict at most ``TC_CAP_S``; the others record why not;
-- ``solve``: ``deeppcr.solve(step, x0, per_step=..., config=Config(jacobian="full"))``, cold;
+- ``solve``: ``deeppcr.solve(step, x0, per_step=..., config=Config(jacobian="full", backend="eager"))``, cold;
+  ``solve_inductor``: the same with ``backend="inductor"`` (each iteration one compiled function);
   ``solve_seqfinish``: the same with ``max_iter=1``, i.e. one iteration then the sequential finish;
 - ``compile_cold`` / ``compile_warm``: ``deeppcr.compile(model, policy="always")`` with
   ``warm_start=False`` / ``True`` (each timed call gets a fresh input, so a warm start starts from
@@ -209,9 +210,10 @@ def variants_for(prob, mode, tc_policy, compile_max_L=None):
     tc, tc_note = _torch_compile_variant(prob, mode, tc_policy)
     if tc is not None:
         vs.append(tc)
-    vs.append(_solve_variant("solve", prob, train))
+    vs.append(_solve_variant("solve", prob, train, backend="eager"))
+    vs.append(_solve_variant("solve_inductor", prob, train, backend="inductor"))  # compile_s: trace + compile + solve
     if not train:
-        vs.append(_solve_variant("solve_seqfinish", prob, train, max_iter=1))
+        vs.append(_solve_variant("solve_seqfinish", prob, train, max_iter=1, backend="eager"))
     # GRU: deeppcr.compile of the model as written (nn.GRUCell) meets vmap's per-step fallback for
     # aten::gru_cell; measured at T <= 1000 only (compile_GRUCell), the other rows compile GRUPlainOps
     # One compiled module per problem (its trace is paid once per grad mode): compile_cold clears its

@@ -35,8 +35,7 @@ class CompiledForward:
         if cfg.backend == "eager" or p.steps.vectorize is False or p.steps.vmap_error is not None:
             return None
         device = x0_flat.device
-        replicated = p.replicated_steps()
-        self.entry = backend.entry(self.user_step, self.key + (replicated is not None, device.type))
+        self.entry = backend.entry(self.user_step, self.key + (device.type,))
         if self.entry is None:
             p.stats.backend_error = "the step or a non-tensor shared value cannot be a cache key"
             return None
@@ -48,7 +47,7 @@ class CompiledForward:
         state = _initial_state(U, start)
         if self.entry.fn is None:
             t0 = time.perf_counter()
-            if self._build(replicated, x0_flat, U, state, inputs, cuda_graphs) is None:
+            if self._build(x0_flat, U, state, inputs, cuda_graphs) is None:
                 p.stats.backend_error = self.entry.error
                 return None
             p.stats.compile_s = time.perf_counter() - t0
@@ -64,20 +63,11 @@ class CompiledForward:
                     FinishCause.NON_FINITE if status == NON_FINITE else FinishCause.MAX_ITER)
         return U
 
-    def _build(self, replicated, x0_flat, U, state, inputs, cuda_graphs):
+    def _build(self, x0_flat, U, state, inputs, cuda_graphs):
         p = self.problem
-        n_ps, n_sh = len(p.steps.per_step), len(p.steps.shared)
-        candidates = [replicated.spec, None] if replicated is not None else [None]
-        errors = []
-        for rep in candidates:
-            it = NewtonIteration(p.steps.step, p.spec, n_ps, n_sh, p.mode, rep, p.atol, p.rtol, self.chunk)
-            self.entry.error = None
-            out = backend.build(self.entry, it, (U, x0_flat, *state, *inputs), cuda_graphs)
-            if out is not None:
-                return out
-            errors.append(self.entry.error)
-        self.entry.error = "; ".join(errors)
-        return None
+        it = NewtonIteration(p.steps.step, p.spec, len(p.steps.per_step), len(p.steps.shared), p.mode,
+                             p.atol, p.rtol, self.chunk)
+        return backend.build(self.entry, it, (U, x0_flat, *state, *inputs), cuda_graphs)
 
     def record_eager(self, seconds: float) -> None:
         if self.entry is not None:
