@@ -110,7 +110,10 @@ def test_explain_does_not_rewrite_by_default_on_cpu():
     assert [c.length for c in report.rewritten] == [8, 8]
 
 
-def test_keyword_inputs_rejected_clearly():
-    compiled = deeppcr.compile(_model(), policy="always")
-    with pytest.raises(TypeError, match="positionally"):
-        compiled(x=torch.randn(3, 8, dtype=torch.float64))
+def test_keyword_inputs_give_the_positional_result():
+    model = _model()
+    compiled = deeppcr.compile(model, policy="always")
+    x = torch.randn(3, 8, dtype=torch.float64)
+    torch.testing.assert_close(compiled(x=x), model(x), rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-9, atol=1e-11)
+    assert compiled.report.rewritten
