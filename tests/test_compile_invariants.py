@@ -1,7 +1,6 @@
 """What compile must keep: the user's model untouched, its Parameters shared, specialisation per signature."""
 import copy
 
-import pytest
 import torch
 import torch.nn as nn
 
