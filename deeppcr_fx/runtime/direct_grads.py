@@ -109,14 +109,23 @@ class GradBuffer:
         return storage_users == 2 + len(self.views) and all(c == self._free_refs for c in map(sys.getrefcount, self.views))
 
 
-def direct_grads_apply(stacked: torch.Tensor, tensors: list, grad_buffer: Optional[GradBuffer] = None
-                       ) -> torch.Tensor:
+def direct_grads_apply(stacked: torch.Tensor, tensors: list, grad_buffer: Optional[GradBuffer] = None,
+                       connect: bool = True) -> torch.Tensor:
     """``stacked`` (whose rows hold ``tensors``' values) as a differentiable tensor whose gradient
     reaches ``tensors`` (all leaves requiring grad): written into ``.grad`` directly in a plain
     ``loss.backward()`` where that is safe, else handed to autograd (see the module docstring);
-    ``grad_buffer`` lets later calls reuse the ``.grad`` views."""
+    ``grad_buffer`` lets later calls reuse the ``.grad`` views.
+
+    ``connect=False`` leaves the tensors out of the graph (the anchor alone): no per-tensor cost, but
+    only a plain ``loss.backward()`` reaches them (``torch.autograd.grad`` calls them unused,
+    ``backward(inputs=...)`` gives them nothing) and hooks registered after this call are bypassed;
+    for callers that know that is all they do, and only where ``supports_direct_grads`` holds now."""
     anchor = torch.zeros((), dtype=stacked.dtype, device=stacked.device, requires_grad=True)
-    return _DirectGrads.apply(anchor, stacked, grad_buffer or GradBuffer(), tensors, *tensors)
+    node = torch.autograd.graph.get_gradient_edge(anchor).node  # (ctx.next_functions would wrap all L+4)
+    # Function.apply's Python wrapper loops over the L tensors (functorch's dead-wrapper check, needed
+    # only under a torch.func transform): half the cost of the call at L = 4096, so it is skipped outside one.
+    apply = _DirectGrads.apply if torch._C._are_functorch_transforms_active() else _BASE_APPLY
+    return apply(anchor, stacked, (node, grad_buffer or GradBuffer()), tensors, *(tensors if connect else ()))
 
 
 def plain_backward(anchor_node) -> bool:
@@ -132,14 +141,16 @@ def plain_backward(anchor_node) -> bool:
 
 class _DirectGrads(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, anchor, stacked, grad_buffer, tensors, *inputs):
-        ctx.tensors, ctx.versions, ctx.grad_buffer = tensors, list(map(_VERSION, tensors)), grad_buffer
+    def forward(ctx, anchor, stacked, held, tensors, *inputs):
+        ctx.anchor_node, ctx.grad_buffer = held
+        ctx.tensors, ctx.versions, ctx.connected = tensors, list(map(_VERSION, tensors)), bool(inputs)
         return stacked.detach()
 
     @staticmethod
     def backward(ctx, grad):
         tensors = ctx.tensors
         nothing = (None, None, None, None)
+        per_tensor = (None,) * len(tensors) if ctx.connected else ()
         if list(map(_VERSION, tensors)) != ctx.versions:
             raise StaleParameters(
                 "one of the Parameters stacked into a deeppcr chain was modified by an inplace operation "
@@ -147,11 +158,11 @@ class _DirectGrads(torch.autograd.Function):
                 "run the forward pass again after changing the Parameters."
             )
         if grad is None:
-            return nothing + (None,) * len(tensors)
+            return nothing + per_tensor
         grad = grad.to(tensors[0].dtype)
         # Checked now, not in the forward pass: hooks registered or a process group set up since count.
-        if torch.is_grad_enabled() or not plain_backward(ctx.next_functions[0][0]) \
-                or not supports_direct_grads(tensors):
+        if ctx.connected and (torch.is_grad_enabled() or not plain_backward(ctx.anchor_node)
+                              or not supports_direct_grads(tensors)):
             return nothing + grad.unbind(0)  # autograd's AccumulateGrad nodes take them from here
         with torch.no_grad():
             current = list(map(_GRAD, tensors))
@@ -168,4 +179,7 @@ class _DirectGrads(torch.autograd.Function):
                 if existing:
                     torch._foreach_add_(existing, incoming)
         # None for each tensor: its AccumulateGrad node, which the engine still visits, does nothing.
-        return nothing + (None,) * len(tensors)
+        return nothing + per_tensor
+
+
+_BASE_APPLY = super(torch.autograd.Function, _DirectGrads).apply  # torch._C._FunctionBase.apply, bound to it

@@ -41,7 +41,7 @@ from typing import Optional
 
 import torch
 
-from .direct_grads import _IS_LEAF, _REQUIRES_GRAD, GradBuffer, direct_grads_apply
+from .direct_grads import _IS_LEAF, _REQUIRES_GRAD, GradBuffer, direct_grads_apply, supports_direct_grads
 
 # A group that had to be re-flattened this many times in a row (its tensors keep being replaced)
 # stops re-flattening and stacks per call.
@@ -160,6 +160,10 @@ class StackedAttributes(torch.nn.Module):
         self._reflattens = 0  # consecutive calls that found the tensors changed and flattened again
         self.mode = "stack"  # how the last call stacked: "flat" or "stack" (for tests and the report)
         object.__setattr__(self, "_accumulators", _Accumulators())
+        # False: leave the Parameters out of the autograd graph (``direct_grads_apply(connect=False)``:
+        # faster at thousands of Parameters, but only a plain loss.backward() reaches them). Not a
+        # Config option: for benchmarks and callers that know how their gradients are asked for.
+        self.connect = True
 
     def forward(self) -> torch.Tensor:
         # Every per-call pass over the L tensors is a C-level map: at L = 4096 a Python loop per
@@ -177,6 +181,8 @@ class StackedAttributes(torch.nn.Module):
             # gradient): a copy keeps a later in-place update of the frozen tensors from reaching it.
             return group.buffer.clone() if torch.is_grad_enabled() else group.buffer.detach()
         if self.direct_grads and all(flags):  # leaves (a flat group's are), each of its own row
+            if not self.connect and supports_direct_grads(tensors, flags):
+                return direct_grads_apply(group.buffer, tensors, group.grads, connect=False)
             self._keep_accumulators(group, tensors)
             return direct_grads_apply(group.buffer, tensors, group.grads)
         return torch.stack(tensors)  # autograd's own path: partly frozen tensors
