@@ -33,6 +33,7 @@ from .find_chains import Candidate, Segment, canonical, dependents, periodic_run
 from .shape_prop import info_of
 
 MAX_COMPONENTS = 8  # a multistep sampler of order 3 with a corrector carries ~5 tensors
+MIN_STEPS = 3  # two repeats of a few nodes carrying several tensors are a coincidence more often than a loop
 COVERED_ENOUGH = 0.5  # single-tensor chains covering this share of a source's path: no search here
 
 
@@ -215,6 +216,6 @@ def multi_state_candidates(gm: fx.GraphModule, sources: list, single: list) -> l
             for s_start, s_p, s_count in periodic_runs([x.strict for x in ps[start:start + p * count]]):
                 a, n = _best_phase(ps, start + s_start, s_p, s_count)
                 segs = _segments(_extend(_steps(ps, a, s_p, n), order, dep, gm), gm) if a is not None else []
-                if len(segs) >= 2:
+                if len(segs) >= MIN_STEPS:
                     found.append(Candidate(group[0], s_p, segs))
     return found

@@ -90,7 +90,8 @@ def rewrite(gm: fx.GraphModule, plan: ChainPlan, config: Config, name: str, repl
             if multi else [solve_node]
         for k, seg in enumerate(segs):
             for out, states in zip(seg.outs, components):
-                if out not in outs and (seg is segs[-1] or any(u not in members for u in out.users)):
+                # a component passed through from before the chain (not a member) keeps its own node
+                if out in members and out not in outs and (seg is segs[-1] or any(u not in members for u in out.users)):
                     outs[out] = graph.call_function(operator.getitem, (states, k))
     for old, new in outs.items():
         replaced[old] = new
