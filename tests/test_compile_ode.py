@@ -62,3 +62,46 @@ def test_fixed_step_solver_is_rewritten(solver):
     model(x).pow(2).sum().backward()
     for g, want in zip(got, [x.grad] + [p.grad for p in model.parameters()]):
         torch.testing.assert_close(g, want, rtol=1e-7, atol=1e-9)
+
+
+# --- per-step floats where an op wants a Python number (passes/scalar_args.py) ---------------------------
+SCALAR_OPS = {
+    "add_alpha": lambda h, c: torch.add(h, torch.tanh(h), alpha=c),
+    "addcmul_value": lambda h, c: torch.addcmul(h, h, torch.tanh(h), value=c),
+    "leaky_relu": lambda h, c: torch.nn.functional.leaky_relu(h, c),
+    "hardtanh": lambda h, c: torch.nn.functional.hardtanh(h, -1 - c, 1 + c),
+    "elu": lambda h, c: torch.nn.functional.elu(h, alpha=1 + c),
+    "softplus": lambda h, c: torch.nn.functional.softplus(h, beta=1 + c, threshold=1.0),
+    "full_like": lambda h, c: h + torch.full_like(h[:, :1], c),
+}
+
+
+class _Scheduled(nn.Module):
+    """A loop whose i-th step reads the Python float 0.1 * (i + 1) in a Scalar argument."""
+
+    def __init__(self, op, steps=10, n=4):
+        super().__init__()
+        self.lin, self.op, self.steps = nn.Linear(n, n), op, steps
+
+    def forward(self, x):
+        for i in range(self.steps):
+            x = self.op(self.lin(x), 0.1 * (i + 1))
+        return x
+
+
+@pytest.mark.parametrize("name", sorted(SCALAR_OPS))
+def test_per_step_floats_in_scalar_arguments(name):
+    torch.manual_seed(0)
+    model = _Scheduled(SCALAR_OPS[name]).double()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    compiled = deeppcr.compile(model, policy="always")
+    out = compiled(x)
+    (record,) = compiled.report.chains
+    assert record.status == "rewritten", record.detail  # before: unstackable_input, Tensor.item() on meta tensors
+    assert [i.kind for i in record.inputs].count("coefficient") >= 1
+    want = model(x)
+    torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-10)
+    got_grads = torch.autograd.grad(out.sum(), [x, *model.parameters()])
+    want_grads = torch.autograd.grad(want.sum(), [x, *model.parameters()])
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)

@@ -12,7 +12,9 @@ The copy walks each node's arguments with ``find_chains.map_args``, the traversa
 numbered the float slots, so the template's coefficients are the slots the finder saw. Fused
 recurrent cells (``torch.gru_cell``, ...), which vmap cannot batch, become plain ops
 (``passes/decompose.py``), and a per-step coefficient used as a fill value
-(``full_like(x, i * dt)``: the op wants a Python number) becomes ``ones_like(x) * c``.
+(``full_like(x, i * dt)``: the op wants a Python number) becomes ``ones_like(x) * c``; so do other
+ops whose coefficient is a Python-number argument (``add(alpha=)``, ``leaky_relu``, ``hardtanh``,
+``elu``, ``softplus``: ``passes/scalar_args.py``).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch.fx as fx
 
 from .decompose import DECOMPOSITIONS
 from .find_chains import Candidate, map_args
+from .scalar_args import tensor_form
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,10 @@ class StepTemplate:
         for n in seg.nodes:
             args = map_args(n.args, env.__getitem__, on_float)
             kwargs = map_args(n.kwargs, env.__getitem__, on_float)
+            scalar = tensor_form(n.op, n.target, args, kwargs, slots_now)
+            if scalar is not None:  # a coefficient where the op wants a Python number (alpha=, negative_slope)
+                env[n] = g.call_function(scalar[0], scalar[1], kwargs, name=n.name)
+                continue
             env[n] = _filled(g, n, args, kwargs, slots_now) or g.create_node(
                 n.op, DECOMPOSITIONS.get(n.target, n.target) if n.op == "call_function" else n.target,
                 args, kwargs, name=n.name)
