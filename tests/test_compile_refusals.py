@@ -168,7 +168,8 @@ def test_in_place_op_in_block():
 
 
 def test_per_step_python_float_the_op_needs_as_float():
-    """A constant that differs per step but must stay a Python float (leaky_relu's slope) is refused."""
+    """A constant that differs per step but must stay a Python float (celu's alpha: no tensor form in
+    passes/scalar_args.py) is refused, naming the op."""
 
     class Leaky(nn.Module):
         def __init__(self, slope):
@@ -176,12 +177,12 @@ def test_per_step_python_float_the_op_needs_as_float():
             self.lin, self.slope = nn.Linear(8, 8), slope
 
         def forward(self, x):
-            return x + F.leaky_relu(self.lin(x), self.slope)
+            return x + F.celu(self.lin(x), 1.0 + self.slope)
 
     torch.manual_seed(0)
     model = Stack([Leaky(0.01 * (i + 1)) for i in range(8)]).double()
     rec = _only_refusal(_compile(model, torch.randn(3, 8, dtype=torch.float64)), Reason.UNSTACKABLE_INPUT)
-    assert "template" in rec.detail
+    assert "template" in rec.detail and "celu" in rec.detail and "Python number" in rec.detail
 
 
 def test_per_step_python_float_as_tensor_is_stacked():

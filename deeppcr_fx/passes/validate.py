@@ -92,7 +92,7 @@ def _template_check(c: Candidate) -> "tuple[Optional[Refusal], Optional[StepTemp
             out = template.graph_module.forward(*args)  # .forward: no torch.fx traceback print on failure
     except META_FAILURES as exc:
         return Refusal(Reason.UNSTACKABLE_INPUT, f"the one-step template does not run with stacked inputs: "
-                                                 f"{_first_line(exc)}"), None
+                                                 f"{_scalar_users(template)}{_first_line(exc)}"), None
     outs = (out,) if c.components == 1 else out
     if not isinstance(outs, tuple) or len(outs) != len(states) or any(
             not isinstance(o, torch.Tensor) or tuple(o.shape) != s.shape or o.dtype != s.dtype
@@ -105,6 +105,13 @@ def _template_check(c: Candidate) -> "tuple[Optional[Refusal], Optional[StepTemp
     except META_FAILURES as exc:
         return Refusal(Reason.NOT_DIFFERENTIABLE, _first_line(exc)), None
     return None, template
+
+
+def _scalar_users(template: StepTemplate) -> str:
+    """Which ops read a per-step float (a 0-d tensor in the template) directly: those wanting a Python number fail."""
+    coefficients = [n for n in template.graph_module.graph.nodes if n.op == "placeholder" and n.name.startswith("coef_")]
+    ops = sorted({getattr(u.target, "__name__", str(u.target)) for c in coefficients for u in c.users})
+    return f"a per-step Python float reaches {', '.join(ops)}, which may need a Python number there; " if ops else ""
 
 
 def _first_line(exc: BaseException) -> str:
