@@ -109,6 +109,7 @@ class Builder:
         if has_shape_reads(traced.graph_module):  # zeros_like(h), device=h.device: constants of this signature
             propagate(traced.graph_module, tensors)
             constant_shape_reads(traced.graph_module, home_device(tensors))
+        report.notes.extend(recompute_escapes(traced.graph_module, tensors))  # per-layer values for the caller
         options = CompileOptions(self.config, tensors, front_end="symbolic", autocast=autocast_on())
         result = run_pipeline(traced.graph_module, options, report)
         runner = self._runner(result, report, reads)

@@ -1,4 +1,5 @@
 """The compiled module as its owners see it: the wrapped model's attributes, and no stale outputs."""
+import pytest
 import torch
 import torch.nn as nn
 
@@ -175,3 +176,32 @@ def test_report_set_when_nothing_captures_the_model():
     except deeppcr.CompileError:
         pass
     assert compiled.report is not None and compiled.report.failure is not None
+
+
+class _Keyed(nn.Module):
+    """Returns every layer's key besides the last state: values leaving the steps for the caller."""
+
+    def __init__(self, depth=10, width=4):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.keys = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x):
+        keys = []
+        for layer, key in zip(self.layers, self.keys):
+            keys.append(key(x))
+            x = torch.tanh(layer(x) + 0.1 * keys[-1])
+        return x, keys
+
+
+@pytest.mark.parametrize("front_end", ["symbolic", "dynamo"])
+def test_values_for_the_caller_in_traced_graphs(front_end):
+    torch.manual_seed(0)
+    model = _Keyed().double()
+    compiled = deeppcr.compile(model, policy="always", front_end=front_end)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    compiled(x)
+    assert [c.length for c in compiled.report.rewritten] == [10], str(compiled.report)
+    (out, keys), (ref, ref_keys) = compiled(x), model(x)
+    for a, b in zip([out] + keys, [ref] + ref_keys):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

@@ -111,3 +111,22 @@ def test_keyword_inputs_and_cache_through_dynamo(capfd):
     assert "data-dependent" in notes and "recomputed from the solved states" in notes
     _check(model, compiled, _keywords, 1e-9)
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_hidden_states_and_options_by_keyword():
+    """``output_hidden_states=True`` installs transformers' output-capturing hooks on the layers for good: they are
+    inert outside such a call, and the hidden states they collect are outputs of the recorded graph, so the chain
+    is rewritten with them and without them; ``use_cache=False`` is a constant of its own specialisation."""
+    torch.manual_seed(0)
+    model = _gpt2().double().eval()
+    compiled = deeppcr.compile(model, policy="always")
+    for options in (dict(output_hidden_states=True), dict(use_cache=False), {}):
+        call = lambda m, ids: m(ids, **options)  # noqa: E731
+        call(compiled, torch.randint(1, VOCAB, (2, SEQ)))
+        assert [(c.length, c.period) for c in compiled.report.rewritten] == [(LAYERS, 2)], str(compiled.report)
+        ids = torch.randint(1, VOCAB, (2, SEQ))
+        got, want = _tensors(call(compiled, ids)), _tensors(call(model, ids))
+        assert len(got) == len(want) == {"output_hidden_states": 2 * LAYERS + LAYERS + 2, "use_cache": 1}.get(
+            next(iter(options), ""), 2 * LAYERS + 1)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

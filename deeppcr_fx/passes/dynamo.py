@@ -60,7 +60,7 @@ class DynamoBackend:
         if constant_shape_reads(gm, home_device(example_inputs)):
             propagate(gm, tuple(example_inputs))
         sources = default_sources(gm.graph, inputs)
-        report.notes.extend(recompute_escapes(gm, tuple(example_inputs), sources))
+        report.notes.extend(recompute_escapes(gm, tuple(example_inputs), sources, shapes_known=True))
         options = CompileOptions(self.config, tuple(example_inputs), front_end="dynamo",
                                  graph_index=len(self.graph_modules), sources=tuple(sources))
         result = run_pipeline(gm, options, report)

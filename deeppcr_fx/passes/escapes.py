@@ -45,16 +45,18 @@ def _plain(n: fx.Node) -> bool:
     return not (name.endswith("_") and not name.endswith("__")) and name not in ("setitem", "__setitem__")
 
 
-def recompute_escapes(gm: fx.GraphModule, example_inputs: tuple, sources=None) -> list:
+def recompute_escapes(gm: fx.GraphModule, example_inputs: tuple, sources=None, shapes_known: bool = False) -> list:
     """Move the values that chains hand to later nodes out of their steps (see the module docstring).
 
-    Returns the report notes (one per chain changed); ``gm.graph`` is changed in place and recompiled."""
+    Returns the report notes (one per chain changed); ``gm.graph`` is changed in place and recompiled.
+    ``shapes_known``: shape propagation already ran on this graph."""
     if not _may_escape(gm):
         return []
-    propagate(gm, example_inputs)
+    if not shapes_known:
+        propagate(gm, example_inputs)
     notes = []
     for c in find_chains(gm, sources):
-        if c.shapes_differ or c.length < 3:
+        if c.shapes_differ or c.length < 3 or getattr(c.segments[0], "state_ins", ()):  # tuple states: not yet
             continue
         note = _move(gm.graph, c)
         if note:

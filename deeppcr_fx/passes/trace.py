@@ -206,7 +206,7 @@ class InliningTracer(fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         path = self.path_of_module(m)
-        if path and path not in self.opaque and has_hooks(m):  # called as a module, its hooks fire
+        if path and path not in self.opaque and has_hooks(m, inert=True):  # called as a module, its hooks fire
             self.opaque[path] = f"has hooks ({describe_hooks(m)}): kept as a module call so they run"
         if path in self.opaque or not path:
             return super().call_module(m, forward, args, kwargs)
