@@ -46,8 +46,39 @@ def test_a_path_without_bottlenecks():
 
 
 def test_integer_inputs():
-    notes = _notes(_Embedded(), (torch.randint(0, 10, (2, 5)),))
+    """Only integers flow: no floating tensor anywhere to start a chain from."""
+
+    class Counting(nn.Module):
+        def forward(self, ids):
+            for _ in range(10):
+                ids = ids * 3 + 1
+            return ids
+
+    notes = _notes(Counting(), (torch.randint(0, 10, (2, 5)),))
     assert "floating-point tensor input" in notes and "int64" in notes
+
+
+def test_an_embedding_of_token_ids_starts_a_chain():
+    """Token ids in: the chain starts at the first floating tensor computed from them (the embedding)."""
+    torch.manual_seed(0)
+    model = _Embedded()
+    ids = torch.randint(0, 10, (2, 5))
+    compiled = deeppcr.compile(model, policy="always")
+    torch.testing.assert_close(compiled(ids), model(ids), rtol=1e-5, atol=1e-6)
+    assert [c.length for c in compiled.report.rewritten] == [10]
+
+
+def test_many_chain_starts_are_summarised():
+    """A graph with dozens of chain starts (a sampler's schedule constants) explains the longest paths only."""
+
+    class Constants(nn.Module):
+        def forward(self, x):
+            for i, op in enumerate((torch.sin, torch.cos, torch.tanh, torch.sigmoid, torch.relu, torch.abs, torch.exp)):
+                x = op(x * torch.full((1,), float(i + 2)))
+            return x
+
+    notes = _notes(Constants(), (torch.randn(2, 4),))
+    assert "more chain starts with shorter paths" in notes
 
 
 def test_nothing_repeats():

@@ -12,7 +12,10 @@ from typing import Optional
 import torch.fx as fx
 
 from .find_chains import default_sources, dependents, periodic_runs, pieces
+from .find_states import MAX_COMPONENTS
 from .shape_prop import info_of
+
+MAX_NOTES = 4  # chain starts explained one by one; the rest are counted
 
 
 def explain_empty(gm: fx.GraphModule, sources: Optional[list] = None) -> list:
@@ -24,11 +27,13 @@ def explain_empty(gm: fx.GraphModule, sources: Optional[list] = None) -> list:
         sources = default_sources(graph)
     if not sources:
         kinds = ", ".join(f"{n.name}: {info_of(n).describe() if info_of(n) else 'unknown'}" for n in inputs) or "none"
-        return [f"no chain found: a chain starts from a floating-point tensor input or a floating tensor built "
-                f"from constants inside forward, and there is none ({kinds}); integer inputs (token ids) and "
-                "values computed from them (an embedding's output) are not chain starts yet"]
+        return [f"no chain found: a chain starts from a floating-point tensor input, a floating tensor built "
+                f"from constants inside forward, or the first floating tensor computed from the inputs (an "
+                f"embedding of token ids), and there is none ({kinds})"]
     notes = []
-    for source in sources:
+    # the sources with the longest paths first: a sampler's dozens of schedule constants say little each
+    ranked = sorted(sources, key=lambda s: -len(dependents(s)))
+    for source in ranked[:MAX_NOTES]:
         ps = pieces(graph, source, gm)
         if len(ps) < 2:
             notes.append(f"no chain found from {source.name}: its path has {len(ps)} piece(s) between single-tensor "
@@ -43,6 +48,9 @@ def explain_empty(gm: fx.GraphModule, sources: Optional[list] = None) -> list:
             continue
         notes.append(f"no chain found from {source.name}: {len(runs)} repeated run(s) on its path were dropped "
                      "because a step reads a value computed inside the run by another step")
+    if len(ranked) > MAX_NOTES:
+        notes.append(f"... and {len(ranked) - MAX_NOTES} more chain starts with shorter paths "
+                     f"({', '.join(s.name for s in ranked[MAX_NOTES:MAX_NOTES + 5])}, ...)")
     return notes
 
 
