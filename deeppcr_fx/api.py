@@ -238,7 +238,9 @@ def compile(model: torch.nn.Module, example_inputs: Optional[tuple] = None, poli
 
     Arguments:
         model: the ``nn.Module`` to compile; it is never modified, and the compiled module shares its
-            Parameters and buffers (training the compiled module trains ``model``).
+            Parameters and buffers (training the compiled module trains ``model``). A diffusers pipeline
+            (``DDPMPipeline``, ``DDIMPipeline``) gives a ``CompiledPipeline`` whose sampling loop is one
+            parallel solve (``deeppcr_fx/pipelines.py``).
         example_inputs: inputs to specialise for now instead of on the first call.
         policy: ``"auto"`` (default: rewrite where the cost model predicts a speed-up), ``"always"``
             (every valid chain) or ``"never"`` (trace and report only).
@@ -251,6 +253,11 @@ def compile(model: torch.nn.Module, example_inputs: Optional[tuple] = None, poli
         A ``CompiledModule``: call it like ``model``; ``.report`` says what was found, rewritten and
         refused (with reasons), ``.stats()`` how each rewritten chain's solves converged.
     """
+    if not isinstance(model, torch.nn.Module) and hasattr(model, "unet") and hasattr(model, "scheduler"):
+        from .pipelines import compile_pipeline  # a diffusers pipeline: its sampling loop is compiled
+
+        return compile_pipeline(model, policy=policy, jacobian=jacobian, min_length=min_length, config=config,
+                                **options)
     config = _config(config, dict(policy=policy, jacobian=jacobian, min_length=min_length, **options))
     if group is not None:
         from .layer_parallel import LayerParallelModule
