@@ -113,7 +113,8 @@ class Builder:
         options = CompileOptions(self.config, tensors, front_end="symbolic", autocast=autocast_on())
         result = run_pipeline(traced.graph_module, options, report)
         runner = self._runner(result, report, reads)
-        if runner is result.graph_module and traced.inputs is not None:
+        plain = not kwargs and (traced.inputs is None or traced.inputs == Inputs(tuple(range(len(args))), ()))
+        if runner is result.graph_module and not plain:
             runner = GraphCall(result.graph_module, traced.inputs, None)
         return Specialisation(runner, report, result.graph_module, reads=reads.freeze())
 
