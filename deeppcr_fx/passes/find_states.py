@@ -131,8 +131,9 @@ def _best_phase(ps: list, start: int, period: int, count: int) -> tuple:
     def matches(m: int) -> bool:
         return 0 <= m < len(ps) and ps[m].strict == pattern[(m - start) % period]
 
+    sizes = [len(ps[start + phase].ins) for phase in range(period)]
     best = None
-    for phase in range(period):
+    for phase in (p for p in range(period) if sizes[p] == min(sizes)):  # only the fewest live values: O(n) matches
         for a in (start + phase, start + phase - period):
             if a < 0 or not matches(a):
                 continue
