@@ -43,13 +43,14 @@ def test_compiled_iteration_matches_eager_and_sequential(problem, mode):
     assert [f.residuals[i] for i in big] == pytest.approx([e.residuals[i] for i in big], rel=1e-6)
 
 
-def test_gradients_after_a_compiled_forward_match_autograd():
+def test_compiled_forward_and_adjoint_gradients_match_autograd():
     chain = CHAINS["tanh"]
     W, b = (p.clone().requires_grad_() for p in chain.per_step)
     x0 = chain.x0.clone().requires_grad_()
     res = deeppcr.solve(chain.step, x0, per_step=(W, b), jacobian="full", backend="inductor")
     assert res.stats.backend == "inductor"
     got = torch.autograd.grad(res.states.sin().sum(), (x0, W, b))
+    assert res.stats.backward.backend == "inductor" and res.stats.backward.converged  # the compiled adjoint
     z, states = x0, []
     for l in range(L):
         z = chain.step(z, W[l], b[l])
@@ -57,6 +58,18 @@ def test_gradients_after_a_compiled_forward_match_autograd():
     want = torch.autograd.grad(torch.stack(states).sin().sum(), (x0, W, b))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+
+
+def test_gradcheck_through_the_compiled_forward_and_adjoint():
+    chain = CHAINS["tanh"]  # the signature of the test above: its compiled functions are reused
+    inputs = (chain.x0.clone().requires_grad_(), *(p.clone().requires_grad_() for p in chain.per_step))
+
+    def f(x0, W, b):
+        res = deeppcr.solve(chain.step, x0, per_step=(W, b), jacobian="full", backend="inductor")
+        assert res.stats.backend == "inductor"
+        return res.states
+
+    assert torch.autograd.gradcheck(f, inputs, fast_mode=True)
 
 
 def test_compiled_kernels_are_reused_across_solves():

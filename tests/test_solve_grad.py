@@ -32,8 +32,8 @@ def test_gradcheck(problem, mode):
     assert torch.autograd.gradcheck(f, (*x0_parts, *per_step, *shared))
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_gradients_match_sequential_autograd_with_intermediate_states(mode):
+@pytest.mark.parametrize("mode,backend", [(m, "eager") for m in MODES] + [("full", "inductor"), ("diag", "inductor")])
+def test_gradients_match_sequential_autograd_with_intermediate_states(mode, backend):
     chain = PROBLEMS["tanh"](64, dtype=torch.float64)
     W, b = (p.clone().requires_grad_() for p in chain.per_step)
     x0 = chain.x0.clone().requires_grad_()
@@ -42,7 +42,8 @@ def test_gradients_match_sequential_autograd_with_intermediate_states(mode):
     def loss(states):  # reads every z_l, not only z_L
         return (weights * states).sum() + states[10].pow(2).sum()
 
-    res = deeppcr.solve(chain.step, x0, per_step=(W, b), jacobian=mode)
+    res = deeppcr.solve(chain.step, x0, per_step=(W, b), jacobian=mode, backend=backend)
+    assert res.stats.backend == backend, res.stats.backend_error
     grads = torch.autograd.grad(loss(res.states), (x0, W, b))
     expected = torch.autograd.grad(loss(chain.sequential(x0=x0, per_step=(W, b))), (x0, W, b))
     for g, e in zip(grads, expected):
@@ -50,10 +51,12 @@ def test_gradients_match_sequential_autograd_with_intermediate_states(mode):
     assert res.stats.backward is not None and res.stats.backward.jacobian == mode
 
 
-def test_shared_tensor_gradient_is_summed_over_steps():
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_shared_tensor_gradient_is_summed_over_steps(backend):
     chain = PROBLEMS["ddim"](30)
     Wd = chain.shared[0].clone().requires_grad_()
-    res = deeppcr.solve(chain.step, chain.x0, per_step=chain.per_step, shared=(Wd,))
+    res = deeppcr.solve(chain.step, chain.x0, per_step=chain.per_step, shared=(Wd,), backend=backend)
+    assert res.stats.backend == backend, res.stats.backend_error
     (g,) = torch.autograd.grad(res.states[-1].sum(), Wd)
     (e,) = torch.autograd.grad(chain.sequential(shared=(Wd,))[-1].sum(), Wd)
     torch.testing.assert_close(g, e)

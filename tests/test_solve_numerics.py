@@ -37,7 +37,7 @@ def _max_err(a, truth):
     return max(float((x.double() - t).abs().max()) for x, t in zip(_parts(a), _parts(truth)))
 
 
-def _assert_as_accurate_as_sequential(problem, L, dtype, mode):
+def _assert_as_accurate_as_sequential(problem, L, dtype, mode, **options):
     """Low precision: compare with the float64 truth of the same (rounded) chain.
 
     Exact Newton ("full") ends with a correction that propagates every residual, so its
@@ -50,7 +50,7 @@ def _assert_as_accurate_as_sequential(problem, L, dtype, mode):
     chain = PROBLEMS[problem](L, dtype=dtype)
     truth = exact.sequential(x0=_to64(chain.x0), per_step=tuple(_to64(p) for p in chain.per_step),
                              shared=tuple(_to64(s) for s in chain.shared))
-    res = deeppcr.solve(chain.step, chain.x0, per_step=chain.per_step, shared=chain.shared, jacobian=mode)
+    res = deeppcr.solve(chain.step, chain.x0, per_step=chain.per_step, shared=chain.shared, jacobian=mode, **options)
     assert _parts(res.states)[0].dtype == dtype
     scale = max(1.0, max(float(t.abs().max()) for t in _parts(truth)))
     err_seq, err_par = _max_err(chain.sequential(), truth), _max_err(res.states, truth)
@@ -76,6 +76,14 @@ def test_low_precision_as_accurate_as_sequential(problem, dtype):
 @pytest.mark.parametrize("problem", ["tanh", "residual", "ddim"])
 def test_long_chain_L1000(problem, mode):
     _assert_as_accurate_as_sequential(problem, 1000, torch.float32, mode)
+
+
+@pytest.mark.parametrize("problem,mode", [("tanh", "full"), ("residual", "diag")])
+def test_long_chain_L1000_compiled_iteration(problem, mode):
+    """The compiled backend (runtime/fused.py) on the same contract; a representative subset (each
+    signature costs an inductor compile), the other modes in tests/test_fused.py."""
+    res = _assert_as_accurate_as_sequential(problem, 1000, torch.float32, mode, backend="inductor")
+    assert res.stats.backend == "inductor", res.stats.backend_error
 
 
 def test_full_newton_converges_in_few_iterations():

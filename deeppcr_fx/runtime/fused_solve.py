@@ -13,7 +13,7 @@ import torch
 
 from ..results import FinishCause
 from . import backend
-from .fused import CONVERGED, NON_FINITE, NewtonIteration, fused_chunk, run_newton
+from .fused import CONVERGED, NON_FINITE, FullAdjoint, NewtonIteration, fused_chunk, run_newton
 from .newton import _finish
 
 
@@ -55,7 +55,7 @@ class CompiledForward:
         p.stats.backend = "inductor"
         U, status, first = run_newton(call, U, x0_flat, inputs, start, cfg.iteration_cap(p.stats.length),
                                       cfg.checks_every(device), p.stats.forward, cfg.record_stats, p.on_iteration)
-        p.stats.forward.jacobian = p.mode
+        p.stats.forward.jacobian, p.stats.forward.backend = p.mode, "inductor"
         if status == CONVERGED:
             p.stats.forward.converged = True
         else:
@@ -68,6 +68,42 @@ class CompiledForward:
         it = NewtonIteration(p.steps.step, p.spec, len(p.steps.per_step), len(p.steps.shared), p.mode,
                              p.atol, p.rtol, self.chunk)
         return backend.build(self.entry, it, (U, x0_flat, *state, *inputs), cuda_graphs)
+
+    def record_eager(self, seconds: float) -> None:
+        if self.entry is not None:
+            self.entry.eager_s += seconds
+
+
+class CompiledAdjoint:
+    """The backward pass of a full-mode chain as one compiled function (``fused.FullAdjoint``), chosen
+    by the same rule as the forward (its own cache entry and eager-time account)."""
+
+    def __init__(self, problem, compiled_forward: CompiledForward) -> None:
+        self.problem, self.forward = problem, compiled_forward
+        self.entry: Optional[backend.Entry] = None
+
+    def __call__(self, steps, Zprev: torch.Tensor, G: torch.Tensor, wrt: list) -> Optional[tuple]:
+        """``(dZprev, *dinputs)`` as ``adjoint.adjoint`` returns them, or None: run the eager adjoint."""
+        p, cfg = self.problem, self.problem.config
+        if p.mode != "full" or cfg.backend == "eager" or not steps.vectorized:
+            return None
+        device = Zprev.device
+        key = ("adjoint", tuple(wrt), p.adjoint_atol, p.adjoint_rtol) + self.forward.key + (device.type,)
+        self.entry = backend.entry(self.forward.user_step, key)
+        if self.entry is None or not backend.use_compiled(cfg.backend, self.entry, device):
+            return None
+        args = (Zprev, G, *steps.inputs)
+        if self.entry.fn is None:
+            fn = FullAdjoint(steps.step, p.spec, len(steps.per_step), len(steps.shared), tuple(wrt),
+                             p.adjoint_atol, p.adjoint_rtol, self.forward.chunk)
+            out = backend.build(self.entry, fn, args, cfg.cuda_graphs and device.type == "cuda")
+        else:
+            out = self.entry.fn(*args)
+        if out is None or not bool(out[0]):  # not compiled, or samples coupled: the eager adjoint iterates
+            return None
+        b = p.stats.backward
+        b.iterations, b.converged, b.jacobian, b.backend = 1, True, "full", "inductor"
+        return tuple(out[1:])
 
     def record_eager(self, seconds: float) -> None:
         if self.entry is not None:

@@ -18,7 +18,7 @@ from ..config import Config
 from . import jacobians
 from .adjoint import adjoint
 from .newton import scaled_norm, triangular_newton
-from .fused_solve import CompiledForward, constants_of
+from .fused_solve import CompiledAdjoint, CompiledForward, constants_of
 from .chain_io import SolveResult, bind_constants, check_length, stack_grads
 from .state import StateSpec
 from .stats import PassStats, SolveStats
@@ -231,10 +231,17 @@ class _ChainSolve(torch.autograd.Function):
         problem.stats.backward = PassStats()
         cfg = problem.config
         # torch.func transforms differentiate regardless of the ambient no_grad mode.
-        dZprev, *dinputs = adjoint(backward_steps, Zprev, G, wrt, problem.mode,
-                                   problem.adjoint_atol, problem.adjoint_rtol,
-                                   cfg.iteration_cap(length), problem.stats.backward,
-                                   problem.replicated_steps(backward_steps))
+        compiled = None if problem.compiled is None else CompiledAdjoint(problem, problem.compiled)
+        grads = None if compiled is None else compiled(backward_steps, Zprev, G, wrt)
+        if grads is None:
+            t0 = time.perf_counter()
+            grads = adjoint(backward_steps, Zprev, G, wrt, problem.mode,
+                            problem.adjoint_atol, problem.adjoint_rtol,
+                            cfg.iteration_cap(length), problem.stats.backward,
+                            problem.replicated_steps(backward_steps))
+            if compiled is not None:
+                compiled.record_eager(time.perf_counter() - t0)
+        dZprev, *dinputs = grads
         backward_steps.record(problem.stats)  # vmap can fail in the backward pass alone
         dx0 = spec.unflatten(dZprev[0])
         dx0 = dx0 if spec.is_tuple else (dx0,)

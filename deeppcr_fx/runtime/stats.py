@@ -20,6 +20,7 @@ class PassStats:
     jacobian: str = ""
     prefix: int = 0  # leading steps computed sequentially until they met a warm start's guess
     guess_met: Optional[bool] = None  # whether that prefix met the guess (None: no warm start)
+    backend: str = "eager"  # "inductor": the iterations ran as one compiled function (runtime/fused.py)
 
     def to_dict(self) -> dict:
         d = asdict(self)
