@@ -136,8 +136,13 @@ class Builder:
                                reads=reads.freeze())
 
     def _dynamo(self, report: CompileReport, errors: tuple = ()) -> Specialisation:
+        """TorchDynamo: one graph (``front_end="dynamo"``), or, as the fallback after ``errors`` (data-dependent
+        Python), the regions between graph breaks, with the Python between them guarded and run as written."""
         backend = DynamoBackend(self.config, model_name=type(self.model).__name__, model=self.model)
-        compiled = torch.compile(self.model, backend=backend, fullgraph=True, dynamic=False)
+        fullgraph = not errors
+        compiled = torch.compile(self.model, backend=backend, fullgraph=fullgraph, dynamic=False)
+        fallback = "captured with TorchDynamo instead" + ("" if fullgraph else ", which splits forward at graph breaks "
+                                                          "and guards the Python between them (chains cannot cross a break)")
 
         def runner(*a, **kw):
             try:
@@ -145,7 +150,7 @@ class Builder:
             except Exception as exc:
                 if spec.graph_module is not None:  # it captured before: a genuine error of the model
                     raise
-                detail = "; ".join([*errors, f"TorchDynamo (fullgraph) could not capture the model: "
+                detail = "; ".join([*errors, f"TorchDynamo could not capture the model: "
                                     f"{type(exc).__name__}: " + (str(exc).splitlines()[0] if str(exc) else "")])
                 spec.runner = self._fail(report, Reason.TRACE_FAILED, detail).runner
                 return spec.runner(*a, **kw)
@@ -153,10 +158,9 @@ class Builder:
                 latest = backend.reports[-1]
                 report.front_end, report.captured = "dynamo", len(backend.graph_modules)
                 report.graphs = latest.graphs
-                report.chains, report.notes = latest.chains, report.notes + [n for n in latest.notes
-                                                                               if n not in report.notes]
-                report.notes.extend(f"{e}; captured with TorchDynamo instead" for e in errors
-                                    if f"{e}; captured with TorchDynamo instead" not in report.notes)
+                report.chains = [c for r in backend.reports for c in r.chains]  # every graph (breaks)
+                report.notes = report.notes + [n for n in latest.notes if n not in report.notes]
+                report.notes.extend(f"{e}; {fallback}" for e in errors if f"{e}; {fallback}" not in report.notes)
                 spec.graph_module = backend.graph_modules[-1]
             return out
 
