@@ -176,3 +176,134 @@ def test_python_side_effects_keep_running():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
     assert model.calls == 6  # the compiled module's calls counted, as eager's do
     assert any("_Counting.calls" in n and "side effects" in n for n in compiled.report.notes)
+
+
+# --- Python values read through plain objects and module globals ---------------------------------------
+SCALE = 2.0  # a module-level global read by forward (test_module_globals_read_by_forward_are_guarded)
+CALLS = 0
+
+
+def _squash(h):
+    return torch.tanh(h / SCALE)  # a global read by a helper the forward calls
+
+
+class _Settings:
+    def __init__(self):
+        self.scale = 1.5
+        self.depth = 12
+
+
+class _Configured(nn.Module):
+    """Reads its settings through a plain object: ``self.settings.scale``, ``self.settings.depth``."""
+
+    def __init__(self, depth=12, width=4):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.settings = _Settings()
+
+    def forward(self, x):
+        for layer in self.layers[:self.settings.depth]:
+            x = torch.tanh(layer(x) / self.settings.scale)
+        return x
+
+
+def _assert_matches(compiled, model, x):
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_attributes_of_plain_objects_held_by_a_module_are_guarded():
+    torch.manual_seed(0)
+    model = _Configured()
+    compiled = deeppcr.compile(model, policy="always")
+    x = torch.randn(2, 4)
+    _assert_matches(compiled, model, x)
+    report = compiled.report
+    for _ in range(2):  # nothing changed: no new specialisation
+        _assert_matches(compiled, model, x)
+    assert compiled.report is report and report.rewritten
+    model.settings.scale = 0.25
+    _assert_matches(compiled, model, x)
+    model.settings.depth = 9
+    _assert_matches(compiled, model, x)
+    assert compiled.report.rewritten[0].length == 9
+    fresh = _Settings()
+    fresh.scale = 3.0
+    model.settings = fresh  # the object itself replaced
+    _assert_matches(compiled, model, x)
+    assert compiled.specialisations == 1
+
+
+class _GlobalScaled(nn.Module):
+    def __init__(self, depth=12, width=4):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = _squash(layer(x)) * SCALE
+        return x
+
+
+def test_module_globals_read_by_forward_are_guarded():
+    global SCALE
+    torch.manual_seed(0)
+    model = _GlobalScaled()
+    compiled = deeppcr.compile(model, policy="always")
+    x = torch.randn(2, 4)
+    try:
+        _assert_matches(compiled, model, x)
+        report = compiled.report
+        _assert_matches(compiled, model, x)
+        assert compiled.report is report and report.rewritten
+        SCALE = 1.25  # read by forward and by the helper it calls
+        _assert_matches(compiled, model, x)
+        assert compiled.report is not report and compiled.report.rewritten
+    finally:
+        SCALE = 2.0
+
+
+class _CountsGlobally(nn.Module):
+    def __init__(self, depth=12, width=4):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x):
+        global CALLS
+        CALLS += 1
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+@pytest.mark.parametrize("front_end", ["symbolic", "record"])
+def test_a_global_set_by_forward_keeps_running(front_end):
+    global CALLS
+    torch.manual_seed(0)
+    model = _CountsGlobally()
+    compiled = deeppcr.compile(model, policy="always", front_end=front_end)
+    x = torch.randn(2, 4)
+    CALLS = 0
+    for _ in range(3):
+        _assert_matches(compiled, model, x)
+    assert CALLS == 6  # the compiled module's calls counted, as eager's do
+    assert any("CALLS" in n and "side effects" in n for n in compiled.report.notes)
+
+
+def test_diffusers_scheduler_settings_are_guarded():
+    """A sampling loop over ``scheduler.timesteps``: ``set_timesteps`` after compiling changes the loop's
+    length and the step's coefficients (``num_inference_steps``); the compiled sampler follows."""
+    pytest.importorskip("diffusers")
+    import diffusion_zoo
+
+    model, (x,) = diffusion_zoo.sampler("ddim", steps=10)
+    compiled = deeppcr.compile(model, policy="always")
+    _assert_matches(compiled, model, x)
+    report = compiled.report
+    _assert_matches(compiled, model, x)
+    assert compiled.report is report and report.rewritten  # the scheduler's own counters do not re-specialise
+    model.scheduler.set_timesteps(16)
+    _assert_matches(compiled, model, x)
+    assert compiled.report.rewritten[0].length == 16
+    model.scheduler.config  # noqa: B018 (a read outside a trace records nothing)
+    _assert_matches(compiled, model, x)
+    assert compiled.specialisations == 1

@@ -1,92 +1,245 @@
-"""Python attributes a trace read from the model's modules, and the guard that re-checks them.
+"""Python values a trace read, and the guard that re-checks them on every call.
 
-Tracing turns ``self.temperature`` or ``range(self.num_steps)`` into constants of the emitted
-graph: an assumption about the module's state. While a model is traced, every read of a plain
-Python value (a number, string, ``None``, or a tuple of them) from a module's instance
-``__dict__`` is recorded (in the tracing thread only; public names, not ``training``, which the
-signature covers); ``AttributeGuard.holds()`` compares them with the values now, and a compiled
-module whose guard fails specialises again. Attributes the forward *sets* (a call counter, a
-cache) are Python side effects the emitted graph would not repeat: they are listed in
-``AttributeGuard.writes``, and the compiled module then runs the model as written.
+Tracing turns ``self.temperature``, ``range(self.num_steps)``, ``self.config.scale``, a
+scheduler's ``num_inference_steps`` or a module-level ``SCALE`` into constants of the emitted
+graph: assumptions about Python state. ``recording_reads`` records them while a model is traced
+(in the tracing thread only; other threads are unaffected), ``AttributeGuard.holds()`` compares
+them with the values now, and a compiled module whose guard fails specialises again.
 
-Cost per call: one C-level pass over the recorded reads (``map(getattr, ...)``), nothing for a
-model whose forward reads no Python attributes of its modules (torch's Linear, Tanh, ... read
-none; LayerNorm reads its ``eps`` and ``normalized_shape``).
+What is recorded (public names only: ``_private`` state such as a scheduler's step counter is not):
+
+- **Module attributes**: every read of an entry of a module's instance ``__dict__`` (not
+  ``training``, which the signature covers): plain values (numbers, strings, ``None``, enums,
+  tuples and lists of them) by value; tensors that are plain attributes (not Parameters or
+  buffers, which are graph inputs) and objects of user classes (``self.config``,
+  ``self.scheduler``) by identity.
+- **Attributes of objects reached from modules**: an object of a Python class read from a
+  module (a config dataclass, a diffusers scheduler and its ``config``) has its class's
+  ``__getattribute__`` wrapped while the trace runs, so reads of its instance ``__dict__``
+  entries are recorded the same way, and so on for objects reached from it. A value the trace
+  itself changed (the scheduler's ``set_timesteps`` called in ``forward``, a counter) is derived
+  state, not an assumption: it is left out.
+- **Module-level globals**: the ``LOAD_GLOBAL`` names in the code of the model's own classes (every
+  function defined on them, nested code included) and of the user functions those name, read
+  from the function's module: plain values by value, tensors by identity (a global read in a
+  branch that did not run is guarded too). Functions, classes and modules held in globals, and
+  values read as attributes of an imported module (``cfg.SCALE``), are not guarded.
+
+Attributes the forward *sets* on a module, and globals whose value the trace changed, are Python
+side effects the emitted graph would not repeat: they are listed in ``AttributeGuard.writes``,
+and the compiled module then runs the model as written.
+
+Cost per call: one C-level pass over the recorded attribute reads (``map(getattr, ...)``) and one
+over the recorded globals (``map(dict.get, ...)``): O(number of distinct reads), nothing for a
+model that reads none (torch's Linear, Tanh, ... read none; LayerNorm reads its ``eps`` and
+``normalized_shape``).
 """
 from __future__ import annotations
 
 import contextlib
+import dis
+import functools
+import enum
+import sys
 import threading
+import types
 from typing import Iterator
 
 import torch
 
-_PLAIN = (int, float, bool, str, type(None))
+_PLAIN = (int, float, bool, str, type(None), enum.Enum, torch.dtype, torch.device)
 _MISSING = object()
+_LIBRARIES = frozenset(sys.stdlib_module_names) | {"torch", "deeppcr_fx", "numpy", "typing_extensions", "builtins"}
+_NOT_FOLLOWED = (torch.Tensor, torch.nn.Module, type, types.ModuleType, types.FunctionType, types.MethodType,
+                 types.BuiltinFunctionType, types.CodeType)
 
 
 def _plain(value) -> bool:
-    return isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value))
+    return isinstance(value, _PLAIN) or (isinstance(value, (tuple, list)) and all(isinstance(v, _PLAIN) for v in value))
+
+
+def _user_module(name) -> bool:
+    return isinstance(name, str) and name.split(".")[0] not in _LIBRARIES
+
+
+def _followed(value) -> bool:
+    """An object of a user's Python class (its attribute reads are recorded too)."""
+    return hasattr(value, "__dict__") and not isinstance(value, _NOT_FOLLOWED) and _user_module(type(value).__module__)
+
+
+class _Same:
+    """A recorded value compared by identity (a tensor, an object): ``_Same(x) == y`` iff ``y is x``."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj) -> None:
+        self.obj = obj
+
+    def __eq__(self, other) -> bool:
+        return other is self.obj
+
+    __hash__ = None
+
+
+def _stored(value):
+    """How a read value is kept: plain values by value (a list copied), anything else by identity."""
+    if _plain(value):
+        return list(value) if isinstance(value, list) else value
+    return _Same(value)
 
 
 class AttributeGuard:
-    """The ``(module, name, value)`` reads of one trace; ``holds()`` says whether all still read the same."""
+    """The reads of one trace; ``holds()`` says whether all still read the same."""
 
     def __init__(self) -> None:
-        self._seen: dict = {}  # (id(module), name) -> (module, name, value)
-        self.writes: list = []  # "Class.name" of attributes the capture *set*: Python side effects
+        self._seen: dict = {}  # (id(owner), name) -> (owner, name, stored value): modules and objects
+        self._globals: dict = {}  # (id(globals dict), name) -> (dict, name, stored value)
+        self.writes: list = []  # "Class.name" / "module.name" the capture *set*: Python side effects
         self._before: dict = {}  # (id(module), name) -> (module, name, value before the first write)
 
-    def record(self, module: torch.nn.Module, name: str, value) -> None:
-        self._seen.setdefault((id(module), name), (module, name, value))
+    def record(self, owner, name: str, value) -> None:
+        self._seen.setdefault((id(owner), name), (owner, name, _stored(value)))
 
     def freeze(self) -> "AttributeGuard":
-        written = {w for w in self.writes}
-        entries = [e for e in self._seen.values() if f"{type(e[0]).__name__}.{e[1]}" not in written]
-        self.modules = [m for m, _, _ in entries]
+        written = set(self.writes)
+        entries = [e for e in self._seen.values() if f"{type(e[0]).__name__}.{e[1]}" not in written
+                   and _unchanged(e[2], getattr(e[0], e[1], _MISSING))]  # the trace's own changes: derived
+        self.owners = [o for o, _, _ in entries]
         self.names = [n for _, n, _ in entries]
         self.values = [v for _, _, v in entries]
+        entries = [e for e in self._globals.values() if _unchanged(e[2], e[0].get(e[1], _MISSING))]
+        self.dicts = [d for d, _, _ in entries]
+        self.global_names = [n for _, n, _ in entries]
+        self.global_values = [v for _, _, v in entries]
         return self
 
+    def note_global_writes(self) -> None:
+        """Globals whose value the trace changed: Python side effects (listed in ``writes``)."""
+        for d, name, value in self._globals.values():
+            what = f"{d.get('__name__', '?')}.{name}"
+            if not _unchanged(value, d.get(name, _MISSING)) and what not in self.writes:
+                self.writes.append(what)
+
     def undo_writes(self) -> None:
-        """Put back what the capture set (a symbolic trace is not a call of the model)."""
+        """Put back what the capture set (a symbolic trace is not a call of the model); changed globals
+        stay listed in ``writes``."""
+        self.note_global_writes()
         for module, name, value in self._before.values():
             if value is not _MISSING:
                 object.__setattr__(module, name, value)
             elif name in module.__dict__:
                 object.__delattr__(module, name)
+        for d, name, value in self._globals.values():
+            if not _unchanged(value, d.get(name, _MISSING)):
+                d[name] = value.obj if isinstance(value, _Same) else value
 
     def __len__(self) -> int:
-        return len(getattr(self, "names", self._seen))
+        if hasattr(self, "names"):
+            return len(self.names) + len(self.global_names)
+        return len(self._seen) + len(self._globals)
 
     def holds(self) -> bool:
-        try:
-            return list(map(getattr, self.modules, self.names)) == self.values
-        except AttributeError:  # an attribute was deleted
+        try:  # the recorded values on the left: a _Same compares by identity
+            return self.values == list(map(getattr, self.owners, self.names)) \
+                and self.global_values == list(map(dict.get, self.dicts, self.global_names))
+        except Exception:  # deleted, or a value that no longer compares to a bool
             return False
 
     def changed(self) -> list:
-        """``module.name`` of each read whose value differs now (for the log)."""
-        out = []
-        for m, n, v in zip(self.modules, self.names, self.values):
-            if getattr(m, n, object()) != v:
-                out.append(f"{type(m).__name__}.{n}")
-        return out
+        """``Owner.name`` of each read whose value differs now (for the log)."""
+        out = [f"{type(o).__name__}.{n}" for o, n, v in zip(self.owners, self.names, self.values)
+               if not _unchanged(v, getattr(o, n, _MISSING))]
+        return out + [f"{d.get('__name__', '?')}.{n}" for d, n, v in zip(self.dicts, self.global_names,
+                                                                         self.global_values)
+                      if not _unchanged(v, d.get(n, _MISSING))]
+
+
+def _unchanged(stored, value) -> bool:
+    try:
+        return bool(stored == value)
+    except Exception:  # a value that does not compare to a bool (a tensor, a tracing proxy left behind)
+        return False
+
+
+def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _code_objects(const)
+
+
+@functools.lru_cache(maxsize=4096)
+def _global_names(code: types.CodeType) -> tuple:
+    return tuple(i.argval for c in _code_objects(code) for i in dis.get_instructions(c) if i.opname == "LOAD_GLOBAL")
+
+
+def _record_globals(guard: AttributeGuard, model: torch.nn.Module) -> None:
+    """The plain (and tensor) globals named by the code of ``model``'s own classes and the user functions
+    that code names, with their values now (before the trace)."""
+    functions = []
+    for cls in {type(m) for m in model.modules()}:
+        for klass in cls.__mro__:
+            if _user_module(klass.__module__):
+                for v in vars(klass).values():
+                    f = getattr(v, "__func__", getattr(v, "fget", v))  # static/class methods, properties
+                    if isinstance(f, types.FunctionType):
+                        functions.append(f)
+    seen = set()
+    while functions:
+        f = functions.pop()
+        if f.__code__ in seen:
+            continue
+        seen.add(f.__code__)
+        g = f.__globals__
+        for name in _global_names(f.__code__):
+            value = g.get(name, _MISSING)
+            if isinstance(value, types.FunctionType) and _user_module(value.__module__):
+                functions.append(value)
+            elif _plain(value) or isinstance(value, torch.Tensor):
+                guard._globals.setdefault((id(g), name), (g, name, _stored(value)))
 
 
 @contextlib.contextmanager
 def recording_reads(guard: AttributeGuard, model: torch.nn.Module) -> Iterator[AttributeGuard]:
-    """Record, in this thread, every plain Python value read from (or set on) the instance ``__dict__``
-    of one of ``model``'s modules."""
+    """Record, in this thread, the Python values the trace of ``model`` reads (see the module docstring)."""
     owner = threading.get_ident()
     ours = {id(m) for m in model.modules()}
     get = object.__getattribute__
+    wrapped: list = []  # (class, its own __getattribute__ or _MISSING), in the order wrapped
+
+    def seen(obj, name: str, value) -> None:
+        """A public read of ``obj``'s instance attribute ``name`` (a module's or a followed object's)."""
+        try:
+            own = name in get(obj, "__dict__")
+        except AttributeError:  # __slots__ only
+            own = False
+        follow = _followed(value)
+        if own and (follow or _plain(value) or isinstance(value, torch.Tensor)):
+            guard.record(obj, name, value)
+        if follow:
+            wrap(type(value))
+
+    def wrap(cls: type) -> None:
+        if any(c is cls for c, _ in wrapped):
+            return
+        own, original = cls.__dict__.get("__getattribute__", _MISSING), cls.__getattribute__
+
+        def getattribute(self, name):
+            value = original(self, name)
+            if name[:1] != "_" and threading.get_ident() == owner:
+                seen(self, name, value)
+            return value
+
+        try:
+            cls.__getattribute__ = getattribute
+        except TypeError:  # a built-in or extension type
+            return
+        wrapped.append((cls, own))
 
     def getattribute(self, name):
         value = get(self, name)
-        if threading.get_ident() == owner and not name.startswith("_") and name != "training" and _plain(value) \
-                and id(self) in ours and name in get(self, "__dict__"):
-            guard.record(self, name, value)
+        if name[:1] != "_" and name != "training" and threading.get_ident() == owner and id(self) in ours:
+            seen(self, name, value)
         return value
 
     setattr_ = torch.nn.Module.__setattr__
@@ -99,6 +252,7 @@ def recording_reads(guard: AttributeGuard, model: torch.nn.Module) -> Iterator[A
             guard._before.setdefault((id(self), name), (self, name, get(self, "__dict__").get(name, _MISSING)))
         return setattr_(self, name, value)
 
+    _record_globals(guard, model)
     torch.nn.Module.__getattribute__ = getattribute
     torch.nn.Module.__setattr__ = setattribute
     try:
@@ -106,3 +260,9 @@ def recording_reads(guard: AttributeGuard, model: torch.nn.Module) -> Iterator[A
     finally:
         del torch.nn.Module.__getattribute__
         torch.nn.Module.__setattr__ = setattr_
+        for cls, own in reversed(wrapped):
+            if own is _MISSING:
+                del cls.__getattribute__
+            else:
+                cls.__getattribute__ = own
+        guard.note_global_writes()
