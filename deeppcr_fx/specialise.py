@@ -141,8 +141,9 @@ class Builder:
         backend = DynamoBackend(self.config, model_name=type(self.model).__name__, model=self.model)
         fullgraph = not errors
         compiled = torch.compile(self.model, backend=backend, fullgraph=fullgraph, dynamic=False)
-        fallback = "captured with TorchDynamo instead" + ("" if fullgraph else ", which splits forward at graph breaks "
-                                                          "and guards the Python between them (chains cannot cross a break)")
+        fallback = "captured with TorchDynamo instead" + ("" if fullgraph else ", which splits forward at graph "
+                                                          "breaks and guards the Python between them (chains cannot "
+                                                          "cross a break)")
 
         def runner(*a, **kw):
             try:
