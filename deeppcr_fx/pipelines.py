@@ -119,7 +119,8 @@ class CompiledPipeline:
             self._loops.move_to_end(key)
             return self._loops[key]
         owned = None if generator is None else torch.Generator(device=generator.device)
-        loop = SamplingLoop(pipe.unet, pipe.scheduler, settings["num_inference_steps"],
+        unet = getattr(getattr(pipe.unet, "_builder", None), "model", pipe.unet)  # a compiled unet: its model
+        loop = SamplingLoop(unet, pipe.scheduler, settings["num_inference_steps"],
                             {k: settings[k] for k in step_keys}, owned)
         entry = (compile_module(loop, **self._options), owned)
         self._loops[key] = entry

@@ -137,6 +137,12 @@ def test_compiled_unet_drops_into_a_pipeline():
     got = mixed(generator=torch.Generator().manual_seed(3), num_inference_steps=3, output_type="pt").images
     want = pipe(generator=torch.Generator().manual_seed(3), num_inference_steps=3, output_type="pt").images
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    from deeppcr_fx.pipelines import compile_pipeline  # and its loop compiled around the compiled unet's model
+
+    looped = compile_pipeline(mixed, policy="always", min_length=2, jacobian="identity")
+    got = looped(generator=torch.Generator().manual_seed(3), num_inference_steps=3, output_type="pt").images
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert [r.length for r in looped.report.rewritten] == [2] and looped.loops[0].report.model == "SamplingLoop"
 
 
 def test_unsupported_pipelines_say_what_to_do():
