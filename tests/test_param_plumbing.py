@@ -269,3 +269,16 @@ def test_frozen_chain_under_grad_mode_keeps_the_values_it_solved_with():
         model.layers[0].weight.add_(1.0)  # after the forward pass: must not change this backward
     (gx,) = torch.autograd.grad(out.sum(), x)
     torch.testing.assert_close(gx, ref)
+
+
+def test_unconnected_parameters_reach_only_a_plain_backward():
+    """``StackedAttributes.connect = False`` (benchmarks only) leaves the Parameters out of the graph: a plain
+    backward still writes the eager gradients; ``torch.autograd.grad`` then finds them unused, which is why
+    the default connects them."""
+    model, compiled, x = _setup()
+    compiled(x)
+    for m in _stacks(compiled):
+        m.connect = False
+    _assert_grads_equal(_grads(model, compiled, x), _grads(model, model, x))
+    with pytest.raises(RuntimeError, match="not have been used in the graph"):
+        torch.autograd.grad(compiled(x).sum(), [model.layers[0].weight])
