@@ -13,7 +13,8 @@ import torch
 
 from ..results import FinishCause
 from . import backend
-from .fused import CONVERGED, NON_FINITE, FullAdjoint, NewtonIteration, fused_chunk, run_newton
+from .fused import (CONVERGED, FINISH_CHUNK, NON_FINITE, FullAdjoint, NewtonIteration, SequentialChunk,
+                    finish_args, fused_chunk, run_finish, run_newton)
 from .newton import _finish
 
 
@@ -59,9 +60,24 @@ class CompiledForward:
         if status == CONVERGED:
             p.stats.forward.converged = True
         else:
-            _finish(finish, first, U, p.stats.forward,
+            _finish(lambda lo, U: self._finish(lo, U, x0_flat, finish, cuda_graphs), first, U, p.stats.forward,
                     FinishCause.NON_FINITE if status == NON_FINITE else FinishCause.MAX_ITER)
         return U
+
+    def _finish(self, start: int, U: torch.Tensor, x0_flat: torch.Tensor, eager: Callable, cuda_graphs: bool) -> None:
+        """The sequential finish, FINISH_CHUNK steps per call of a compiled function (eager if it fails)."""
+        p = self.problem
+        steps, length = p.steps, p.stats.length
+        if length - start <= FINISH_CHUNK:  # one chunk's worth: not worth a compile
+            return eager(start, U)
+        found = backend.entry(self.user_step, ("finish", FINISH_CHUNK) + self.key + (U.device.type,))
+        if found is not None and found.fn is None and found.error is None:
+            z = x0_flat if start == 0 else U[start - 1]
+            fn = SequentialChunk(steps.step, p.spec, len(steps.per_step), FINISH_CHUNK)
+            backend.build(found, fn, finish_args(z, steps.per_step, steps.shared, start, FINISH_CHUNK), cuda_graphs)
+        if found is None or found.fn is None:
+            return eager(start, U)
+        run_finish(found.fn, FINISH_CHUNK, start, U, x0_flat, steps.per_step, steps.shared)
 
     def _build(self, x0_flat, U, state, inputs, cuda_graphs):
         p = self.problem
