@@ -2,7 +2,8 @@
 
 For GPT-2, GPT-2 with its LM head, Llama and BERT (tiny random configs built locally, no downloads),
 called with token ids (positionally) and with a padding mask (by keyword), it prints one row per case:
-the front end ``auto`` chose, chains found / rewritten, L, period, state kind, the largest difference
+the front end ``auto`` chose, chains found / rewritten, L, period, state kind, Jacobian mode, median
+Newton iterations per solve (float32, the timed calls), the largest difference
 from eager over every output tensor (KV cache included) and parameter gradient, and the time of a
 call vs eager with fresh token ids per call (forward without grad, and forward + backward; medians,
 methods interleaved).
@@ -107,8 +108,11 @@ def row(name: str, make, keywords: bool, args) -> str:
     form = "keywords+mask" if keywords else "token ids"
     lengths = ",".join(str(c.length) for c in chains) or "-"
     periods = ",".join(str(c.period) for c in chains) or "-"
+    stats = compiled.stats()
+    iterations = statistics.median([i for s in stats for i in s.iterations]) if stats else "-"
+    modes = ",".join(c.jacobian for c in chains) or "-"
     return (f"| {name} | {form} | {report.front_end} | {len(report.chains)}/{len(chains)} | {lengths} | {periods} | "
-            f"{kind} | {err:.1e} | {ratios[0]} | {ratios[1]} | {refused} |")
+            f"{kind} | {modes} | {iterations} | {err:.1e} | {ratios[0]} | {ratios[1]} | {refused} |")
 
 
 def main() -> None:
@@ -123,9 +127,9 @@ def main() -> None:
     print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}, "
           f"L={args.layers}, width {args.width}, batch {args.batch}, seq {args.seq}; error: float64 outputs and "
           "gradients; time: float32, compiled/eager medians (eager/compiled speed-up)")
-    print("| model | call | front end | chains found/rewritten | L | period | state | max error | forward (no grad) "
-          "| forward+backward | refused |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | call | front end | chains found/rewritten | L | period | state | jacobian | Newton iterations "
+          "| max error | forward (no grad) | forward+backward | refused |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, make in models(args.layers, args.width).items():
         if args.only and name not in args.only.split(","):
             continue

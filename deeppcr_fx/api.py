@@ -1,16 +1,20 @@
 """``deeppcr.compile`` / ``explain`` / the ``"deeppcr"`` TorchDynamo backend.
 
 ``compile(model)`` returns a ``CompiledModule``: lazy, it traces and rewrites on the
-first call for each input signature (shapes, dtypes, devices, train/eval flags, grad mode) and
-reuses that specialisation afterwards. It shares the user's Parameters and buffers (no
-copies, same ``state_dict`` keys) and never modifies the user's model.
+first call for each input signature (shapes, dtypes, devices, train/eval flags, grad mode,
+keyword inputs by name, Python values by value) and reuses that specialisation afterwards.
+It shares the user's Parameters and buffers (no copies, same ``state_dict`` keys) and never
+modifies the user's model. It is called as the model is: positional or keyword inputs, and
+it returns what the model returns (any pytree, e.g. a transformers ``ModelOutput`` with its
+KV cache).
 
 Front ends (``Config.front_end``): ``"auto"`` tries symbolic tracing that inlines every
 module (``passes.trace``), then, if the model's own forward cannot be traced, records
-one concrete run (``passes.record``: unrolled loops, scheduler Python resolved). If
-neither can capture the model, the original model runs and ``report.failure`` says why
-(``policy="always"``: an error). ``"dynamo"`` captures with TorchDynamo
-(``fullgraph=True``), the same pass as ``torch.compile(model, backend="deeppcr")``.
+one concrete run (``passes.record``: unrolled loops, scheduler Python resolved), then, if
+recording meets data-dependent Python (a padding mask's values read), TorchDynamo on the
+first call. If none can capture the model, the original model runs and ``report.failure``
+says why (``policy="always"``: an error, with ``report`` set). ``"dynamo"`` captures with
+TorchDynamo (``fullgraph=True``), the same pass as ``torch.compile(model, backend="deeppcr")``.
 ``specialise.py`` builds each specialisation; this module owns the per-call dispatch: the
 signature, the guards (hooks, Python attributes, ``Config.cache_limit``) and the build lock.
 """

@@ -1,10 +1,14 @@
 """Building one specialisation: capture the model with a front end, run the pass pipeline, pick the runner.
 
-``Builder(model, config).build(args)`` tries the front ends in ``Config.front_end``'s order
-(symbolic tracing, then one recorded run; or TorchDynamo), runs ``passes.pipeline`` on what was
-captured, and returns a ``Specialisation``: what to call for inputs of this signature (the
-rewritten graph, or the model itself when nothing was rewritten, when the model has hooks of its
-own or its forward has Python side effects), its report and its emitted graph.
+``Builder(model, config).build(args, kwargs)`` tries the front ends in ``Config.front_end``'s
+order (``"auto"``: symbolic tracing, then one recorded run, then TorchDynamo on the first call;
+or one of them), prepares what was captured (shape-only reads as constants,
+``passes/shape_reads.py``; values the steps hand to the caller recomputed after the chain,
+``passes/escapes.py``), runs ``passes.pipeline`` on it, and returns a ``Specialisation``: what to
+call for inputs of this signature (the rewritten graph behind a ``GraphCall`` that picks its
+tensors from the call's arguments and rebuilds the model's output, or the model itself when
+nothing was rewritten, when the model has hooks of its own or its forward has Python side
+effects), its report and its emitted graph.
 """
 from __future__ import annotations
 
