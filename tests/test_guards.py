@@ -189,8 +189,16 @@ def _squash(h):
 
 class _Settings:
     def __init__(self):
-        self.scale = 1.5
+        self._scale = 1.5
         self.depth = 12
+
+    @property
+    def scale(self):  # a property: its value lives in a private attribute
+        return self._scale
+
+    @scale.setter
+    def scale(self, value):
+        self._scale = value
 
 
 class _Configured(nn.Module):

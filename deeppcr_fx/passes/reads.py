@@ -6,7 +6,8 @@ graph: assumptions about Python state. ``recording_reads`` records them while a 
 (in the tracing thread only; other threads are unaffected), ``AttributeGuard.holds()`` compares
 them with the values now, and a compiled module whose guard fails specialises again.
 
-What is recorded (public names only: ``_private`` state such as a scheduler's step counter is not):
+What is recorded (of modules, public names only; of other objects, ``_private`` ones too, where a
+property keeps its value; state the trace itself moves, such as a scheduler's step counter, is not):
 
 - **Module attributes**: every read of an entry of a module's instance ``__dict__`` (not
   ``training``, which the signature covers): plain values (numbers, strings, ``None``, enums,
@@ -226,8 +227,8 @@ def recording_reads(guard: AttributeGuard, model: torch.nn.Module) -> Iterator[A
 
         def getattribute(self, name):
             value = original(self, name)
-            if name[:1] != "_" and threading.get_ident() == owner:
-                seen(self, name, value)
+            if not name.startswith("__") and threading.get_ident() == owner:  # _private too: a property's
+                seen(self, name, value)  # value lives there (counters the trace moves are left out)
             return value
 
         try:
