@@ -63,6 +63,32 @@ def test_scheduler_loop(kind):
         _close(g, w, rtol)
 
 
+# more scheduler settings, 12 timesteps: (scheduler, its options) -> (L, tensors in the state)
+MORE = {
+    ("DPMSolverMultistepScheduler", (("algorithm_type", "sde-dpmsolver++"),)): (10, 2),  # noise drawn per step
+    ("DPMSolverMultistepScheduler", (("solver_order", 3),)): (7, 3),
+    ("PNDMScheduler", ()): (8, 4),  # four past model outputs
+    ("LMSDiscreteScheduler", ()): (8, 4),  # per-step coefficients with a state of four tensors
+}
+
+
+@pytest.mark.parametrize("name, options", sorted(MORE), ids=lambda v: v if isinstance(v, str) else "-")
+def test_more_scheduler_settings(name, options):
+    L, components = MORE[(name, options)]
+    torch.manual_seed(0)
+    model = Loop(getattr(diffusers, name)(num_train_timesteps=1000, **dict(options)), 12).double()
+    x = torch.randn(2, 8, dtype=torch.float64)
+    compiled = deeppcr.compile(model, policy="always", min_length=4)
+    compiled(x)
+    torch.manual_seed(1)
+    out = compiled(x)
+    torch.manual_seed(1)
+    _close(out, model(x), 1e-9)
+    assert [(r.length, r.state.count(",") + 1) for r in compiled.report.rewritten] == [(L, components)]
+    # the runs left sequential are reported with their reasons (too short here, or a float32 hop in shape)
+    assert all(r.reason is not None for r in compiled.report.chains if r.status != "rewritten")
+
+
 def test_noise_passed_in():
     """DDIM with eta=1 reading each step's noise from an input: the noise is a stacked per-step input."""
     torch.manual_seed(0)

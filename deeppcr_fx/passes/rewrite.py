@@ -79,7 +79,7 @@ def rewrite(gm: fx.GraphModule, plan: ChainPlan, config: Config, name: str, repl
         per_step = [_stack(gm, [s.externals[i] for s in segs], f"{name}_per_step_{k}", config)
                     for k, i in enumerate(slots.per_step_ext)]
         if slots.per_step_float:
-            device = graph.call_function(getattr, (x0, "device"))
+            device = graph.call_function(getattr, (segs[0].ins[0], "device"))
             for j in slots.per_step_float:
                 per_step.append(graph.call_function(
                     torch.tensor, ([s.floats[j] for s in segs],), {"dtype": torch.float64, "device": device}))
