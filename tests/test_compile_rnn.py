@@ -96,6 +96,19 @@ class _LSTMOverTime(nn.Module):
         return h + 0.5 * c
 
 
+class _LSTMSequence(_LSTMOverTime):
+    """Every step's output kept (``torch.stack(outputs)``, as ``nn.LSTM`` returns them), and the last cell state."""
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], self.hidden, dtype=x.dtype)
+        c = torch.zeros(x.shape[0], self.hidden, dtype=x.dtype)
+        outputs = []
+        for t in range(x.shape[1]):
+            h, c = self.cell(x[:, t], (h, c))
+            outputs.append(h)
+        return torch.stack(outputs, 1), c
+
+
 class _Oscillator(nn.Module):
     """A hand-written two-tensor state: position and velocity under a learned force (symplectic Euler)."""
 
@@ -118,11 +131,12 @@ def _outputs_and_grads(model, x, out):
         torch.autograd.grad(loss, [x] + list(model.parameters()))
 
 
-@pytest.mark.parametrize("case", ["lstm", "oscillator"])
+@pytest.mark.parametrize("case", ["lstm", "lstm_sequence", "oscillator"])
 def test_states_of_two_tensors_are_rewritten(case):
     torch.manual_seed(0)
-    if case == "lstm":
-        model, x, L = _LSTMOverTime(3, 4).double(), torch.randn(2, 30, 3, dtype=torch.float64), 30
+    if case.startswith("lstm"):
+        cls = _LSTMOverTime if case == "lstm" else _LSTMSequence
+        model, x, L = cls(3, 4).double(), torch.randn(2, 30, 3, dtype=torch.float64), 30
     else:
         model, x, L = _Oscillator(4, 24).double(), torch.randn(3, 4, dtype=torch.float64), 24
     x.requires_grad_(True)

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from .find_chains import Candidate, Segment, canonical, dependents, periodic_runs
+from .find_chains import Candidate, Segment, _collector, canonical, dependents, periodic_runs
 from .shape_prop import info_of
 
 MAX_COMPONENTS = 8  # a multistep sampler of order 3 with a corrector carries ~5 tensors
@@ -72,16 +72,18 @@ def source_groups(sources: list) -> list:
     return groups + [tuple(g) for g in joined.values() if len(g) > 1]
 
 
-def _boundaries(order: list, dep: set) -> list:
+def _boundaries(order: list, dep: set, relax: bool = False) -> list:
     """``(position, live values)`` after each dependent node whose live values may be a state.
 
     The live values are ordered by their first use after the boundary (then by argument position in
     that use): the order a step reads its state in, the same at every step of a loop, which the order
-    of definition is not (``v0 = zeros_like(x)`` is defined after ``x``, each step's ``v`` before it)."""
+    of definition is not (``v0 = zeros_like(x)`` is defined after ``x``, each step's ``v`` before it).
+    With ``relax``, uses by collectors (``torch.stack(outputs)``) do not keep values live either, as in
+    ``find_chains.cuts``."""
     pos = {n: i for i, n in enumerate(order)}
     last, expire, uses = {}, defaultdict(list), {}
     for n in dep:
-        uses[n] = sorted(pos[u] for u in n.users if u.op != "output")
+        uses[n] = sorted(pos[u] for u in n.users if u.op != "output" and not (relax and _collector(u, dep)))
         last[n] = uses[n][-1] if uses[n] else pos[n]
         expire[last[n]].append(n)
     live: dict = {}
@@ -107,8 +109,8 @@ def _state_shapes(nodes: tuple) -> tuple:
     return tuple((info_of(n).shape, info_of(n).dtype) for n in nodes)
 
 
-def _pieces(order: list, dep: set, gm: fx.GraphModule) -> list:
-    bounds = _boundaries(order, dep)
+def _pieces(order: list, dep: set, gm: fx.GraphModule, relax: bool = False) -> list:
+    bounds = _boundaries(order, dep, relax)
     out = []
     for (i, ins), (j, outs) in zip(bounds, bounds[1:]):
         nodes = [n for n in order[i + 1:j + 1] if n in dep]
@@ -212,11 +214,14 @@ def multi_state_candidates(gm: fx.GraphModule, sources: list, single: list) -> l
             covered = sum(len(c.nodes) for c in single if c.source is group[0] and c.length >= 2)
             if covered >= COVERED_ENOUGH * len(dep):
                 continue
-        ps = _pieces(order, dep, gm)
-        for start, p, count in periodic_runs([x.loose for x in ps]):
-            for s_start, s_p, s_count in periodic_runs([x.strict for x in ps[start:start + p * count]]):
-                a, n = _best_phase(ps, start + s_start, s_p, s_count)
-                segs = _segments(_extend(_steps(ps, a, s_p, n), order, dep, gm), gm) if a is not None else []
-                if len(segs) >= MIN_STEPS:
-                    found.append(Candidate(group[0], s_p, segs))
+        for relax in (False, True):
+            if relax and not any(_collector(n, dep) for n in dep):
+                continue
+            ps = _pieces(order, dep, gm, relax)
+            for start, p, count in periodic_runs([x.loose for x in ps]):
+                for s_start, s_p, s_count in periodic_runs([x.strict for x in ps[start:start + p * count]]):
+                    a, n = _best_phase(ps, start + s_start, s_p, s_count)
+                    segs = _segments(_extend(_steps(ps, a, s_p, n), order, dep, gm), gm) if a is not None else []
+                    if len(segs) >= MIN_STEPS:
+                        found.append(Candidate(group[0], s_p, segs))
     return found
