@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import operator
 
+import torch
 import torch.fx as fx
 
 from .find_chains import find_chains
@@ -68,9 +69,12 @@ def recompute_escapes(gm: fx.GraphModule, example_inputs: tuple, sources=None, s
 
 
 def _may_escape(gm: fx.GraphModule) -> bool:
-    """Cheap test: the graph returns several tensors (a KV cache, hidden states)."""
-    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    return len(out.all_input_nodes) > 2
+    """Cheap test: the graph returns several tensors (a KV cache, hidden states) or gathers several
+    (``torch.stack(keys)``)."""
+    return any(len(n.all_input_nodes) > 2 and (n.op == "output" or n.target in _GATHERS) for n in gm.graph.nodes)
+
+
+_GATHERS = (torch.stack, torch.cat, torch.concat, torch.concatenate, torch.hstack, torch.vstack)
 
 
 def _move(graph: fx.Graph, c) -> str:
