@@ -37,9 +37,10 @@ def explain_empty(gm: fx.GraphModule, sources: Optional[list] = None) -> list:
         ps = pieces(graph, source, gm)
         if len(ps) < 2:
             notes.append(f"no chain found from {source.name}: its path has {len(ps)} piece(s) between single-tensor "
-                         f"bottlenecks ({len(dependents(source)) - 1} ops depend on it); a repeated block needs one "
-                         "state value passed from block to block (a value used far ahead, such as a skip "
-                         "connection across blocks, or a state of several tensors, leaves no bottleneck)")
+                         f"bottlenecks ({len(dependents(source)) - 1} ops depend on it), and no run of steps handing "
+                         f"on a set of at most {MAX_COMPONENTS} tensors repeats; a repeated block needs a small state "
+                         "passed from block to block (blocks that each read every earlier block's output, as in a "
+                         "DenseNet, leave none)")
             continue
         runs = [r for r in periodic_runs([p.loose for p in ps]) if r[2] >= 2]
         if not runs:
