@@ -6,7 +6,7 @@ the front end ``auto`` chose, chains found / rewritten, L, period, state kind, J
 Newton iterations per solve (float32, the timed calls), the largest difference
 from eager over every output tensor (KV cache included) and parameter gradient, and the time of a
 call vs eager with fresh token ids per call (forward without grad, and forward + backward; medians,
-methods interleaved).
+methods interleaved; wall time, and the speed-up in process CPU time, steadier on a shared machine).
 
     python benchmarks/zoo_transformers.py [--layers 16] [--width 32] [--seq 16] [--batch 4] [--repeats 15]
 """
@@ -67,16 +67,17 @@ def max_error(model, compiled, ids, keywords: bool) -> float:
 
 
 def timed(fn, make_ids, repeats: int, backward: bool) -> list:
+    """(wall, process CPU) seconds per call: on a shared machine the CPU time is the steadier of the two."""
     times = []
     for _ in range(repeats):
         ids = make_ids()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         if backward:
             sum(t.sum() for t in tensors(fn(ids)) if t.requires_grad).backward()
         else:
             with torch.no_grad():
                 fn(ids)
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start, time.process_time() - cpu))
     return times
 
 
@@ -103,8 +104,9 @@ def row(name: str, make, keywords: bool, args) -> str:
         for _ in range(args.repeats):  # interleaved
             for k, fn in fns.items():
                 runs[k] += timed(fn, make_ids, 1, backward)
-        eager, comp = statistics.median(runs["eager"]), statistics.median(runs["compiled"])
-        ratios.append(f"{comp * 1e3:.1f}/{eager * 1e3:.1f} ms ({eager / comp:.2f}x)")
+        (eager, eager_cpu), (comp, comp_cpu) = ([statistics.median(t[i] for t in runs[k]) for i in (0, 1)]
+                                                for k in ("eager", "compiled"))
+        ratios.append(f"{comp * 1e3:.1f}/{eager * 1e3:.1f} ms ({eager / comp:.2f}x; CPU {eager_cpu / comp_cpu:.2f}x)")
     form = "keywords+mask" if keywords else "token ids"
     lengths = ",".join(str(c.length) for c in chains) or "-"
     periods = ",".join(str(c.period) for c in chains) or "-"
