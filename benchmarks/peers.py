@@ -13,7 +13,8 @@ Variants (each row: one problem x one variant):
   where the measured seconds per step predict at most ``TC_CAP_S``; the others record why not;
 - ``solve``: ``deeppcr.solve(step, x0, per_step=..., config=Config(jacobian="full", backend="eager"))``, cold;
   ``solve_inductor``: the same with ``backend="inductor"`` (each iteration one compiled function);
-  ``solve_seqfinish``: the same with ``max_iter=1``, i.e. one iteration then the sequential finish;
+  ``solve_seqfinish``: the same with ``max_iter=1``, i.e. one iteration then the sequential finish
+  (``solve_inductor_seqfinish``: compiled, 16 steps per call);
 - ``compile_cold`` / ``compile_warm``: ``deeppcr.compile(model, policy="always")`` with
   ``warm_start=False`` / ``True`` (each timed call gets a fresh input, so a warm start starts from
   another input's solution);
@@ -214,6 +215,7 @@ def variants_for(prob, mode, tc_policy, compile_max_L=None):
     vs.append(_solve_variant("solve_inductor", prob, train, backend="inductor"))  # compile_s: trace + compile + solve
     if not train:
         vs.append(_solve_variant("solve_seqfinish", prob, train, max_iter=1, backend="eager"))
+        vs.append(_solve_variant("solve_inductor_seqfinish", prob, train, max_iter=1, backend="inductor"))
     # GRU: deeppcr.compile of the model as written (nn.GRUCell) meets vmap's per-step fallback for
     # aten::gru_cell; measured at T <= 1000 only (compile_GRUCell), the other rows compile GRUPlainOps
     # One compiled module per problem (its trace is paid once per grad mode): compile_cold clears its

@@ -9,7 +9,7 @@ import torch
 import deeppcr_fx as deeppcr
 from chains import PROBLEMS
 from deeppcr_fx.results import FinishCause, InvalidInput
-from deeppcr_fx.runtime import backend, fused_scan, scan
+from deeppcr_fx.runtime import backend, fused, fused_scan, scan
 
 L = 24
 # one chain object per problem for the whole module (same step objects: compiled once)
@@ -70,6 +70,21 @@ def test_gradcheck_through_the_compiled_forward_and_adjoint():
         return res.states
 
     assert torch.autograd.gradcheck(f, inputs, fast_mode=True)
+
+
+def test_chunked_scan_in_the_compiled_forward_and_adjoint(monkeypatch):
+    monkeypatch.setattr(fused, "FUSED_CHUNK_MIN_LENGTH", 16)  # long chains' path, on a short chain
+    monkeypatch.setattr(fused, "FUSED_CHUNK", 3)
+    chain = CHAINS["residual"]
+    W, b = (p.clone().requires_grad_() for p in chain.per_step)
+    res = deeppcr.solve(chain.step, chain.x0, per_step=(W, b), jacobian="full", backend="inductor")
+    assert res.stats.backend == "inductor" and res.stats.converged
+    _close(res.states, chain.sequential(), rtol=1e-9, atol=1e-9)
+    got = torch.autograd.grad(res.states.sum(), (W, b))
+    assert res.stats.backward.backend == "inductor"
+    want = torch.autograd.grad(chain.sequential(per_step=(W, b)).sum(), (W, b))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
 
 
 def test_compiled_kernels_are_reused_across_solves():

@@ -30,6 +30,7 @@ import torch
 # Predicted first-call seconds of a compiled iteration (trace + inductor) with a cold on-disk cache on
 # this project's CPU: 11-13 s for a tanh MLP, L = 4096, w = 4 (benchmarks/results/peers_cpu.txt).
 COMPILE_PRIOR_S = {"cpu": 12.0, "cuda": 20.0}
+CHUNKED_COMPILE_FACTOR = 4.0  # runtime/fused.py's chunked scan: 52-73 s first call vs 9-40 s (load ~6)
 
 
 class Entry:
@@ -61,13 +62,15 @@ def entry(step: Callable, key: tuple) -> Optional[Entry]:
     return table.setdefault((getattr(step, "__func__", None), key), Entry())
 
 
-def use_compiled(backend: str, found: Optional[Entry], device: torch.device) -> bool:
-    """Whether this solve runs the compiled iteration (see the module docstring)."""
+def use_compiled(backend: str, found: Optional[Entry], device: torch.device, chunked: bool = False) -> bool:
+    """Whether this solve runs the compiled iteration (see the module docstring); ``chunked``: the
+    compiled functions use the chunked scan, whose compile takes about CHUNKED_COMPILE_FACTOR times longer."""
     if backend == "eager" or found is None or found.error is not None:
         return False
     if backend == "inductor" or found.fn is not None:
         return True
-    return found.eager_s >= COMPILE_PRIOR_S.get(device.type, COMPILE_PRIOR_S["cuda"])
+    prior = COMPILE_PRIOR_S.get(device.type, COMPILE_PRIOR_S["cuda"])
+    return found.eager_s >= prior * (CHUNKED_COMPILE_FACTOR if chunked else 1.0)
 
 
 def compile_traced(fn: Callable, args: tuple, cuda_graphs: bool = False) -> Callable:

@@ -47,11 +47,18 @@ def batched_step(step: Callable, spec: StateSpec, n_per_step: int, n_shared: int
     return vmap(one, in_dims=(0,) * (1 + n_per_step) + (None,) * n_shared)
 
 
+# Chains at least this long (CPU) use the chunked scan with FUSED_CHUNK rows per chunk in the compiled
+# functions, shorter ones plain PCR. Measured fwd + bwd per solve, compiled, one run each (load ~6):
+# L = 16384, w = 2: 158 ms chunked vs 264 ms PCR; L = 4096, w = 4: 21.6 vs 24.0 ms; but the chunked
+# scan costs far more compile time (52-73 s vs 9-40 s first call), so only where the log2 L factor
+# of PCR's work is large.
+FUSED_CHUNK_MIN_LENGTH, FUSED_CHUNK = 8192, 16
+
+
 def fused_chunk(length: int, device: torch.device) -> int:
-    """Rows per chunk of the compiled scan: 0 (plain PCR). The chunked scan runs 2.7x faster compiled
-    (L = 4096, n = 4: 0.46 vs 1.2 ms) but inductor's compile time grows with the chunk (K = 16: 25 s,
-    K = 32: 52 s, PCR: 13 s on this CPU), and compile time is user time."""
-    return 0
+    """Rows per chunk of the compiled scan: FUSED_CHUNK on CPU for L >= FUSED_CHUNK_MIN_LENGTH, else 0
+    (plain PCR: fewer, wider operations, the better shape for a GPU, and a faster compile)."""
+    return FUSED_CHUNK if device.type == "cpu" and length >= FUSED_CHUNK_MIN_LENGTH else 0
 
 
 class NewtonIteration:

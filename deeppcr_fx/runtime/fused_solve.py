@@ -24,7 +24,7 @@ class CompiledForward:
     def __init__(self, problem, user_step: Callable, constants: tuple) -> None:
         self.problem = problem
         p = problem
-        self.chunk = fused_chunk(p.stats.length, torch.device("cpu"))
+        self.chunk = fused_chunk(p.stats.length, p.steps.inputs[0].device if p.steps.inputs else torch.device("cpu"))
         steps = p.steps
         self.key = ("newton", p.mode, p.spec, p.atol, p.rtol, p.stats.length, self.chunk, constants,
                     backend.tensor_signature(steps.inputs), len(steps.per_step), p.config.cuda_graphs)
@@ -40,7 +40,7 @@ class CompiledForward:
         if self.entry is None:
             p.stats.backend_error = "the step or a non-tensor shared value cannot be a cache key"
             return None
-        if not backend.use_compiled(cfg.backend, self.entry, device):
+        if not backend.use_compiled(cfg.backend, self.entry, device, chunked=self.chunk > 0):
             p.stats.backend_error = self.entry.error
             return None
         cuda_graphs = cfg.cuda_graphs and device.type == "cuda"
@@ -106,7 +106,7 @@ class CompiledAdjoint:
         device = Zprev.device
         key = ("adjoint", tuple(wrt), p.adjoint_atol, p.adjoint_rtol) + self.forward.key + (device.type,)
         self.entry = backend.entry(self.forward.user_step, key)
-        if self.entry is None or not backend.use_compiled(cfg.backend, self.entry, device):
+        if self.entry is None or not backend.use_compiled(cfg.backend, self.entry, device, chunked=self.forward.chunk > 0):
             return None
         args = (Zprev, G, *steps.inputs)
         if self.entry.fn is None:
