@@ -21,10 +21,12 @@ property keeps its value; state the trace itself moves, such as a scheduler's st
   itself changed (the scheduler's ``set_timesteps`` called in ``forward``, a counter) is derived
   state, not an assumption: it is left out.
 - **Module-level globals**: the ``LOAD_GLOBAL`` names in the code of the model's own classes (every
-  function defined on them, nested code included) and of the user functions those name, read
-  from the function's module: plain values by value, tensors by identity (a global read in a
-  branch that did not run is guarded too). Functions, classes and modules held in globals, and
-  values read as attributes of an imported module (``cfg.SCALE``), are not guarded.
+  function defined on them or on their bases defined in the same module, nested code included)
+  and of the functions defined in that module which that code names (recursively): plain values
+  by value, tensors by identity (a global read in a branch that did not run is guarded too). Not
+  guarded: globals read by code defined in other modules (a helper imported from elsewhere, a
+  library's base class), functions, classes and modules held in globals, values read as
+  attributes of an imported module (``cfg.SCALE``), and closure variables.
 
 Attributes the forward *sets* on a module, and globals whose value the trace changed, are Python
 side effects the emitted graph would not repeat: they are listed in ``AttributeGuard.writes``,
@@ -179,8 +181,8 @@ def _record_globals(guard: AttributeGuard, model: torch.nn.Module) -> None:
     that code names, with their values now (before the trace)."""
     functions = []
     for cls in {type(m) for m in model.modules()}:
-        for klass in cls.__mro__:
-            if _user_module(klass.__module__):
+        for klass in cls.__mro__:  # the class and its bases defined beside it (not a library's mixins)
+            if _user_module(cls.__module__) and klass.__module__ == cls.__module__:
                 for v in vars(klass).values():
                     f = getattr(v, "__func__", getattr(v, "fget", v))  # static/class methods, properties
                     if isinstance(f, types.FunctionType):
@@ -194,9 +196,9 @@ def _record_globals(guard: AttributeGuard, model: torch.nn.Module) -> None:
         g = f.__globals__
         for name in _global_names(f.__code__):
             value = g.get(name, _MISSING)
-            if isinstance(value, types.FunctionType) and _user_module(value.__module__):
-                functions.append(value)
-            elif _plain(value) or isinstance(value, torch.Tensor):
+            if isinstance(value, types.FunctionType) and value.__module__ == f.__module__:
+                functions.append(value)  # a helper defined beside it
+            elif not name.startswith("__") and (_plain(value) or isinstance(value, torch.Tensor)):
                 guard._globals.setdefault((id(g), name), (g, name, _stored(value)))
 
 
