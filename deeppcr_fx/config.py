@@ -119,11 +119,17 @@ class Config:
         becomes a view of its row; values and objects are unchanged), so no call restacks them.
         See ``deeppcr_fx.runtime.stacked``.
     direct_grads:
-        In ``loss.backward()``, write a chain's stacked parameter gradient straight into the
-        Parameters' ``.grad`` instead of through one autograd leaf per Parameter (about 6 us
-        each). The Parameters are then not nodes of the autograd graph: set ``False`` to use
-        ``torch.autograd.grad(loss, params)`` or ``backward(inputs=params)`` on them. Needs
-        ``flat_params``. See ``deeppcr_fx.runtime.direct_grads``.
+        In a plain ``loss.backward()``, write a chain's stacked parameter gradient straight into the
+        Parameters' ``.grad`` (views of one buffer) where that is exactly what autograd would do;
+        ``torch.autograd.grad``, ``backward(inputs=)``, hooks and process groups get their gradients
+        through autograd. Needs ``flat_params``. See ``deeppcr_fx.runtime.direct_grads``.
+    plain_backward_only:
+        A promise that gradients of the chains' Parameters are only ever asked for by a plain
+        ``loss.backward()``: the Parameters are then left out of the autograd graph, saving autograd's
+        per-Parameter work (~8 us per Parameter per training step: 2.3x on a 4096-layer Linear(4, 4)
+        training step, ``benchmarks/results/backward_vs_autograd_cpu.txt``). Broken promises are not
+        errors: ``torch.autograd.grad(loss, params)`` calls them unused, ``backward(inputs=[p])`` gives
+        them nothing, hooks registered after the forward pass do not fire. Default ``False``.
     front_end:
         How ``deeppcr.compile`` captures the model: ``"symbolic"`` (torch.fx tracing that inlines every
         module), ``"record"`` (one concrete run recorded op by op: unrolled loops, scheduler Python
@@ -165,6 +171,7 @@ class Config:
     min_length: int = 8
     flat_params: bool = True
     direct_grads: bool = True
+    plain_backward_only: bool = False
     autotune: bool = False
     front_end: str = "auto"
     cache_limit: int = 8

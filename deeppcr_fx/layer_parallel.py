@@ -217,7 +217,9 @@ def _slice_per_step(gm: fx.GraphModule, arg: fx.Node, start: int, end: int, L: i
     """Make a per-step input of the solve read only steps ``start .. end - 1``."""
     if arg.op == "call_module" and isinstance(gm.get_submodule(arg.target), StackedAttributes):
         old = gm.get_submodule(arg.target)
-        gm.add_submodule(arg.target, StackedAttributes(gm, list(old.targets[start:end]), old.flat, old.direct_grads))
+        local = StackedAttributes(gm, list(old.targets[start:end]), old.flat, old.direct_grads)
+        local.connect = old.connect
+        gm.add_submodule(arg.target, local)
     elif arg.op == "call_function" and arg.target in (torch.stack, torch.tensor) and len(arg.args[0]) == L:
         arg.update_arg(0, list(arg.args[0])[start:end])
     else:

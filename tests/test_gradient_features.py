@@ -282,3 +282,24 @@ def test_hooks_registered_between_forward_and_backward_fire():
     assert len(got) == len(want)
     for g, w in zip(got, want):
         _close(g, w)
+
+
+def test_plain_backward_only_leaves_the_parameters_out_of_the_graph():
+    """``Config.plain_backward_only``: a plain backward still gives eager's gradients (accumulated), and
+    the Parameters are not in the autograd graph (``autograd.grad`` on them says so)."""
+    torch.manual_seed(0)
+    model = _Headed().double()
+    compiled = deeppcr.compile(model, policy="always", plain_backward_only=True)
+    x, x2 = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    _loss(model, x).backward()
+    _loss(model, x2).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    _loss(compiled, x).backward()
+    _loss(compiled, x2).backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    for n in want:
+        _close(got[n], want[n])
+    with pytest.raises(RuntimeError, match="not have been used"):
+        torch.autograd.grad(_loss(compiled, x), [model.layers[3].weight])

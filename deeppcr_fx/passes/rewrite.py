@@ -109,7 +109,8 @@ def _stack(gm: fx.GraphModule, nodes: list, name: str, config: Config) -> fx.Nod
     """The stacked per-step input: one ``StackedAttributes`` call when every entry is an attribute
     (the usual case, per-layer Parameters), else ``torch.stack`` of the nodes."""
     if all(n.op == "get_attr" for n in nodes):
-        gm.add_submodule(name, StackedAttributes(gm, [n.target for n in nodes], config.flat_params,
-                                                  config.direct_grads))
+        stacked = StackedAttributes(gm, [n.target for n in nodes], config.flat_params, config.direct_grads)
+        stacked.connect = not config.plain_backward_only
+        gm.add_submodule(name, stacked)
         return gm.graph.call_module(name, ())
     return gm.graph.call_function(torch.stack, (nodes,))
