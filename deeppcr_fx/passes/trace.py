@@ -307,20 +307,29 @@ _RANDOM = ("rand", "randn", "randint", "randperm", "normal", "bernoulli", "poiss
            "rand_like", "randn_like", "randint_like")
 
 
+_DRAWING = threading.local()  # .tracer: the tracer recording random draws in this thread, if any
+_DRAWS: dict = {}  # name -> the one patched function: torch's caches may keep it, so it holds no tracer
+
+
+def _draw(fn: Callable) -> Callable:
+    def draw(*args, **kwargs):
+        tracer = getattr(_DRAWING, "tracer", None)
+        if tracer is None:  # another thread, or no trace running
+            return fn(*args, **kwargs)
+        return tracer.create_proxy("call_function", fn, args, kwargs)
+    return draw
+
+
 @contextlib.contextmanager
 def _random_as_nodes(tracer: fx.Tracer):
     originals = {name: getattr(torch, name) for name in _RANDOM if hasattr(torch, name)}
-
-    def recorded(fn: Callable) -> Callable:
-        def draw(*args, **kwargs):
-            return tracer.create_proxy("call_function", fn, args, kwargs)
-        return draw
-
+    previous, _DRAWING.tracer = getattr(_DRAWING, "tracer", None), tracer
     try:
         for name, fn in originals.items():
-            setattr(torch, name, _for_this_thread(recorded(fn), fn))
+            setattr(torch, name, _DRAWS.setdefault(name, _draw(fn)))
         yield
     finally:
+        _DRAWING.tracer = previous
         for name, fn in originals.items():
             setattr(torch, name, fn)
 
