@@ -28,6 +28,9 @@ Because ``delta_{start-1} = 0``, the first window row is exact after each update
 loop ends in at most L + 1 evaluations whatever the Jacobian approximation (Newton,
 quasi-Newton, Picard and Jacobi alike). It stops earlier and hands the rest to ``finish``
 (an exact sequential loop) when ``max_iter`` is reached or an iterate is NaN/Inf.
+
+``runtime/fused.py`` is the same algorithm (the same thresholds, windows and outcomes) as one compiled
+function per iteration whose decisions stay on the device (``Config(backend="inductor")``).
 """
 from __future__ import annotations
 

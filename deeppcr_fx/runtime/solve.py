@@ -4,7 +4,9 @@
 
 The forward pass is Newton (``newton.triangular_newton``) inside a custom
 ``torch.autograd.Function`` (no autograd through the iterations); the backward pass is
-the linear adjoint (``adjoint.adjoint``).
+the linear adjoint (``adjoint.adjoint``). ``Config.backend`` decides whether the forward iterations,
+full mode's adjoint and a sequential finish run as functions compiled by inductor instead
+(``fused_solve``, ``fused``, ``backend``); the eager runtime is the reference and the fallback.
 """
 from __future__ import annotations
 
