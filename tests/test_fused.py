@@ -100,7 +100,8 @@ def test_non_finite_and_max_iter_finish_sequentially():
     chain = CHAINS["tanh"]
     capped = _solve(chain, "full", "inductor", max_iter=2)
     assert capped.stats.sequential_finish is FinishCause.MAX_ITER and capped.stats.iterations == 2
-    assert capped.stats.forward.sequential_from == _solve(chain, "full", "eager", max_iter=2).stats.forward.sequential_from
+    eager = _solve(chain, "full", "eager", max_iter=2)
+    assert capped.stats.forward.sequential_from == eager.stats.forward.sequential_from
     _close(capped.states, chain.sequential(), rtol=1e-9, atol=1e-9)
     finishes = [e for (_, key), e in backend._CACHE[chain.step].items() if key[0] == "finish"]
     assert finishes and all(e.fn is not None for e in finishes)  # the finish ran as compiled chunks of steps

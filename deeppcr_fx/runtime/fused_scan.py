@@ -67,7 +67,8 @@ def chunked(A: torch.Tensor, r: torch.Tensor, full: bool, chunk: int) -> torch.T
     return out.reshape(n_chunks * chunk, *out.shape[2:])[:length]
 
 
-def scan(A: Optional[torch.Tensor], r: torch.Tensor, kind: str, transpose: bool = False, chunk: int = 0) -> torch.Tensor:
+def scan(A: Optional[torch.Tensor], r: torch.Tensor, kind: str, transpose: bool = False,
+         chunk: int = 0) -> torch.Tensor:
     """``scan.affine_scan`` for tracing: ``kind`` is ``"full"``, ``"diag"``, ``"identity"`` or ``"zero"``;
     ``chunk`` > 1 uses the chunked scan, else plain PCR."""
     if kind == "zero":

@@ -13,8 +13,8 @@ import torch
 
 from ..results import FinishCause
 from . import backend
-from .fused import (CONVERGED, FINISH_CHUNK, NON_FINITE, FullAdjoint, NewtonIteration, SequentialChunk,
-                    finish_args, fused_chunk, run_finish, run_newton)
+from .fused import (CONVERGED, NON_FINITE, FullAdjoint, NewtonIteration, SequentialChunk,
+                    finish_args, finish_chunk, fused_chunk, run_finish, run_newton)
 from .newton import _finish
 
 
@@ -65,19 +65,20 @@ class CompiledForward:
         return U
 
     def _finish(self, start: int, U: torch.Tensor, x0_flat: torch.Tensor, eager: Callable, cuda_graphs: bool) -> None:
-        """The sequential finish, FINISH_CHUNK steps per call of a compiled function (eager if it fails)."""
+        """The sequential finish, ``finish_chunk(L)`` steps per call of a compiled function (eager if it fails)."""
         p = self.problem
         steps, length = p.steps, p.stats.length
-        if length - start <= FINISH_CHUNK:  # one chunk's worth: not worth a compile
+        chunk = finish_chunk(length)
+        if length - start <= chunk:  # one chunk's worth: not worth a compile
             return eager(start, U)
-        found = backend.entry(self.user_step, ("finish", FINISH_CHUNK) + self.key + (U.device.type,))
+        found = backend.entry(self.user_step, ("finish", chunk) + self.key + (U.device.type,))
         if found is not None and found.fn is None and found.error is None:
             z = x0_flat if start == 0 else U[start - 1]
-            fn = SequentialChunk(steps.step, p.spec, len(steps.per_step), FINISH_CHUNK)
-            backend.build(found, fn, finish_args(z, steps.per_step, steps.shared, start, FINISH_CHUNK), cuda_graphs)
+            fn = SequentialChunk(steps.step, p.spec, len(steps.per_step), chunk)
+            backend.build(found, fn, finish_args(z, steps.per_step, steps.shared, start, chunk), cuda_graphs)
         if found is None or found.fn is None:
             return eager(start, U)
-        run_finish(found.fn, FINISH_CHUNK, start, U, x0_flat, steps.per_step, steps.shared)
+        run_finish(found.fn, chunk, start, U, x0_flat, steps.per_step, steps.shared)
 
     def _build(self, x0_flat, U, state, inputs, cuda_graphs):
         p = self.problem
@@ -106,7 +107,8 @@ class CompiledAdjoint:
         device = Zprev.device
         key = ("adjoint", tuple(wrt), p.adjoint_atol, p.adjoint_rtol) + self.forward.key + (device.type,)
         self.entry = backend.entry(self.forward.user_step, key)
-        if self.entry is None or not backend.use_compiled(cfg.backend, self.entry, device, chunked=self.forward.chunk > 0):
+        chunked = self.forward.chunk > 0
+        if self.entry is None or not backend.use_compiled(cfg.backend, self.entry, device, chunked=chunked):
             return None
         args = (Zprev, G, *steps.inputs)
         if self.entry.fn is None:
