@@ -22,6 +22,6 @@ step() {  # step <seconds> <name> <command...>
   cat "/tmp/gpu_step_$name.log" >> "$LOG"
 }
 step 150 tests python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_fused_cuda.py
-step 180 peers_cuda python benchmarks/_peers_cuda.py --L 4096 16384 --w 4 16 --B 1 16 --repeats 5
-step 120 suite_paper python benchmarks/suite.py --suite paper --device cuda --quick
+step 200 peers_cuda python benchmarks/_peers_cuda.py --L 4096 16384 --w 4 16 --B 1 --repeats 5
+step 100 suite_paper python benchmarks/suite.py --suite paper --device cuda --quick
 echo "done $(date -u +%FT%TZ)" | tee -a "$LOG"
