@@ -3,9 +3,10 @@
 One row per case: the front end ``auto`` chose, chains found / rewritten, L, period (graph pieces per
 step), state kind (tensors in the state), the largest relative difference from eager in float64 (output,
 and the parameters' gradients), and the time of a call vs eager with a fresh input per call (forward
-without grad; medians, methods interleaved). Cases: RNN cells over time with ``h0`` built inside forward
+without grad; medians; eager calls first, then compiled ones). Cases: RNN cells over time with ``h0`` built inside forward
 (GRU, LSTM ``(h, c)``), a position/velocity oscillator, and ``tests/diffusion_zoo.Loop`` with each
-diffusers scheduler family (tiny MLP denoiser), plus a tiny ``UNet2DModel`` under DDIM.
+diffusers scheduler family (tiny MLP denoiser; DPM-Solver++ SDE, DPM-Solver order 3, PNDM and LMS with
+``--steps`` + 2 timesteps), plus a tiny ``UNet2DModel`` under DDIM.
 
     python benchmarks/zoo_states.py [--repeats 9] [--steps 10] [--threads 1] [--cases lstm,dpm_multistep,...]
 """
@@ -81,6 +82,14 @@ def cases(steps: int) -> dict:
     }
     for kind in SCHEDULERS:
         out[kind] = (lambda k: lambda: (zoo_loop(k, steps=steps), lambda: torch.randn(2, 8, dtype=torch.float64)))(kind)
+    import diffusers
+
+    more = {"dpm_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+            "dpm_order3": ("DPMSolverMultistepScheduler", {"solver_order": 3}),
+            "pndm": ("PNDMScheduler", {}), "lms": ("LMSDiscreteScheduler", {})}
+    for kind, (name, options) in more.items():
+        out[kind] = (lambda n, o: lambda: (Loop(getattr(diffusers, n)(num_train_timesteps=1000, **o), steps + 2).double(),
+                                            lambda: torch.randn(2, 8, dtype=torch.float64)))(name, options)
     out["unet_ddim"] = unet_loop
     return out
 
@@ -103,9 +112,11 @@ def row(name: str, build, repeats: int) -> str:
     g_err = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(g_out, g_ref))
     eager, parallel = [], []
     with torch.no_grad():
-        compiled(x), model(x)
-        for _ in range(repeats):
-            for fn, times in ((model, eager), (compiled, parallel)):
+        # not interleaved: an eager call re-runs set_timesteps, whose new tensors fail the compiled loop's
+        # guard on the scheduler (reads.py) and make the next compiled call specialise again
+        for fn, times in ((model, eager), (compiled, parallel)):
+            fn(x)
+            for _ in range(repeats):
                 inp = fresh()
                 t0 = time.perf_counter()
                 fn(inp)
