@@ -154,3 +154,19 @@ def test_states_of_two_tensors_are_rewritten(case):
         torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
     stats = compiled.stats()[0].solves[-1]
     assert stats.vectorized and stats.vmap_error is None
+
+
+@pytest.mark.parametrize("case", ["lstm", "oscillator"])
+def test_states_of_two_tensors_through_torchdynamo(case):
+    torch.manual_seed(0)
+    if case == "lstm":
+        model, x, L = _LSTMOverTime(3, 4).double(), torch.randn(2, 12, 3, dtype=torch.float64), 12
+    else:
+        model, x, L = _Oscillator(4, 12).double(), torch.randn(3, 4, dtype=torch.float64), 12
+    compiled = deeppcr.compile(model, policy="always", front_end="dynamo")
+    got, want = compiled(x), model(x)
+    for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+    (record,) = compiled.report.chains
+    assert compiled.report.front_end == "dynamo" and record.status == "rewritten" and record.length == L
+    assert record.state.startswith("(")
