@@ -33,7 +33,8 @@ class CompiledForward:
 
     def forward(self, x0_flat: torch.Tensor, U: torch.Tensor, start: int, finish: Callable) -> Optional[torch.Tensor]:
         p, cfg = self.problem, self.problem.config
-        if cfg.backend == "eager" or p.steps.vectorize is False or p.steps.vmap_error is not None:
+        if cfg.backend == "eager" or p.steps.vectorize is False or p.steps.vmap_error is not None \
+                or _tracing():
             return None
         device = x0_flat.device
         self.entry = backend.entry(self.user_step, self.key + (device.type,))
@@ -102,7 +103,7 @@ class CompiledAdjoint:
     def __call__(self, steps, Zprev: torch.Tensor, G: torch.Tensor, wrt: list) -> Optional[tuple]:
         """``(dZprev, *dinputs)`` as ``adjoint.adjoint`` returns them, or None: run the eager adjoint."""
         p, cfg = self.problem, self.problem.config
-        if p.mode != "full" or cfg.backend == "eager" or not steps.vectorized:
+        if p.mode != "full" or cfg.backend == "eager" or not steps.vectorized or _tracing():
             return None
         device = Zprev.device
         key = ("adjoint", tuple(wrt), p.adjoint_atol, p.adjoint_rtol) + self.forward.key + (device.type,)
@@ -126,6 +127,11 @@ class CompiledAdjoint:
     def record_eager(self, seconds: float) -> None:
         if self.entry is not None:
             self.entry.eager_s += seconds
+
+
+def _tracing() -> bool:
+    """Inside a TorchDynamo or torch.jit trace: compiling a function of our own there is not ours to do."""
+    return torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
 
 
 def _initial_state(U: torch.Tensor, start: int) -> tuple:
