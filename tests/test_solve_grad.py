@@ -32,7 +32,9 @@ def test_gradcheck(problem, mode):
     assert torch.autograd.gradcheck(f, (*x0_parts, *per_step, *shared))
 
 
-@pytest.mark.parametrize("mode,backend", [(m, "eager") for m in MODES] + [("full", "inductor"), ("diag", "inductor")])
+# the compiled backend on diag (compiled forward, eager adjoint); its full-mode adjoint is compiled in
+# test_shared_tensor_gradient_is_summed_over_steps and tests/test_fused.py (each signature costs a compile)
+@pytest.mark.parametrize("mode,backend", [(m, "eager") for m in MODES] + [("diag", "inductor")])
 def test_gradients_match_sequential_autograd_with_intermediate_states(mode, backend):
     chain = PROBLEMS["tanh"](64, dtype=torch.float64)
     W, b = (p.clone().requires_grad_() for p in chain.per_step)
