@@ -315,3 +315,23 @@ def test_diffusers_scheduler_settings_are_guarded():
     model.scheduler.config  # noqa: B018 (a read outside a trace records nothing)
     _assert_matches(compiled, model, x)
     assert compiled.specialisations == 1
+
+
+@pytest.mark.parametrize("kind", ["dpm_multistep", "euler"])
+def test_state_the_forward_sets_before_reading_is_not_guarded(kind):
+    """A loop that calls ``set_timesteps`` in forward computes its schedule tensors itself: an eager call in
+    between (which replaces them) does not make the compiled loop specialise again; a changed step count does."""
+    pytest.importorskip("diffusers")
+    import diffusion_zoo
+
+    model = diffusion_zoo.zoo_loop(kind, steps=10)
+    compiled = deeppcr.compile(model, policy="always", min_length=4)
+    x = torch.randn(2, 8, dtype=torch.float64)
+    first = compiled(x)
+    report = compiled.report
+    torch.testing.assert_close(model(x), first, rtol=1e-9, atol=1e-9)  # eager: set_timesteps makes new tensors
+    torch.testing.assert_close(compiled(x), first, rtol=1e-9, atol=1e-9)
+    assert compiled.report is report  # not specialised again
+    model.steps = 12
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-9, atol=1e-9)
+    assert compiled.report is not report

@@ -19,7 +19,8 @@ property keeps its value; state the trace itself moves, such as a scheduler's st
   ``__getattribute__`` wrapped while the trace runs, so reads of its instance ``__dict__``
   entries are recorded the same way, and so on for objects reached from it. A value the trace
   itself changed (the scheduler's ``set_timesteps`` called in ``forward``, a counter) is derived
-  state, not an assumption: it is left out.
+  state, not an assumption: it is left out, and so is one the trace set before reading it (the
+  schedule tensors ``set_timesteps`` makes anew on every call, eager calls in between included).
 - **Module-level globals**: the ``LOAD_GLOBAL`` names in the code of the model's own classes (every
   function defined on them or on their bases defined in the same module, nested code included)
   and of the functions defined in that module which that code names (recursively): plain values
@@ -208,7 +209,8 @@ def recording_reads(guard: AttributeGuard, model: torch.nn.Module) -> Iterator[A
     owner = threading.get_ident()
     ours = {id(m) for m in model.modules()}
     get = object.__getattribute__
-    wrapped: list = []  # (class, its own __getattribute__ or _MISSING), in the order wrapped
+    wrapped: list = []  # (class, its own __getattribute__ and __setattr__ or _MISSING), in the order wrapped
+    derived: set = set()  # (id(object), name) the trace set before reading: state it computes, not an input
 
     def seen(obj, name: str, value) -> None:
         """A public read of ``obj``'s instance attribute ``name`` (a module's or a followed object's)."""
@@ -217,15 +219,16 @@ def recording_reads(guard: AttributeGuard, model: torch.nn.Module) -> Iterator[A
         except AttributeError:  # __slots__ only
             own = False
         follow = _followed(value)
-        if own and (follow or _plain(value) or isinstance(value, torch.Tensor)):
+        if own and (id(obj), name) not in derived and (follow or _plain(value) or isinstance(value, torch.Tensor)):
             guard.record(obj, name, value)
         if follow:
             wrap(type(value))
 
     def wrap(cls: type) -> None:
-        if any(c is cls for c, _ in wrapped):
+        if any(entry[0] is cls for entry in wrapped):
             return
         own, original = cls.__dict__.get("__getattribute__", _MISSING), cls.__getattribute__
+        own_set, original_set = cls.__dict__.get("__setattr__", _MISSING), cls.__setattr__
 
         def getattribute(self, name):
             value = original(self, name)
@@ -233,11 +236,17 @@ def recording_reads(guard: AttributeGuard, model: torch.nn.Module) -> Iterator[A
                 seen(self, name, value)  # value lives there (counters the trace moves are left out)
             return value
 
+        def setattribute(self, name, value):  # set before read (a scheduler's set_timesteps in forward):
+            if threading.get_ident() == owner and (id(self), name) not in guard._seen:  # derived, not read
+                derived.add((id(self), name))
+            return original_set(self, name, value)
+
         try:
             cls.__getattribute__ = getattribute
         except TypeError:  # a built-in or extension type
             return
-        wrapped.append((cls, own))
+        cls.__setattr__ = setattribute
+        wrapped.append((cls, own, own_set))
 
     def getattribute(self, name):
         value = get(self, name)
@@ -263,9 +272,10 @@ def recording_reads(guard: AttributeGuard, model: torch.nn.Module) -> Iterator[A
     finally:
         del torch.nn.Module.__getattribute__
         torch.nn.Module.__setattr__ = setattr_
-        for cls, own in reversed(wrapped):
-            if own is _MISSING:
-                del cls.__getattribute__
-            else:
-                cls.__getattribute__ = own
+        for cls, own, own_set in reversed(wrapped):
+            for name, value in (("__getattribute__", own), ("__setattr__", own_set)):
+                if value is _MISSING:
+                    delattr(cls, name)
+                else:
+                    setattr(cls, name, value)
         guard.note_global_writes()
