@@ -2,8 +2,10 @@
 
 Called only when ``find_chains`` found nothing. For every floating tensor the finder starts from
 (or the lack of one) it says how far the search got: the pieces between single-tensor
-bottlenecks on the state's path, whether any consecutive pieces compute the same ops, and
-whether repeats were dropped because a step reads another step's intermediate values.
+bottlenecks on the state's path, whether any consecutive pieces compute the same ops (or the same
+ops with different integer constants: ``solution[j] = y`` into a buffer that cannot be treated as a
+collector, ``passes/collector_writes.py``, says why not), and whether repeats were dropped because
+a step reads another step's intermediate values.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Optional
 
 import torch.fx as fx
 
+from .collector_writes import is_write, writes_or_reason
 from .find_chains import default_sources, dependents, periodic_runs, pieces
 from .find_states import MAX_COMPONENTS
 from .shape_prop import info_of
@@ -43,6 +46,10 @@ def explain_empty(gm: fx.GraphModule, sources: Optional[list] = None) -> list:
                          "DenseNet, leave none)")
             continue
         runs = [r for r in periodic_runs([p.loose for p in ps]) if r[2] >= 2]
+        integers = _integers_differ(ps) if not runs else ""
+        if integers:
+            notes.append(f"no chain found from {source.name}: consecutive blocks compute the same ops but {integers}")
+            continue
         if not runs:
             notes.append(f"no chain found from {source.name}: {len(ps)} pieces on its path, but no piece (or group "
                          "of consecutive pieces) repeats: no two consecutive blocks compute the same ops")
@@ -55,3 +62,53 @@ def explain_empty(gm: fx.GraphModule, sources: Optional[list] = None) -> list:
     return notes
 
 
+def _integers_differ(ps: list) -> str:
+    """Words for pieces that repeat once their integer constants are ignored (``""``: they do not): a per-step
+    integer (``solution[j] = y``, ``x[:, i]``) is no slot, so such blocks are no repeated step."""
+    keys = [_no_ints(p.loose) for p in ps]
+    runs = [r for r in periodic_runs(keys) if r[2] >= 2]
+    if not runs:
+        return ""
+    start, period, _ = runs[0]
+    first, second = ps[start:start + period], ps[start + period:start + 2 * period]
+    nodes = [n for p in first for n in p.nodes]
+    others = [n for p in second for n in p.nodes]
+    differ = [(a, b) for a, b in zip(nodes, others) if _ints(a.args, a.kwargs) != _ints(b.args, b.kwargs)]
+    shown = ", ".join(f"{a.name} ({_target(a)}: {_ints(a.args, a.kwargs)}) vs {b.name} ({_ints(b.args, b.kwargs)})"
+                      for a, b in differ[:2])
+    writes = [a for a, _ in differ if is_write(a) and a.args and isinstance(a.args[0], fx.Node)]
+    why = ("a per-step row write (solution[j] = y) is moved after a parallel solve only into a buffer made inside "
+           "forward, written at distinct constant rows and read only after its last write; here "
+           f"{writes_or_reason(writes[0].args[0])[1] or 'a step reads the buffer'}"
+           if writes else "a per-step integer cannot be a stacked input")
+    return f"differ in integer constants ({shown}): {why}"
+
+
+def _no_ints(key):
+    if isinstance(key, tuple):
+        if len(key) == 2 and key[0] == "int" and type(key[1]) is int:
+            return ("int",)
+        return tuple(_no_ints(k) for k in key)
+    return key
+
+
+def _ints(*args) -> list:
+    found = []
+
+    def walk(a):
+        if type(a) is int:
+            found.append(a)
+        elif isinstance(a, (tuple, list)):
+            for v in a:
+                walk(v)
+        elif isinstance(a, dict):
+            for v in a.values():
+                walk(v)
+        elif isinstance(a, slice):
+            walk((a.start, a.stop, a.step))
+    walk(args)
+    return found
+
+
+def _target(n: fx.Node) -> str:
+    return str(getattr(n.target, "__name__", n.target))

@@ -8,7 +8,8 @@ Summary of the algorithm (DESIGN.md §2):
 2. Cut the dependents at single-tensor bottlenecks: walking the graph in order, node ``v``
    is a cut when no other dependent value is live across it (uses by ``output`` do not
    count; a second, relaxed analysis also ignores collectors such as
-   ``torch.stack(hidden_states)``, so models that gather every state keep their cuts).
+   ``torch.stack(hidden_states)`` and row writes into a collector buffer, ``solution[j] = y``
+   (``passes/collector_writes.py``), so models that gather every state keep their cuts).
 3. Each piece between consecutive cuts gets a canonical form: ``(op, target, argument
    structure)`` where arguments are the piece's input state, its own nodes by position,
    external values by first-use slot, and constants — never node names. Floats are
@@ -31,6 +32,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.fx as fx
 
+from .collector_writes import collector_writes
 from .shape_prop import info_of
 from .sources import default_sources
 
@@ -212,21 +214,30 @@ def _collector(node: fx.Node, dep: set) -> bool:
     return len([a for a in node.all_input_nodes if a in dep]) >= 3
 
 
+def relaxable(dep: set) -> bool:
+    """Whether a relaxed search can differ: ``dep`` has a collector or writes into a collector buffer."""
+    return any(_collector(n, dep) for n in dep) or bool(collector_writes(dep))
+
+
 def cuts(graph: fx.Graph, source: fx.Node, relax: bool = False) -> tuple[list, set]:
     """Dependent nodes where no other dependent value is live, in graph order.
 
     Uses by ``output`` never keep a value live; with ``relax``, neither do uses by
-    collectors, so models that stack every hidden state still have their per-layer cuts.
+    collectors, so models that stack every hidden state still have their per-layer cuts,
+    and writes into a collector buffer (``solution[j] = y``, ``passes/collector_writes.py``)
+    are no dependents at all: they belong to no step.
     A relaxed cut can be false (a collector inside a block); candidates that read a value
     from inside their own range are dropped afterwards (``_self_contained``).
     """
     order = list(graph.nodes)
     pos = {n: i for i, n in enumerate(order)}
     dep = dependents(source)
+    if relax:
+        dep -= collector_writes(dep)
     delta = [0] * (len(order) + 1)
     live_until = {}
     for n in dep:
-        last = max((pos[u] for u in n.users if u.op != "output" and not (relax and _collector(u, dep))),
+        last = max((pos[u] for u in n.users if u in dep and not (relax and _collector(u, dep))),  # not output, writes
                    default=pos[n])
         live_until[n] = last
         if last > pos[n]:
@@ -351,8 +362,7 @@ def find_chains(gm: fx.GraphModule, sources: Optional[Iterable[fx.Node]] = None)
     candidates = []
     for source, relax in ((s, r) for s in sources for r in (False, True)):
         if relax:
-            dep = dependents(source)
-            if not any(_collector(n, dep) for n in dep):
+            if not relaxable(dependents(source)):
                 continue
         ps = pieces(graph, source, gm, relax)
         for start, p, count in periodic_runs([x.loose for x in ps]):

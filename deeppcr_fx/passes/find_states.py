@@ -29,7 +29,8 @@ from typing import Any
 
 import torch.fx as fx
 
-from .find_chains import Candidate, Segment, _collector, canonical, dependents, periodic_runs
+from .collector_writes import collector_writes
+from .find_chains import Candidate, Segment, _collector, canonical, dependents, periodic_runs, relaxable
 from .shape_prop import info_of
 
 MAX_COMPONENTS = 8  # a multistep sampler of order 3 with a corrector carries ~5 tensors
@@ -79,11 +80,11 @@ def _boundaries(order: list, dep: set, relax: bool = False) -> list:
     that use): the order a step reads its state in, the same at every step of a loop, which the order
     of definition is not (``v0 = zeros_like(x)`` is defined after ``x``, each step's ``v`` before it).
     With ``relax``, uses by collectors (``torch.stack(outputs)``) do not keep values live either, as in
-    ``find_chains.cuts``."""
+    ``find_chains.cuts`` (whose caller also leaves writes into a collector buffer out of ``dep``)."""
     pos = {n: i for i, n in enumerate(order)}
     last, expire, uses = {}, defaultdict(list), {}
     for n in dep:
-        uses[n] = sorted(pos[u] for u in n.users if u.op != "output" and not (relax and _collector(u, dep)))
+        uses[n] = sorted(pos[u] for u in n.users if u in dep and not (relax and _collector(u, dep)))
         last[n] = uses[n][-1] if uses[n] else pos[n]
         expire[last[n]].append(n)
     live: dict = {}
@@ -215,9 +216,9 @@ def multi_state_candidates(gm: fx.GraphModule, sources: list, single: list) -> l
             if covered >= COVERED_ENOUGH * len(dep):
                 continue
         for relax in (False, True):
-            if relax and not any(_collector(n, dep) for n in dep):
+            if relax and not relaxable(dep):
                 continue
-            ps = _pieces(order, dep, gm, relax)
+            ps = _pieces(order, dep - collector_writes(dep) if relax else dep, gm, relax)
             for start, p, count in periodic_runs([x.loose for x in ps]):
                 for s_start, s_p, s_count in periodic_runs([x.strict for x in ps[start:start + p * count]]):
                     a, n = _best_phase(ps, start + s_start, s_p, s_count)

@@ -19,7 +19,9 @@ State-independent values a step reads are slots (``passes/template.py``): the sa
 in every segment is a shared input, different nodes are stacked (``StackedAttributes`` or
 ``torch.stack`` of the original Parameters, at call time, so gradients reach them),
 differing float constants become a float64 tensor. The step template is the one
-``validate`` built and checked.
+``validate`` built and checked. Row writes into a collector buffer that read a step's state
+inside the loop (``solution[j] = y_j``) move after the solve and write the solved states
+(``passes/collector_writes.py``).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import torch.fx as fx
 from ..config import Config
 from ..runtime.pcr_solve import PCRSolve
 from ..runtime.stacked import StackedAttributes
+from .collector_writes import move_late_writes
 from .find_chains import Candidate
 from .plan import ChainPlan
 
@@ -96,6 +99,8 @@ def rewrite(gm: fx.GraphModule, plan: ChainPlan, config: Config, name: str, repl
     for old, new in outs.items():
         replaced[old] = new
         old.replace_all_uses_with(new, delete_user_cb=lambda u: u not in members)
+    if outs:  # writes into a collector buffer (solution[j] = y_j) inside the loop read the solved states now
+        move_late_writes(graph, list(outs.values()), list(outs.values())[-1])
     for n in reversed(c.nodes):
         graph.erase_node(n)
     for n in dict.fromkeys(n for x in slots.per_step_ext for n in (s.externals[x] for s in segs)):  # tied: once

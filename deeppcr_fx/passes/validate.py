@@ -25,6 +25,7 @@ from ..config import Config
 from ..results import Reason, Refusal
 from ..runtime.jacobians import choose_mode
 from ..runtime.state import sample_layout
+from .collector_writes import is_write, late_writes_problem
 from .find_chains import Candidate
 from .hooks import describe_hooks, has_hooks
 from .plan import ChainPlan
@@ -59,6 +60,8 @@ def _mutates(n: fx.Node) -> Optional[str]:
         training = n.kwargs.get("training", n.args[5] if len(n.args) > 5 else False)
         if training and any(isinstance(a, fx.Node) for a in (n.args[1:3] if len(n.args) > 2 else ())):
             return "batch_norm in train mode updates its running statistics"
+    if n.op == "call_method" and n.target == "__setitem__":  # symbolic tracing's x[i] = v
+        return "__setitem__ is in place"
     if n.op == "call_function" and n.target in _INPLACE_FUNCTIONS:
         return f"{getattr(n.target, '__name__', n.target)} is in place"
     if n.op == "call_method" and n.target.endswith("_") and not n.target.startswith("__"):
@@ -190,7 +193,14 @@ def _structure(c: Candidate, shapes: ShapeInfo) -> Optional[Refusal]:
     outs = {o for s in c.segments for o in s.outs}
     for n in c.nodes:
         if n not in outs and any(u not in members for u in n.users):
-            return Refusal(Reason.ESCAPING_VALUE, f"{n.name} is used by {[u.name for u in n.users if u not in members]}")
+            users = [u for u in n.users if u not in members]
+            written = " (written into a collector buffer: a row that is not a step's state, e.g. torchdiffeq's " \
+                      "interpolation between grid points)" if all(is_write(u) for u in users) else ""
+            return Refusal(Reason.ESCAPING_VALUE, f"{n.name} is used by {[u.name for u in users]}{written}")
+    last = max(c.nodes, key={n: i for i, n in enumerate(c.nodes[0].graph.nodes)}.get)
+    late = late_writes_problem(members, [o for o in outs if o in members], last)  # solution[j] = y inside the loop: moved after it
+    if late:
+        return Refusal(Reason.BUFFER_MUTATION, late)
     for n in c.nodes:
         if n.op == "call_module":
             if n.name in shapes.data_dependent:
