@@ -205,3 +205,32 @@ def test_values_for_the_caller_in_traced_graphs(front_end):
     (out, keys), (ref, ref_keys) = compiled(x), model(x)
     for a, b in zip([out] + keys, [ref] + ref_keys):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_a_tensor_made_in_forward_and_written_is_new_on_every_call():
+    """``buf = torch.zeros(...)`` in forward is a trace-time constant; written into and returned, it must
+    still be a new tensor per call (as eager makes it), not one tensor every call overwrites."""
+
+    class Collect(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(10))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.tanh(layer(x))
+            buf = torch.zeros(2, 3, 4, dtype=x.dtype)
+            buf[0] = x
+            buf[1].add_(x * 2)
+            return buf
+
+    torch.manual_seed(0)
+    model = Collect().double()
+    compiled = deeppcr.compile(model, policy="always")
+    x1, x2 = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    a = compiled(x1)
+    b = compiled(x2)
+    assert compiled.report.front_end == "symbolic" and compiled.report.rewritten
+    assert a is not b
+    torch.testing.assert_close(a, model(x1), rtol=1e-9, atol=1e-11)  # not overwritten by the second call
+    torch.testing.assert_close(b, model(x2), rtol=1e-9, atol=1e-11)

@@ -34,6 +34,7 @@ import torch.fx as fx
 from torch.fx._symbolic_trace import _maybe_revert_all_patches, _Patcher
 
 from ..results import TraceFailure
+from .constants import fresh_constants
 from .hooks import describe_hooks, has_hooks
 from .keywords import bind, drop_constant_placeholders, variadic
 from .live import share_children
@@ -346,6 +347,8 @@ def _trace(model: torch.nn.Module, example_inputs: tuple, concrete: Optional[dic
             raise TraceFailure(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
         if concrete is not None:
             drop_constant_placeholders(graph, values)
+        fresh_constants(graph, {n: getattr(model, n) for n in set(vars(model)) - before
+                                if n.startswith("_tensor_constant")})
         for node in graph.nodes:
             node.meta.pop(_META, None)
         gm = share_children(fx.GraphModule(tracer.root, graph, model.__class__.__name__), model)
