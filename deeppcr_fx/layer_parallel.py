@@ -40,7 +40,7 @@ from .passes.options import CompileOptions
 from .passes.pipeline import run_pipeline
 from .passes.trace import trace
 from .results import CompileError
-from .runtime.distributed_model import split
+from .runtime.distributed_model import RankRole, split
 from .runtime.pcr_solve import PCRSolve
 from .runtime.solve import solve
 from .runtime.stacked import StackedAttributes
@@ -63,7 +63,7 @@ class _RankSolve(torch.nn.Module):
         return res.states
 
 
-class LayerParallelModule(torch.nn.Module):
+class LayerParallelModule(RankRole, torch.nn.Module):
     """This rank's part of ``model`` with its longest chain split over ``group`` (see the module docstring).
 
     ``report``: the ``CompileReport`` of the build; ``stats``: the last solve's ``SolveStats`` (the
@@ -82,15 +82,6 @@ class LayerParallelModule(torch.nn.Module):
         self._gm: Optional[fx.GraphModule] = None
         self._signature = None
         self._local: list = []
-        self._states = None
-
-    @property
-    def is_first(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.rank == self.size - 1
 
     @property
     def stats(self):
@@ -120,13 +111,7 @@ class LayerParallelModule(torch.nn.Module):
         if states is None:
             raise RuntimeError("backward() needs a forward() first.")
         self._gm.get_submodule("rank_solve").last_states = None
-        if self.is_last:
-            if loss is None:
-                raise ValueError("backward(loss): the last rank must pass the loss.")
-            loss.backward()
-            return
-        parts = states if isinstance(states, tuple) else (states,)
-        torch.autograd.backward(parts, tuple(torch.zeros_like(p) for p in parts))
+        self.backward_states(states, loss)
 
     def build(self, args: tuple) -> None:
         """Trace, find the chain, keep this rank's part of the graph; materialise its meta Parameters."""

@@ -45,7 +45,34 @@ def split(n_blocks: int, group: Any = None, rank: Optional[int] = None) -> tuple
     return n_blocks * rank // size, n_blocks * (rank + 1) // size
 
 
-class LayerParallel(nn.Module):
+class RankRole:
+    """Where this rank sits in its group (``self.rank`` of ``self.size``), and the backward pass every
+    rank of a split chain takes part in."""
+
+    rank: int
+    size: int
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.size - 1
+
+    def backward_states(self, states: Any, loss: Optional[torch.Tensor]) -> None:
+        """Backpropagate: ``loss`` on the last rank; elsewhere the local ``states`` with zero cotangents
+        (the adjoint's own exchange brings in what the later ranks send)."""
+        if self.is_last:
+            if loss is None:
+                raise ValueError("backward(loss): the last rank must pass the loss.")
+            loss.backward()
+            return
+        parts = states if isinstance(states, tuple) else (states,)
+        torch.autograd.backward(parts, tuple(torch.zeros_like(p) for p in parts))
+
+
+class LayerParallel(RankRole, nn.Module):
     """This rank's slice of a chain of same-shaped blocks (and the model's first/last parts), solved in parallel.
 
     Args:
@@ -81,14 +108,6 @@ class LayerParallel(nn.Module):
         self.stats = None
         self._states = None
 
-    @property
-    def is_first(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.rank == self.size - 1
-
     def _step(self, z, *slices):
         names = self._param_names + self._buffer_names
         return functional_call(self.blocks[0], dict(zip(names, slices)), (z,))
@@ -114,10 +133,4 @@ class LayerParallel(nn.Module):
         if self._states is None:
             raise RuntimeError("LayerParallel.backward() needs a forward() first.")
         states, self._states = self._states, None
-        if self.is_last:
-            if loss is None:
-                raise ValueError("LayerParallel.backward(loss): the last rank must pass the loss.")
-            loss.backward()
-            return
-        parts = states if isinstance(states, tuple) else (states,)
-        torch.autograd.backward(parts, tuple(torch.zeros_like(p) for p in parts))
+        self.backward_states(states, loss)
