@@ -173,6 +173,19 @@ def _ends(seed: int):
     return torch.nn.Linear(3, 4).double(), torch.nn.Linear(4, 1).double()
 
 
+def _train_in_one_process(model, X, Y, steps: int) -> list:
+    """The reference: ``steps`` SGD steps (lr 0.05) of the whole model in one process; its losses."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(steps):
+        loss = F.mse_loss(model(X), Y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    return losses
+
+
 def run_model(rank: int, nprocs: int, n_blocks: int = 24, steps: int = 10) -> dict:
     """``LayerParallel`` trained with SGD for ``steps`` steps vs the same model in one process."""
     from deeppcr_fx.runtime.distributed_model import LayerParallel, split
@@ -197,14 +210,7 @@ def run_model(rank: int, nprocs: int, n_blocks: int = 24, steps: int = 10) -> di
     ref_pre, ref_post = _ends(0)
     ref_blocks = torch.nn.ModuleList([Block(i) for i in range(n_blocks)])
     ref = torch.nn.Sequential(ref_pre, *ref_blocks, ref_post)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
-    ref_losses = []
-    for _ in range(steps):
-        loss = F.mse_loss(ref(X), Y)
-        loss.backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
-        ref_losses.append(float(loss))
+    ref_losses = _train_in_one_process(ref, X, Y, steps)
     pairs = [(b.lin.weight, r.lin.weight) for b, r in zip(model.blocks, ref_blocks[start:end])]
     pairs += [(b.lin.bias, r.lin.bias) for b, r in zip(model.blocks, ref_blocks[start:end])]
     if model.is_first:
@@ -267,14 +273,7 @@ def run_compiled_model(rank: int, nprocs: int, meta: bool, steps: int = 10) -> d
         opt.step()
         opt.zero_grad()
         losses.append(None if loss is None else float(loss))
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
-    ref_losses = []
-    for _ in range(steps):
-        loss = F.mse_loss(ref(X), Y)
-        loss.backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
-        ref_losses.append(float(loss))
+    ref_losses = _train_in_one_process(ref, X, Y, steps)
     mine = dict(compiled.named_parameters())
     theirs = dict(ref.named_parameters())
     return {
