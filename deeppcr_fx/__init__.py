@@ -3,6 +3,8 @@
     import deeppcr_fx as deeppcr
     res = deeppcr.solve(step, x0, per_step=(W, b))     # the runtime, no FX needed
     compiled = deeppcr.compile(model); compiled(x)       # chains rewritten into parallel PCRSolve nodes
+    deeppcr.compile(pipe)                                # a diffusers pipeline: its sampling loop, one solve
+    deeppcr.compile(model, group=dist.group.WORLD)       # the chain split by depth over ranks
     print(compiled.report); compiled.stats()             # what it found and did; how the solver converged
     deeppcr.explain(model, (x,))                         # the CompileReport only
     deeppcr.draw(compiled, "graph.svg"); deeppcr.plot_convergence(compiled.stats(), "conv.png")  # optional extras
@@ -10,6 +12,8 @@
 from .api import compile, explain
 from .config import Config
 from .inspect import ChainRecord, ChainStats, CompileReport, InputRecord, draw, plot_convergence
+from .layer_parallel import LayerParallelModule
+from .pipelines import CompiledPipeline
 from .results import (CompileError, DeepPCRError, DistributedSolveError, FinishCause, InvalidInput,
                       MissingDependency, Reason, Refusal)
 from .runtime import PassStats, SolveResult, SolveStats, solve
@@ -20,10 +24,11 @@ __all__ = [
     # compile and inspect
     "compile", "explain", "CompileReport", "ChainRecord", "InputRecord", "Reason", "Refusal",
     "ChainStats", "PCRSolve", "draw", "plot_convergence", "MissingDependency",
+    "CompiledPipeline",  # deeppcr.compile(pipe) for a diffusers pipeline
     # the runtime
     "solve", "SolveResult", "SolveStats", "PassStats", "FinishCause",
     # layer-parallel (one chain split by depth over torch.distributed ranks)
-    "LayerParallel", "DistributedSolveError",
+    "LayerParallel", "LayerParallelModule", "DistributedSolveError",
     # errors (every one derives from DeepPCRError)
     "DeepPCRError", "CompileError", "InvalidInput",
     # options
