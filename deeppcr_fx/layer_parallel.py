@@ -23,7 +23,9 @@ the optimizer from ``compiled.parameters()`` (this rank's Parameters only).
 
 What is refused, with a ``CompileError`` naming the fix: a model with no chain; a chain whose
 intermediate states are read outside it (e.g. a list of every layer's output) — only the final
-state leaves the chain.
+state leaves the chain; a forward with Python side effects (it sets module attributes). The build
+is fixed: a call with another input signature, or after a Python value the build read changed
+(the same guard as ``deeppcr.compile``), raises instead of re-specialising on some ranks only.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from .config import Config
 from .inspect.report import CompileReport
 from .passes.options import CompileOptions
 from .passes.pipeline import run_pipeline
+from .passes.reads import AttributeGuard, recording_reads
 from .passes.trace import trace
 from .results import CompileError
 from .runtime.distributed_model import RankRole, split
@@ -49,16 +52,16 @@ from .runtime.stacked import StackedAttributes
 class _RankSolve(torch.nn.Module):
     """This rank's slice of one rewritten chain: ``forward(x0, *per_step_local, *shared) -> local states``."""
 
-    def __init__(self, chain: PCRSolve, group: Any, first: bool) -> None:
+    def __init__(self, chain: PCRSolve, group: Any, first: bool, length: int) -> None:
         super().__init__()
         self.step, self.n_per_step, self.config = chain.step, chain.n_per_step, chain.config
-        self.group, self.first = group, first
+        self.group, self.first, self.length = group, first, length  # length: this rank's steps
         self.last_stats = None
         self.last_states = None  # the local states of the last forward, for backward on ranks without the loss
 
     def forward(self, x0, *inputs):
         res = solve(self.step, x0 if self.first else None, per_step=inputs[:self.n_per_step],
-                    shared=inputs[self.n_per_step:], config=self.config, group=self.group)
+                    shared=inputs[self.n_per_step:], config=self.config, group=self.group, length=self.length)
         self.last_stats, self.last_states = res.stats, res.states
         return res.states
 
@@ -81,6 +84,7 @@ class LayerParallelModule(RankRole, torch.nn.Module):
         self.blocks: Optional[tuple] = None
         self._gm: Optional[fx.GraphModule] = None
         self._signature = None
+        self._reads: Optional[AttributeGuard] = None  # the Python values the build read (checked per call)
         self._local: list = []
 
     @property
@@ -95,13 +99,15 @@ class LayerParallelModule(RankRole, torch.nn.Module):
         yield from ((prefix + name, p) for name, p in self._local)
 
     def forward(self, *args):
-        signature = tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else type(a) for a in args)
         if self._gm is None:
             self.build(args)
-        elif signature != self._signature:
+        elif _signature(args) != self._signature:
             raise CompileError(f"deeppcr.compile(group=...) was built for inputs {self._signature}, called with "
-                               f"{signature}: every rank's slice is fixed at build time; compile again for a new "
-                               "input signature.")
+                               f"{_signature(args)}: every rank's slice is fixed at build time; compile again for a "
+                               "new input signature.")
+        elif not self._reads.holds():
+            raise CompileError(f"deeppcr.compile(group=...): {', '.join(self._reads.changed())} changed since the "
+                               "build, which read it; every rank's part is fixed at build time: compile again.")
         out = self._gm(*args)
         return out if self.is_last else None
 
@@ -115,10 +121,17 @@ class LayerParallelModule(RankRole, torch.nn.Module):
 
     def build(self, args: tuple) -> None:
         """Trace, find the chain, keep this rank's part of the graph; materialise its meta Parameters."""
-        self._signature = tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else type(a)
-                                for a in args)
+        self._signature = _signature(args)
         report = CompileReport(model=type(self.model).__name__, policy="always", signature=str(self._signature))
-        traced = trace(self.model, args)
+        with recording_reads(AttributeGuard(), self.model) as reads:
+            try:
+                traced = trace(self.model, args)
+            finally:
+                reads.undo_writes()  # tracing is not a call: its Python side effects are undone
+        if reads.writes:
+            raise CompileError(f"deeppcr.compile(group=...): forward sets {', '.join(reads.writes[:5])}; a model "
+                               "split over ranks runs its graph, which would not repeat these Python side effects.")
+        self._reads = reads.freeze()
         report.front_end, report.captured, report.opaque_modules = "symbolic", 1, traced.opaque
         result = run_pipeline(traced.graph_module, CompileOptions(self.config, args, front_end="symbolic"), report)
         self.report = report
@@ -141,7 +154,7 @@ class LayerParallelModule(RankRole, torch.nn.Module):
         start, end = self.blocks = split(L, self.group)
         for arg in node.args[1:1 + chain.n_per_step]:
             _slice_per_step(gm, arg, start, end, L)
-        gm.add_submodule("rank_solve", _RankSolve(chain, self.group, self.is_first))
+        gm.add_submodule("rank_solve", _RankSolve(chain, self.group, self.is_first, end - start))
         gm.delete_submodule(node.target)
         node.target = "rank_solve"
         for user in list(node.users):
@@ -186,6 +199,10 @@ class LayerParallelModule(RankRole, torch.nn.Module):
                     owner.reset_parameters()
         wanted = {id(p) for o in owners.values() for p in o.parameters(recurse=False)}
         return [(name, p) for name, p in self.model.named_parameters() if id(p) in wanted]
+
+
+def _signature(args: tuple) -> tuple:
+    return tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else type(a) for a in args)
 
 
 def _descendants(node: fx.Node) -> set:

@@ -69,3 +69,30 @@ def test_intermediate_states_read_outside_the_chain_are_refused(tmp_path, monkey
             deeppcr.compile(Collect(), example_inputs=(torch.randn(2, 4),), group=dist.group.WORLD)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_changed_python_value_raises_instead_of_a_stale_answer(tmp_path):
+    """A loop length the build read changes: the next call raises (every rank's part is fixed)."""
+    store = tmp_path / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        class Loop(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.layer = torch.nn.Linear(4, 4)
+                self.steps = 12
+
+            def forward(self, x):
+                for _ in range(self.steps):
+                    x = torch.tanh(self.layer(x))
+                return x
+
+        model = Loop().double()
+        x = torch.randn(2, 4, dtype=torch.float64)
+        compiled = deeppcr.compile(model, example_inputs=(x,), group=dist.group.WORLD)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-9, atol=1e-11)
+        model.steps = 16
+        with pytest.raises(deeppcr.CompileError, match="Loop.steps changed"):
+            compiled(x)
+    finally:
+        dist.destroy_process_group()
