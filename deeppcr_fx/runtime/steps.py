@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -74,6 +75,10 @@ class Steps:
         self.shared = tuple(shared)
         self.vectorize = vectorize
         self.vmap_error: str | None = None  # why the per-step loop is used, if it is
+        # an op vmap itself evaluated per sample (no batching rule, e.g. CPU scaled_dot_product_attention):
+        # batched in name only; found from torch's warning on the first batched call
+        self.vmap_fallback: str | None = None
+        self._fallback_checked = False
 
     @property
     def inputs(self) -> tuple:
@@ -88,9 +93,9 @@ class Steps:
         """Write whether these steps ran vectorised, and why not, into ``stats`` (a ``SolveStats``):
         called after the forward pass and again after the backward pass (its steps can fall back
         on their own); the first reason recorded is kept."""
-        stats.vectorized = stats.vectorized and self.vectorized
+        stats.vectorized = stats.vectorized and self.vectorized and self.vmap_fallback is None
         if stats.vmap_error is None:
-            stats.vmap_error = self.vmap_error
+            stats.vmap_error = self.vmap_error or self.vmap_fallback
 
     def sample_dims(self) -> tuple:
         """Each input's per-sample dimension as one step sees it (``jacobians.replicates``): dim 1 of a
@@ -143,10 +148,29 @@ class Steps:
 
         return looped
 
+    def _checked(self, mapped: Callable, args: tuple):
+        """The first batched call, watching for torch's "no batching rule" warning (vmap then loops over
+        the samples itself); other warnings are passed on."""
+        self._fallback_checked = True
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = mapped(*args)
+        for w in caught:
+            text = str(w.message)
+            if "batching rule for" in text:
+                if self.vmap_fallback is None:
+                    op = text.split("batching rule for ", 1)[1].split(".", 1)[0]
+                    self.vmap_fallback = f"vmap evaluated {op} per sample (it has no batching rule)"
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return out
+
     def _with_fallback(self, mapped: Callable, looped: Callable) -> Callable:
         def call(*args):
             if self.vmap_error is None:
                 try:
+                    if not self._fallback_checked:
+                        return self._checked(mapped, args)
                     return mapped(*args)
                 except VMAP_ERRORS as exc:  # vmap could not batch an op in the user's step
                     if self.vectorize is True:
