@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .scan import rounds
+from .scan import reversed_system, rounds
 
 
 def matvec(A: torch.Tensor, v: torch.Tensor, full: bool) -> torch.Tensor:
@@ -74,11 +74,7 @@ def scan(A: Optional[torch.Tensor], r: torch.Tensor, kind: str, transpose: bool 
     if kind == "zero":
         return r
     if transpose:
-        r = r.flip(0)
-        if A is not None:
-            A = A.flip(0)
-            A = A.transpose(-1, -2) if kind == "full" else A
-            A = torch.cat([A[-1:], A[:-1]])  # row 0 of the reversed system is unused
+        A, r = reversed_system(A, r, kind)
         return scan(A, r, kind, False, chunk).flip(0)
     if kind == "identity":
         return r.cumsum(0)

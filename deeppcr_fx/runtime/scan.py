@@ -109,14 +109,21 @@ def affine_scan(A: Optional[torch.Tensor], r: torch.Tensor, mode: str, transpose
     if mode == "zero":
         return r.clone()
     if transpose:
-        # Adjoint: reverse the rows and shift A by one so row l pairs with A_{l+1}^T.
-        r = r.flip(0)
-        if A is not None:
-            A = A.flip(0)
-            A = A.transpose(-1, -2) if mode == "full" else A
-            A = torch.cat([A[-1:], A[:-1]])  # row 0 of the reversed system is unused
+        A, r = reversed_system(A, r, mode)
         return _forward_scan(A, r, mode, chunk).flip(0)
     return _forward_scan(A, r, mode, chunk)
+
+
+def reversed_system(A: Optional[torch.Tensor], r: torch.Tensor, mode: str) -> tuple:
+    """The adjoint recurrence ``a_l = A_{l+1}^T a_{l+1} + r_l`` as a forward one: rows reversed, A
+    transposed (``full``) and shifted by one so row l pairs with A_{l+1}^T; the result comes back
+    reversed (``.flip(0)``)."""
+    r = r.flip(0)
+    if A is not None:
+        A = A.flip(0)
+        A = A.transpose(-1, -2) if mode == "full" else A
+        A = torch.cat([A[-1:], A[:-1]])  # row 0 of the reversed system is unused
+    return A, r
 
 
 def _forward_scan(A: Optional[torch.Tensor], r: torch.Tensor, mode: str, chunk: Optional[int]) -> torch.Tensor:
