@@ -38,15 +38,13 @@ import torch.fx as fx
 
 from .config import Config
 from .inspect.report import CompileReport
-from .passes.options import CompileOptions
-from .passes.pipeline import run_pipeline
-from .passes.reads import AttributeGuard, recording_reads
-from .passes.trace import trace
+from .passes.reads import AttributeGuard
 from .results import CompileError
 from .runtime.distributed_model import RankRole, split
 from .runtime.pcr_solve import PCRSolve
 from .runtime.solve import solve
 from .runtime.stacked import StackedAttributes
+from .specialise import Builder
 
 
 class _RankSolve(torch.nn.Module):
@@ -105,7 +103,7 @@ class LayerParallelModule(RankRole, torch.nn.Module):
             raise CompileError(f"deeppcr.compile(group=...) was built for inputs {self._signature}, called with "
                                f"{_signature(args)}: every rank's slice is fixed at build time; compile again for a "
                                "new input signature.")
-        elif not self._reads.holds():
+        elif self._reads is not None and not self._reads.holds():
             raise CompileError(f"deeppcr.compile(group=...): {', '.join(self._reads.changed())} changed since the "
                                "build, which read it; every rank's part is fixed at build time: compile again.")
         out = self._gm(*args)
@@ -123,19 +121,9 @@ class LayerParallelModule(RankRole, torch.nn.Module):
         """Trace, find the chain, keep this rank's part of the graph; materialise its meta Parameters."""
         self._signature = _signature(args)
         report = CompileReport(model=type(self.model).__name__, policy="always", signature=str(self._signature))
-        with recording_reads(AttributeGuard(), self.model) as reads:
-            try:
-                traced = trace(self.model, args)
-            finally:
-                reads.undo_writes()  # tracing is not a call: its Python side effects are undone
-        if reads.writes:
-            raise CompileError(f"deeppcr.compile(group=...): forward sets {', '.join(reads.writes[:5])}; a model "
-                               "split over ranks runs its graph, which would not repeat these Python side effects.")
-        self._reads = reads.freeze()
-        report.front_end, report.captured, report.opaque_modules = "symbolic", 1, traced.opaque
-        result = run_pipeline(traced.graph_module, CompileOptions(self.config, args, front_end="symbolic"), report)
-        self.report = report
-        gm = result.graph_module
+        spec = Builder(self.model, self.config).symbolic(args, {}, report)  # deeppcr.compile's symbolic front end
+        self.report, self._reads = report, spec.reads
+        gm = spec.graph_module
         chains = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
                                                                                       PCRSolve)]
         if not chains:
@@ -143,6 +131,9 @@ class LayerParallelModule(RankRole, torch.nn.Module):
             raise CompileError(f"deeppcr.compile(group=...): no chain of {type(self.model).__name__} could be "
                                f"split over the ranks ({reasons or 'none found'}). See deeppcr.explain(model, "
                                "inputs) for what the compiler found.")
+        if spec.runner is self.model:  # Python side effects or hooks the graph would not repeat
+            raise CompileError(f"deeppcr.compile(group=...): {report.notes[-1]}; a model split over ranks runs "
+                               "its graph only.")
         node = max(chains, key=lambda n: gm.get_submodule(n.target).length)
         self._split(gm, node)
         self._gm = gm

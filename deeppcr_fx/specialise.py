@@ -72,7 +72,7 @@ class Builder:
         symbolic = None
         if config.front_end in ("auto", "symbolic"):
             try:
-                symbolic = self._symbolic(args, kwargs, new_report())
+                symbolic = self.symbolic(args, kwargs, new_report())
             except TraceFailure as exc:
                 errors.append(f"symbolic tracing: {exc}")
             else:
@@ -102,7 +102,8 @@ class Builder:
             return self._dynamo(new_report(), errors)
         return self._fail(new_report(), Reason.TRACE_FAILED, "; ".join(errors))
 
-    def _symbolic(self, args: tuple, kwargs: dict, report: CompileReport) -> Specialisation:
+    def symbolic(self, args: tuple, kwargs: dict, report: CompileReport) -> Specialisation:
+        """The symbolic front end: trace (reads recorded), prepare, run the passes; never falls back."""
         with recording_reads(AttributeGuard(), self.model) as reads:
             try:
                 traced = trace(self.model, args, kwargs)
