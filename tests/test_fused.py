@@ -160,3 +160,36 @@ def test_traceable_scan_matches_the_eager_scan(mode, transpose, chunk):
     r = torch.randn(23, 2, 3, dtype=torch.float64, generator=g)
     want = scan.affine_scan(A, r, mode, transpose=transpose, chunk=0)
     torch.testing.assert_close(fused_scan.scan(A, r, mode, transpose, chunk), want)
+
+
+def test_compiled_functions_are_called_without_dynamo(monkeypatch):
+    """The compiled iteration is inductor's generated code called directly: no TorchDynamo frame, guard
+    or AOT wrapper per call (and ``torch.compile`` is never reached)."""
+    from torch._dynamo.utils import counters
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.compile called")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    fresh = PROBLEMS["tanh"](L)  # a new step object: compiled here (inductor's on-disk cache may hold it)
+    frames = dict(counters["frames"])
+    res = _solve(fresh, "full", "inductor")
+    assert res.stats.backend == "inductor", res.stats.backend_error
+    _close(res.states, fresh.sequential(), rtol=1e-9, atol=1e-9)
+    entries = [e for (_, key), e in backend._CACHE[fresh.step].items() if key[0] == "newton"]
+    assert entries and all(isinstance(e.fn, backend.DirectCall) for e in entries)
+    assert dict(counters["frames"]) == frames  # TorchDynamo evaluated no frame
+
+
+def test_direct_call_compiles_a_variant_for_other_strides_and_ignores_cuda_graphs_on_cpu():
+    def f(x, y):
+        return torch.tanh(x @ y) + x  # one output: returned as the tensor itself
+
+    x, y = torch.randn(3, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    call = backend.compile_traced(f, (x, y), cuda_graphs=True)
+    assert not call.cuda_graphs  # CPU inputs: no CUDA graph
+    torch.testing.assert_close(call(x, y), f(x, y))
+    xt = torch.randn(3, 3, dtype=torch.float64).t()  # same shape, other strides
+    torch.testing.assert_close(call(xt, y), f(xt, y))
+    assert len(call.variants) == 2
+    torch.testing.assert_close(call(x, y), f(x, y))  # the first compile still serves its strides

@@ -4,9 +4,10 @@
 
 - ``"eager"``: the reference runtime (``newton.triangular_newton`` on PyTorch ops); always correct.
 - ``"inductor"``: the fused iteration (``runtime/fused.py``) traced once per step and input
-  signature and compiled with ``torch.compile`` (inductor: C++ on CPU, Triton on CUDA). A step the
-  tracer cannot follow (vmap cannot batch it, it reads tensors it closes over) runs eagerly, and
-  ``SolveStats.backend_error`` says why.
+  signature and compiled by inductor (C++ on CPU, Triton on CUDA), called directly: no TorchDynamo
+  or AOT autograd wrapper per call (``compile_traced``). A step the tracer cannot follow (vmap
+  cannot batch it, it reads tensors it closes over) runs eagerly, and ``SolveStats.backend_error``
+  says why.
 - ``"auto"`` (default): compile time is user time, so compile a signature only once it has paid
   for itself: a signature runs eagerly until the eager time spent on it exceeds the predicted
   compile time (``COMPILE_PRIOR_S``), then compiles (the ski-rental rule: never more than about
@@ -74,18 +75,109 @@ def use_compiled(backend: str, found: Optional[Entry], device: torch.device, chu
 
 
 def compile_traced(fn: Callable, args: tuple, cuda_graphs: bool = False) -> Callable:
-    """Trace ``fn(*args)`` to an aten graph (``make_fx``: torch.func transforms are traced through,
-    Python control flow is resolved) and compile it with inductor (static shapes). A step that reads
-    tensors it closes over is refused (they would be frozen into the graph): ``ValueError``."""
+    """Trace ``fn(*args)`` to a functional aten graph with inductor's decompositions (``make_fx``:
+    torch.func transforms are traced through, Python control flow is resolved) and compile it with
+    inductor directly (``compile_fx_inner``; static shapes and strides): no TorchDynamo and no AOT
+    autograd, whose guards and runtime wrappers cost more per call than a small iteration's kernels
+    (the graph needs no autograd: its gradients are explicit). Returns ``call(*args)`` with ``fn``'s
+    outputs. ``cuda_graphs``: the graph is replayed as a CUDA graph (inductor's cudagraph trees) when
+    its inputs are on CUDA; ignored on CPU. A step that reads tensors it closes over is refused (they
+    would be frozen into the graph): ``ValueError``."""
+    return DirectCall(fn, args, cuda_graphs and any(isinstance(a, torch.Tensor) and a.is_cuda for a in args))
+
+
+def trace(fn: Callable, args: tuple) -> torch.fx.GraphModule:
+    """``fn`` as the functional aten graph inductor lowers (what AOT autograd would hand it)."""
+    from torch._inductor.decomposition import select_decomp_table
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    gm = make_fx(fn)(*args)
+    gm = make_fx(torch.func.functionalize(fn, remove="mutations"), decomposition_table=select_decomp_table())(*args)
     constants = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
     if constants:
         raise ValueError(f"the step reads tensors it closes over ({', '.join(map(str, constants[:3]))}); "
                          "pass them as per-step or shared inputs to compile the iteration")
-    mode = "reduce-overhead" if cuda_graphs else None
-    return torch.compile(gm, dynamic=False, fullgraph=True, mode=mode)
+    return gm
+
+
+# Compiled variants per function for other input strides (inductor's code asserts the strides it was
+# compiled for); past this many, calls with new strides run the Python function.
+MAX_STRIDE_VARIANTS = 4
+
+
+class DirectCall:
+    """A traced function compiled by inductor, called without wrappers: ``self(*args)`` puts the
+    arguments in a list (inductor's boxed convention; the generated ``call`` empties it) and returns
+    the outputs as ``fn`` does (a tuple, or one tensor). Inputs with other strides than the first
+    call's compile a variant (inductor's code raises ``AssertionError`` before any kernel runs). With
+    ``cuda_graphs`` the outputs are copies: a replay overwrites the graph's own output buffers."""
+
+    def __init__(self, fn: Callable, args: tuple, cuda_graphs: bool) -> None:
+        self.fn, self.cuda_graphs = fn, cuda_graphs
+        gm = trace(fn, args)
+        self.single = _flat_outputs(gm)
+        self.strides = _strides(args)
+        self.call = self._compile(gm, args)
+        self.variants = {self.strides: self.call}
+
+    def _compile(self, gm: torch.fx.GraphModule, args: tuple) -> Callable:
+        from torch._inductor.compile_fx import compile_fx_inner
+        from torch._inductor.utils import BoxedBool
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        # What TorchDynamo would hand inductor: fake example inputs (real ones are hashed by value into
+        # the on-disk FX graph cache key, so no later process would hit it) and a tracing context with
+        # a shape environment (without one inductor bypasses that cache).
+        fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+        fakes = [fake_mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in args]
+        with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+            compiled = compile_fx_inner(gm, fakes, is_inference=True, cudagraphs=BoxedBool(self.cuda_graphs))
+        # its current_callable: the generated ``call`` (CUDA: behind inductor's cudagraph trees; inputs
+        # that are not 16-byte aligned are copied first); CompiledFxGraph.__call__ adds profiler hooks only
+        call = compiled.current_callable
+        if self.cuda_graphs:
+            return lambda boxed: tuple(o.clone() for o in call(boxed))
+        return call
+
+    def __call__(self, *args):
+        if torch.is_grad_enabled():  # inductor's kernels write into out= buffers: no autograd here
+            with torch.no_grad():
+                return self(*args)
+        try:
+            out = self.call(list(args))
+        except AssertionError:
+            key = _strides(args)
+            if key == self.strides:  # not a stride mismatch
+                raise
+            out = self._variant(key, args)(list(args))
+        return out[0] if self.single else out
+
+    def _variant(self, key: tuple, args: tuple) -> Callable:
+        call = self.variants.get(key)
+        if call is None:
+            if len(self.variants) >= MAX_STRIDE_VARIANTS:
+                return lambda boxed: (self.fn(*boxed),) if self.single else self.fn(*boxed)
+            gm = trace(self.fn, args)
+            _flat_outputs(gm)
+            call = self.variants[key] = self._compile(gm, args)
+        return call
+
+
+def _flat_outputs(gm: torch.fx.GraphModule) -> bool:
+    """Make ``gm`` return a tuple (inductor compiles only those); True when ``fn`` returned one tensor."""
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    if isinstance(out.args[0], (tuple, list)):
+        if any(not isinstance(a, torch.fx.Node) for a in out.args[0]):
+            raise ValueError("the traced function returns non-tensor values")
+        return False
+    out.args = ((out.args[0],),)
+    gm.graph.lint()
+    gm.recompile()
+    return True
+
+
+def _strides(args: tuple) -> tuple:
+    return tuple(a.stride() if isinstance(a, torch.Tensor) else None for a in args)
 
 
 def build(found: Entry, fn: Callable, args: tuple, cuda_graphs: bool = False) -> Optional[Callable]:
