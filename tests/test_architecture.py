@@ -126,6 +126,9 @@ def test_the_mode_check_sees_comparisons():
 def test_config_names_the_registered_modes():
     assert JACOBIAN_MODES == ("auto", *modes.NAMES)
     assert all(modes.mode_of(name).name == name for name in modes.NAMES)
+    assert modes.mode_of(modes.DIAG) is modes.DIAG
+    with pytest.raises(deeppcr.InvalidInput, match="unknown Jacobian mode 'auto'"):
+        modes.mode_of("auto")  # resolved by choose_mode first
 
 
 def _tanh_mlp(depth=12, width=4):
