@@ -203,6 +203,8 @@ def scan_with_propagator(A: Optional[torch.Tensor], r: torch.Tensor, mode: Union
     cumulative products Q across chunks give ``Phi = P_{c,k} Q_{c-1}``. ``mode`` holds matrices, or is
     ``identity`` (A = I: ``Phi = I``)."""
     mode = mode_of(mode)
+    if not mode.couples:  # zero: cross_rank_scan needs no propagator (Phi = 0 is not "None: identity")
+        raise ValueError(f"no propagator for Jacobian mode {mode.name!r}: its rows do not couple")
     if not mode.linearised:
         return mode.closed_scan(r), lambda x: x.expand_as(r), None
     m, tail = r.shape[0], r.shape[1:]
