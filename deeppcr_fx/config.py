@@ -41,7 +41,7 @@ class Config:
         sum), ``"zero"`` (``J = 0``: Jacobi fixed-point iteration) or ``"auto"``: ``"full"``
         when the per-sample state has at most ``full_max_state`` elements and all L * B
         Jacobians together at most 2^26 elements, otherwise ``"identity"`` (see
-        ``deeppcr_fx.runtime.jacobians.choose_mode``).
+        ``deeppcr_fx.runtime.modes.choose_mode``).
     max_iter:
         Newton iterations before the solve stops iterating and finishes the remaining
         steps sequentially (the result is then exact, and ``stats`` says so). ``None``

@@ -3,6 +3,7 @@
 - Layers: ``results``/``config`` <- ``runtime`` <- ``inspect`` <- ``passes`` <- ``api``. The runtime
   imports neither the compiler nor the inspection tools; inspection does not import the compiler.
 - No module over 400 lines.
+- Jacobian modes are objects (``runtime/modes.py``): no other module compares a mode's name.
 - Rules with one home: the Jacobian mode the report shows is the one the solver uses (``Config.batch``
   included); the step template ``validate`` checked is the one the rewritten chain runs; float slots are
   numbered by one traversal (``find_chains.map_args``) for the finder and the template alike.
@@ -15,7 +16,9 @@ import torch
 import torch.nn as nn
 
 import deeppcr_fx as deeppcr
+from deeppcr_fx.config import JACOBIAN_MODES
 from deeppcr_fx.passes.plan import plans_of
+from deeppcr_fx.runtime import modes
 
 PACKAGE = Path(deeppcr.__file__).parent
 # what each layer may import from the package (by top-level name under deeppcr_fx)
@@ -74,6 +77,58 @@ def test_layers_import_only_downwards(path):
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_no_module_over_400_lines(path):
     assert len(path.read_text().splitlines()) <= 400
+
+
+# where mode names may be spelled out: the registry, and Config's validation of the public string
+_MODE_NAMES_ALLOWED = {"runtime/modes.py", "config.py"}
+
+
+def _mode_names(node: ast.AST) -> list:
+    """The Jacobian mode names a string literal, or a tuple/list/set/dict literal of them, spells out."""
+    if isinstance(node, ast.Constant):
+        return [node.value] if node.value in modes.NAMES else []
+    items = node.keys if isinstance(node, ast.Dict) else getattr(node, "elts", ()) \
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else ()
+    return [k.value for k in items if isinstance(k, ast.Constant) and k.value in modes.NAMES]
+
+
+def _mode_name_dispatch(tree: ast.AST) -> list:
+    """``mode == "full"``, ``mode in ("diag", ...)``, ``case "zero":``, and tables of several mode names."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            if any(_mode_names(x) for x in (node.left, *node.comparators)):
+                found.append((node.lineno, ast.unparse(node)))
+        elif isinstance(node, ast.MatchValue) and _mode_names(node.value):
+            found.append((node.lineno, f"case {ast.unparse(node.value)}"))
+        elif isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict)) and len(_mode_names(node)) >= 2:
+            found.append((node.lineno, ast.unparse(node)))
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_only_the_modes_module_dispatches_on_mode_names(path):
+    """A mode's behaviour is a method or property of its object (``modes.mode_of(name)``), not a branch
+    on its name elsewhere."""
+    if str(path.relative_to(PACKAGE)) in _MODE_NAMES_ALLOWED:
+        return
+    found = _mode_name_dispatch(ast.parse(path.read_text()))
+    assert not found, f"{path.relative_to(PACKAGE)} dispatches on Jacobian mode names: {found}"
+
+
+def test_the_mode_check_sees_comparisons():
+    tree = ast.parse('if mode == "full" or m.kind in ("diag", "x"): pass\n'
+                     'T = ("identity", "zero")\n'
+                     'Z = ("zeros", "full")')
+    assert sorted(line for line, _ in _mode_name_dispatch(tree)) == [1, 1, 2]  # not line 3: one name, no compare
+
+
+def test_config_names_the_registered_modes():
+    assert JACOBIAN_MODES == ("auto", *modes.NAMES)
+    assert all(modes.mode_of(name).name == name for name in modes.NAMES)
+    assert modes.mode_of(modes.DIAG) is modes.DIAG
+    with pytest.raises(deeppcr.InvalidInput, match="unknown Jacobian mode 'auto'"):
+        modes.mode_of("auto")  # resolved by choose_mode first
 
 
 def _tanh_mlp(depth=12, width=4):

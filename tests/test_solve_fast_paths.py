@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import deeppcr_fx as deeppcr
 from chains import PROBLEMS
-from deeppcr_fx.runtime import jacobians
+from deeppcr_fx.runtime import jacobians, modes
 from torch.func import vjp, vmap
 
 
@@ -153,7 +153,7 @@ def test_inputs_with_the_batch_dimension_skip_replication(capsys):
 
 
 def test_auto_mode_keeps_full_jacobians_within_a_memory_bound():
-    assert jacobians.choose_mode("auto", 4, 64, rows=4096) == "full"
-    assert jacobians.choose_mode("auto", 64, 64, rows=1000 * 64) == "identity"  # 262M Jacobian elements
-    assert jacobians.choose_mode("auto", 64, 64) == "full"  # no row count: the width alone decides
-    assert jacobians.choose_mode("full", 64, 64, rows=1000 * 64) == "full"  # an explicit mode is kept
+    assert modes.choose_mode("auto", 4, 64, rows=4096) == "full"
+    assert modes.choose_mode("auto", 64, 64, rows=1000 * 64) == "identity"  # 262M Jacobian elements
+    assert modes.choose_mode("auto", 64, 64) == "full"  # no row count: the width alone decides
+    assert modes.choose_mode("full", 64, 64, rows=1000 * 64) == "full"  # an explicit mode is kept

@@ -30,7 +30,8 @@ JB = N·n²·e (e bytes per element), k Newton iterations, S steps finished sequ
                 else (n vjps): jacobian_ops q, jacobian_flops L·F, bytes 3·JB
     iteration   full/diag: the Jacobian; identity/zero: forward_ops q, forward_flops L·F;
                 + Newton bookkeeping: launches NEWTON_OPS, bytes 8·SB
-                + scan, full: chunked on CPUs for L >= 128 (K = min(32, max(8, round(sqrt(L/2)))); both
+                + scan (the mode's ``scan_terms``, ``runtime/modes.py``), full: chunked on CPUs for
+                  L >= 128 (K = min(32, max(8, round(sqrt(L/2)))); both
                   rules are ``runtime/scan.py``'s ``chunked`` and ``chunk_formula``; R = ceil(log2(L/K))):
                   launches 8K + 10R + 20 (per chunk row two batched products
                   and six row views; per PCR round about ten ops), matmuls N + N·R/K,
@@ -80,6 +81,7 @@ from typing import Callable, Optional
 import sympy
 
 from ..runtime import scan
+from ..runtime.modes import Mode, mode_of
 from .calibrate import DeviceConstants
 from .step_profile import ChainShape
 
@@ -145,21 +147,13 @@ def chunk_expression() -> sympy.Expr:
     return scan.chunk_formula(L, sqrt=sympy.sqrt, floor=sympy.floor, minimum=sympy.Min, maximum=sympy.Max)
 
 
-def _scan(mode: str, chunked: bool) -> Work:
+def _scan(mode: Mode, chunked: bool) -> Work:
+    """One scan: the mode's terms (``Mode.scan_terms``) with R PCR rounds, across the K-row chunks when chunked."""
     N, SB, JB = L * B, L * B * n * e, L * B * n ** 2 * e
-    if mode in ("identity", "zero"):
-        return Work(launches=1, bytes=2 * SB)
     if chunked:
         K = chunk_expression()
-        R = sympy.ceiling(sympy.log(sympy.ceiling(L / K), 2))
-        launches = 8 * K + 10 * R + 20
-        if mode == "full":
-            return Work(launches=launches, matmuls=N + N * R / K, matvecs=2 * N + N * R / K, bytes=4 * JB + 4 * SB)
-        return Work(launches=launches, bytes=12 * SB)
-    R = sympy.ceiling(sympy.log(L, 2))
-    if mode == "full":
-        return Work(launches=10 * R + 5, matmuls=N * R, matvecs=N * R, bytes=R * (4 * JB + 3 * SB))
-    return Work(launches=10 * R + 5, bytes=7 * R * SB)
+        return Work(**mode.scan_terms(N, SB, JB, sympy.ceiling(sympy.log(sympy.ceiling(L / K), 2)), K))
+    return Work(**mode.scan_terms(N, SB, JB, sympy.ceiling(sympy.log(L, 2))))
 
 
 def _jacobian(replicated: bool) -> Work:
@@ -170,21 +164,21 @@ def _jacobian(replicated: bool) -> Work:
 
 def parallel_work(mode: str, chunked: bool, backward: bool, direct_grads: bool = True,
                   replicated: bool = True) -> Work:
+    mode = mode_of(mode)
     bookkeeping = Work(launches=NEWTON_OPS, bytes=8 * L * B * n * e)
     scan = _scan(mode, chunked)
-    matrix = mode in ("full", "diag")
-    evaluation = _jacobian(replicated) if matrix else Work(forward_ops=q, forward_flops=L * F)
+    evaluation = _jacobian(replicated) if mode.linearised else Work(forward_ops=q, forward_flops=L * F)
     setup = Work(launches=SOLVE_OPS + q, stacked=L * P)
     finish = Work(launches=S * (q + P + 2), eager_flops=S * F)
     forward = setup + k * (evaluation + bookkeeping + scan) + finish
     if not backward:
         return forward
     transposed = scan + Work(launches=4, bytes=2 * L * B * n ** 2 * e + 2 * L * B * n * e)
-    if mode == "full":
+    if mode.exact:
         adjoint = _jacobian(replicated) + transposed
     else:
         pullback = Work(vjp_ops=q, vjp_flops=L * F)
-        diagonal = Work(jacobian_ops=q, jacobian_flops=L * F) if mode == "diag" else Work()
+        diagonal = Work(jacobian_ops=q, jacobian_flops=L * F) if mode.linearised else Work()
         adjoint = diagonal + k * (pullback + bookkeeping + transposed)
     params = Work(vjp_ops=q, vjp_flops=L * F, launches=BACKWARD_OPS)
     grads = Work(stacked=L * P) if direct_grads else Work(autograd_nodes=L * G)
@@ -211,7 +205,7 @@ def _compiled(mode: str, chunked: bool, backward: bool, direct_grads: bool, repl
 def expected_iterations(shape: ChainShape) -> "tuple[Optional[int], str]":
     """Newton iterations the forward solve is expected to take before any cap, and why (see the module
     docstring); None where it is not expected to converge before the cap (linear convergence)."""
-    if shape.mode != "full":
+    if not mode_of(shape.mode).exact:
         return None, f"'{shape.mode}' converges linearly at best: the cap"
     if shape.residual:
         return ITERATIONS_RESIDUAL, "a skip path: not contractive"

@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..config import Config
-from ..runtime import jacobians
+from ..runtime import jacobians, modes
 from ..runtime.state import batched_layout
 from .find_chains import Candidate
 from .shape_prop import info_of
@@ -174,7 +174,7 @@ def profile(c: Candidate, gm: fx.GraphModule, config: Config, device_type: str, 
         flops=float(sum(node_flops(n) for n in seg.nodes)),
         per_step_tensors=per_step, grad_tensors=int(grads),
         residual=c.components > 1 or sum(u in members for u in seg.state_in.users) >= 2,
-        mode=jacobians.choose_mode(config.jacobian, int(width), config.full_max_state, c.length * int(batch)),
+        mode=modes.choose_mode(config.jacobian, int(width), config.full_max_state, c.length * int(batch)),
         iteration_cap=config.iteration_cap(c.length),
         itemsize=torch.empty((), dtype=info.dtype, device="meta").element_size(),
         device_type=device_type, backward=backward, direct_grads=direct, replicated=replicated)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..config import Config
 from ..results import Reason, Refusal
-from ..runtime.jacobians import choose_mode
+from ..runtime.modes import choose_mode
 from ..runtime.state import sample_layout
 from .collector_writes import is_write, late_writes_problem
 from .find_chains import Candidate

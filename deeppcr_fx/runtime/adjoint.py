@@ -10,12 +10,12 @@ and every input gradient follows from ONE batched VJP over all steps with cotang
     pullback(a) = (J_k^T a_k for each k  -> row 0 is dLoss/dx0,
                    dLoss/d(per-step inputs of step k),  sum over k of dLoss/d(shared))
 
-How a is found depends on the Jacobian mode (each is exact):
-- full: J_k (replicated batch, or the state's pullback vmapped over n cotangents), then one
+How a is found depends on the Jacobian mode (``modes.Mode``; each way is exact):
+- an exact mode (full): J_k (replicated batch, or the state's pullback vmapped over n cotangents), then one
   reverse PCR. The final pullback checks the adjoint equations for free; where they fail (the
   per-sample J is approximate when a step couples samples) the adjoint is iterated as below,
   with J as the preconditioner.
-- diag / identity / zero: the adjoint is solved by ``triangular_newton`` in reversed row
+- the approximate modes (diag, identity, zero): the adjoint is solved by ``triangular_newton`` in reversed row
   order. Each iteration computes the exact products J_{k+1}^T a_{k+1} for all k with one
   batched VJP; the mode's approximate Jacobian only preconditions the correction. Like the
   forward solve it ends in at most L iterations, or finishes sequentially with per-step VJPs.
@@ -28,6 +28,7 @@ import torch
 from torch.func import vjp
 
 from . import jacobians
+from .modes import Mode
 from .newton import scaled_norm, triangular_newton
 from .scan import affine_scan
 from .stats import PassStats
@@ -61,7 +62,7 @@ def step_functions(steps: Steps, Zprev: torch.Tensor, wrt: Sequence[int]) -> tup
 
 
 def adjoint(steps: Steps, Zprev: torch.Tensor, G: torch.Tensor, wrt: Sequence[int],
-            mode: str, atol: float, rtol: float, max_iter: int, stats: PassStats,
+            mode: Mode, atol: float, rtol: float, max_iter: int, stats: PassStats,
             replicated: Optional[Steps] = None, replicate_quietly: bool = True) -> tuple:
     """Gradients w.r.t. ``Zprev`` and the inputs ``steps.inputs[i] for i in wrt``, given ``G`` (L, B, n).
 
@@ -73,12 +74,12 @@ def adjoint(steps: Steps, Zprev: torch.Tensor, G: torch.Tensor, wrt: Sequence[in
     Returns ``(dZprev, *dinputs)`` where ``dZprev[0]`` is the gradient w.r.t. x0.
     """
     g, inputs, state_pullback = step_functions(steps, Zprev, wrt)
-    stats.jacobian = mode
+    stats.jacobian = mode.name
     _, pullback = vjp(g, Zprev, *(inputs[i] for i in wrt))
-    if mode != "full":
+    if not mode.exact:
         return pullback(_iterate(steps, state_pullback, Zprev, G, mode, atol, rtol, max_iter, stats))
-    J = _full_jacobian(state_pullback, Zprev, replicated, replicate_quietly)
-    a = affine_scan(J, G, "full", transpose=True)
+    J = _exact_jacobian(state_pullback, Zprev, mode, replicated, replicate_quietly)
+    a = affine_scan(J, G, mode, transpose=True)
     stats.iterations = 1
     grads = pullback(a)
     # The full pullback's state gradient holds the exact products J_k^T a_k, so checking the adjoint
@@ -103,27 +104,28 @@ def _adjoint_residual_ok(a: torch.Tensor, G: torch.Tensor, products: torch.Tenso
     return bool((scaled_norm(a[:-1] - rhs, scale, atol, rtol) <= 1).all())
 
 
-def _full_jacobian(state_pullback, Zprev: torch.Tensor, replicated: Optional[Steps], quietly: bool) -> torch.Tensor:
+def _exact_jacobian(state_pullback, Zprev: torch.Tensor, mode: Mode, replicated: Optional[Steps],
+                    quietly: bool) -> torch.Tensor:
     if replicated is not None:
-        J, _ = jacobians.try_replicated(replicated.batched(0, Zprev.shape[0]), Zprev, "full", quietly)
+        J, _ = jacobians.try_replicated(replicated.batched(0, Zprev.shape[0]), Zprev, mode, quietly)
         if J is not None:
             return J
-    return jacobians.jacobian_from_pullback(state_pullback, Zprev, "full")
+    return jacobians.jacobian_from_pullback(state_pullback, Zprev, mode)
 
 
 def _iterate(steps: Steps, state_pullback, Zprev, G, mode, atol, rtol, max_iter, stats,
              J: Optional[torch.Tensor] = None, initial: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Solve a = G + shift(J^T a) as a triangular system in reversed row order (row m = state L-1-m).
 
-    ``J`` (full mode): approximate Jacobians to precondition with; ``initial``: a first guess for a."""
+    ``J`` (an exact mode): approximate Jacobians to precondition with, else the mode forms its own (if
+    it is linearised: diag); ``initial``: a first guess for a."""
     length = G.shape[0]
     G_rev = G.flip(0)
     A_rev = None
-    if mode == "full":
-        A_rev = torch.cat([J[:1], J.flip(0)[:-1]]).transpose(-1, -2)  # row m pairs with J_{L-m}^T
-    elif mode == "diag":
-        D = jacobians.jacobian_from_pullback(state_pullback, Zprev, "diag")
-        A_rev = torch.cat([D[:1], D.flip(0)[:-1]])  # row m pairs with J_{L-m}; row 0 unused
+    if J is None and mode.linearised:
+        J = jacobians.jacobian_from_pullback(state_pullback, Zprev, mode)
+    if J is not None:
+        A_rev = mode.transpose(torch.cat([J[:1], J.flip(0)[:-1]]))  # row m pairs with J_{L-m}^T; row 0 unused
 
     def evaluate(start: int, U: torch.Tensor):
         h = state_pullback(U.flip(0))  # h_k = J_k^T a_k

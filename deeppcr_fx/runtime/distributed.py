@@ -55,6 +55,7 @@ from .distributed_adjoint import adjoint_distributed
 from ..results import DistributedLayoutError, DistributedSolveError, PeerFailure
 from .distributed_comm import Comm
 from .distributed_newton import distributed_newton
+from .modes import Mode, choose_mode, mode_of
 from .distributed_setup import setup
 from . import steps as steps_module
 from .chain_io import SolveResult, bind_constants, check_length, stack_grads
@@ -119,9 +120,9 @@ def solve_distributed(step: Callable, x0, per_step: Sequence[torch.Tensor] = (),
     if config.iteration_cap(total) < 1:  # no iteration to carry it
         _raise_if_any(comm.gather_objects(setup_error, "first step check"), "the first step check", comm)
 
-    mode = jacobians.choose_mode(config.jacobian, spec.width, config.full_max_state, total * spec.batch_size)
+    mode = mode_of(choose_mode(config.jacobian, spec.width, config.full_max_state, total * spec.batch_size))
     stats = SolveStats(length=total, width=spec.width, batch_size=spec.batch_size,
-                       jacobian_requested=config.jacobian, jacobian=mode,
+                       jacobian_requested=config.jacobian, jacobian=mode.name,
                        dtype=str(spec.dtypes[0]).replace("torch.", ""),
                        compute_dtype=str(spec.compute_dtype).replace("torch.", ""))
     stats.warm_start = all(layout.warm)
@@ -213,7 +214,7 @@ def _device(x0, per_step: tuple, shared: tuple) -> torch.device:
 class _Problem:
     """Everything the autograd Function needs besides the tensors."""
 
-    def __init__(self, comm: Comm, steps: Steps, spec: StateSpec, config: Config, mode: str, stats: SolveStats,
+    def __init__(self, comm: Comm, steps: Steps, spec: StateSpec, config: Config, mode: Mode, stats: SolveStats,
                  lengths: list, x0_flat: torch.Tensor, on_iteration) -> None:
         self.comm, self.steps, self.spec, self.config, self.mode, self.stats = comm, steps, spec, config, mode, stats
         self.lengths, self.x0_flat, self.on_iteration = lengths, x0_flat, on_iteration
@@ -277,7 +278,7 @@ class _Problem:
     def replicated_steps(self, steps: Optional[Steps] = None) -> Optional[Steps]:
         steps = steps or self.steps
         n, B = self.spec.width, self.spec.batch_size
-        if self.mode not in jacobians.MODES_WITH_MATRIX or self.replication_refused:
+        if not self.mode.linearised or self.replication_refused:
             return None
         if hasattr(jacobians, "replicates"):
             ok = jacobians.replicates(self.spec.batch, B, n, steps.sample_dims())

@@ -12,11 +12,11 @@ logical row 0 receives J_{s}^T a_{s} from the rank after this one (s its first s
 that rank computes and hands on: its boundary matrix ``E`` is its own first J^T, and the
 incoming vector enters row 0 unmultiplied (A_0 = I).
 
-- ``full``: one cross-rank reverse scan with the Jacobians (``distributed_scan``), one local
+- an exact mode (``full``): one cross-rank reverse scan with the Jacobians (``distributed_scan``), one local
   pullback, and the adjoint equations checked for free on every row, including the rank
   boundaries (one small all-gather). Where they fail (samples coupled within a step), the
   adjoint is iterated as below with J as the preconditioner.
-- ``diag`` / ``identity`` / ``zero``: ``distributed_newton`` in the reversed order with exact
+- the approximate modes (``diag`` / ``identity`` / ``zero``): ``distributed_newton`` in the reversed order with exact
   products J^T a from one batched pullback per iteration; the halo is the next rank's
   product for its first state.
 
@@ -35,13 +35,14 @@ from .adjoint import step_functions
 from .distributed_comm import Comm, DistributedSolveError, raise_failures
 from .distributed_newton import distributed_newton
 from .distributed_scan import cross_rank_scan
+from .modes import Mode
 from .newton import scaled_norm
 from .stats import PassStats
 from .steps import Steps
 
 
 def adjoint_distributed(comm: Comm, lengths: Sequence[int], steps: Steps, Zprev: torch.Tensor, G: torch.Tensor,
-                        wrt: Sequence[int], mode: str, atol: float, rtol: float, max_iter: int, stats: PassStats,
+                        wrt: Sequence[int], mode: Mode, atol: float, rtol: float, max_iter: int, stats: PassStats,
                         replicated: Optional[Steps] = None) -> tuple:
     """``(dZprev, *dinputs)`` for this rank's rows; ``dZprev[0]`` is dLoss/dx0 on the first rank."""
     m = Zprev.shape[0]
@@ -51,27 +52,27 @@ def adjoint_distributed(comm: Comm, lengths: Sequence[int], steps: Steps, Zprev:
     offsets = [0]
     for r in order:
         offsets.append(offsets[-1] + lengths[r])
-    stats.jacobian = mode
+    stats.jacobian = mode.name
     # The step's own code runs in these local parts; if it raises, this rank carries a flag into the
     # next exchange and every rank raises there (distributed_comm.raise_failures).
     failure, pullback, J, A_rev, E = None, None, None, None, None
     try:
         _, pullback = vjp(g, Zprev, *(inputs[i] for i in wrt))
-        if mode == "full":
+        if mode.exact:
             if replicated is not None:
-                J, _ = jacobians.try_replicated(replicated.batched(0, m), Zprev, "full")
+                J, _ = jacobians.try_replicated(replicated.batched(0, m), Zprev, mode)
             if J is None:
-                J = jacobians.jacobian_from_pullback(state_pullback, Zprev, "full")
-            A_rev, E = _reversed(J, "full")
+                J = jacobians.jacobian_from_pullback(state_pullback, Zprev, mode)
+            A_rev, E = _reversed(J, mode)
     except DistributedSolveError:
         raise
     except Exception as exc:
         failure = exc
     run = (comm, order, offsets, steps, state_pullback, Zprev, G, mode, atol, rtol, max_iter, stats)
-    if mode != "full":
+    if not mode.exact:
         a = _iterate(*run, failure=failure)
         return pullback(a)
-    a = cross_rank_scan(comm, order.index(comm.rank), order, A_rev, G.flip(0), E, "full", G[0],
+    a = cross_rank_scan(comm, order.index(comm.rank), order, A_rev, G.flip(0), E, mode, G[0],
                         "adjoint scan", failure).flip(0)
     stats.iterations = 1
     grads = None
@@ -89,13 +90,12 @@ def adjoint_distributed(comm: Comm, lengths: Sequence[int], steps: Steps, Zprev:
     return pullback(a)
 
 
-def _reversed(J: torch.Tensor, mode: str) -> tuple:
-    """(A in logical order, E) from the Jacobians J (m, B, n, n) or diagonals (m, B, n) of this rank's steps."""
-    if mode == "full":
-        Jt = J.transpose(-1, -2)
-        eye = torch.eye(J.shape[-1], dtype=J.dtype, device=J.device).expand(1, *J.shape[1:])
-        return torch.cat([eye, Jt.flip(0)[:-1]]), Jt[0]
-    return torch.cat([torch.ones_like(J[:1]), J.flip(0)[:-1]]), J[0]
+def _reversed(J: torch.Tensor, mode: Mode) -> tuple:
+    """(A in logical order, E) from the Jacobians J (m, B, n, n) or diagonals (m, B, n) of this rank's steps:
+    transposed (``mode.transpose``), reversed, and the identity map (``mode.unit``) on logical row 0."""
+    Jt = mode.transpose(J)
+    one = mode.unit(J.shape[1], J.shape[2], J).unsqueeze(0)
+    return torch.cat([one, Jt.flip(0)[:-1]]), Jt[0]
 
 
 def _adjoint_residual_ok(a: torch.Tensor, G: torch.Tensor, products: torch.Tensor, atol: float, rtol: float) -> bool:
@@ -141,10 +141,10 @@ def _iterate(comm, order, offsets, steps, state_pullback, Zprev, G, mode, atol, 
     A_rev = E = None
     pending = [failure]  # an exception to hand to the driver after this rank's next exchange
     try:
-        if mode == "full" and failure is None:
-            A_rev, E = _reversed(J, "full")
-        elif mode == "diag" and failure is None:
-            A_rev, E = _reversed(jacobians.jacobian_from_pullback(state_pullback, Zprev, "diag"), "diag")
+        if failure is None and J is None and mode.linearised:  # an approximate mode forms its own (diag)
+            J = jacobians.jacobian_from_pullback(state_pullback, Zprev, mode)
+        if failure is None and J is not None:
+            A_rev, E = _reversed(J, mode)
     except DistributedSolveError:
         raise
     except Exception as exc:

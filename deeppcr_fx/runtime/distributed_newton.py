@@ -16,7 +16,7 @@ holds rows ``offsets[pos]..offsets[pos+1]-1``. One iteration:
        gathered numbers, computed identically on both sides, so no halo exchange is needed.
 
 Rules as in ``newton.triangular_newton``: rows before g are final (ratio <= COHERENT for them and
-every row before); converged when every row has ratio <= COHERENT (or <= 1 in ``full`` mode);
+every row before); converged when every row has ratio <= COHERENT (or <= 1 in an exact mode, ``full``);
 right after a quadratic step (previous worst > 1/COHERENT) a converged ``full`` iteration with a
 worst ratio above COHERENT still applies its update (Newton's remainder; here with the current
 Jacobians, which the speculative exchange already carries).
@@ -50,6 +50,7 @@ import torch
 from ..results import FinishCause
 from .distributed_comm import Comm, DistributedSolveError, raise_failures
 from .distributed_scan import Packing, apply, fold, local_maps
+from .modes import Mode
 from .newton import COHERENT, scaled_norm
 from .scan import affine_scan
 from .stats import PassStats
@@ -63,7 +64,7 @@ _NON_FINITE, _FAILED, _SETUP = 1.0, 2.0, 3.0  # the flag: a residual is NaN/Inf;
 
 
 def distributed_newton(comm: Comm, order: list, offsets: list, evaluate: Callable, finish: Callable,
-                       U: torch.Tensor, mode: str, atol: float, rtol: float, max_iter: int, stats: PassStats,
+                       U: torch.Tensor, mode: Mode, atol: float, rtol: float, max_iter: int, stats: PassStats,
                        record: bool = True, on_iteration: Optional[Callable[[int, int, float], None]] = None,
                        what: str = "forward", handoff: Optional[Callable[[torch.Tensor], None]] = None,
                        setup_error: Optional[str] = None) -> torch.Tensor:
@@ -77,7 +78,7 @@ def distributed_newton(comm: Comm, order: list, offsets: list, evaluate: Callabl
     lo, hi, total = offsets[pos], offsets[pos + 1], offsets[-1]
     m = hi - lo
     packing = Packing(mode, U[0], P)
-    stats.jacobian = mode
+    stats.jacobian = mode.name
     g, previous, before = 0, math.inf, math.inf  # the worst ratios of the last two iterations
     A_last, E_last, A_from = None, None, 0  # the Jacobians of the last update (rows A_from..)
     while True:
@@ -87,9 +88,9 @@ def distributed_newton(comm: Comm, order: list, offsets: list, evaluate: Callabl
         # the plan: "fresh" maps before the decision, maps with the "last" update's Jacobians (a full-mode
         # iteration that will probably end with the remainder update), or the "check" first
         # (a global choice: it reads only gathered numbers; a rank whose rows are not all final holds A_last)
-        if mode == "full" and math.isfinite(before) and previous ** 3 <= before ** 2:
+        if mode.exact and math.isfinite(before) and previous ** 3 <= before ** 2:
             plan = "last"  # quadratic convergence predicts a worst ratio <= 1 (previous^3 / before^2)
-        elif previous > 1 / COHERENT and mode != "zero":
+        elif previous > 1 / COHERENT and mode.couples:
             plan = "fresh"
         else:
             plan = "check"
@@ -141,7 +142,7 @@ def distributed_newton(comm: Comm, order: list, offsets: list, evaluate: Callabl
         if record:
             stats.window_starts.append(g)
             stats.residuals.append(worst)
-        converged = worst <= COHERENT or (mode == "full" and worst <= 1)
+        converged = worst <= COHERENT or (mode.exact and worst <= 1)
         remainder = converged and worst > COHERENT and previous > 1 / COHERENT and stats.iterations > 1
         if converged and not remainder:
             if on_iteration is not None:
@@ -151,7 +152,7 @@ def distributed_newton(comm: Comm, order: list, offsets: list, evaluate: Callabl
         # update the window g_new.. (g_new < total: some row has ratio > COHERENT)
         w1 = min(max(g_new - lo, 0), m)
         fresh = plan == "fresh" or not converged
-        if (plan == "check" or not fresh) and not converged and mode != "zero":
+        if (plan == "check" or not fresh) and not converged and mode.couples:
             # the check went first, or the last Jacobians were sent but the chain did not converge:
             # a second exchange carries the maps of this iteration's Jacobians
             speculate, delta, A = False, None, None
@@ -182,35 +183,35 @@ def distributed_newton(comm: Comm, order: list, offsets: list, evaluate: Callabl
         if converged:
             stats.converged = True
             return U
-        if fresh and mode != "zero":
+        if fresh and mode.couples:
             A_last, E_last, A_from = A, E, w0
         previous, before = worst, previous
         g = g_new
 
 
 def _maps(packing: Packing, buf: torch.Tensor, pos: int, P: int, jac: Callable, residual: torch.Tensor, w0: int,
-          j: int, m: int, mode: str) -> tuple:
+          j: int, m: int, mode: Mode) -> tuple:
     """This rank's Jacobians (rows w0..) and maps into ``buf``: ``(A, E, delta)``. Position 0 scans its rows
     from j now (its input is zero whatever the others hold; delta), the middle ones reduce the maps of
     rows w0..j-1 and j.., the last one only forms its Jacobians (so a failure is flagged in the exchange)."""
     if pos == 0 and j >= m:  # nothing of this rank moves
         return None, None, None
-    A, E = jac() if mode != "zero" else (None, None)
+    A, E = jac() if mode.couples else (None, None)
     if pos == 0:
         delta = affine_scan(None if A is None else A[j - w0:], residual[j - w0:], mode)
         if P > 1:
             packing.put_maps(buf, (None, apply(E, delta[-1], mode)))
         return A, E, delta
-    if pos < P - 1 and mode != "zero":
+    if pos < P - 1 and mode.couples:
         pre, post = local_maps(A, residual, E, mode, j - w0, residual[0])
         packing.put_maps(buf, post, pre)
     return A, E, None
 
 
 def _sweep(residual: torch.Tensor, A: Optional[torch.Tensor], w0: int, w1: int, x_in: Optional[torch.Tensor],
-           mode: str) -> torch.Tensor:
+           mode: Mode) -> torch.Tensor:
     """This rank's update of rows w1.. given what enters row w1 (None: zero)."""
-    if mode == "zero":
+    if not mode.couples:  # zero: delta = r, whatever enters
         return residual[w1 - w0:].clone()
     A = None if A is None else A[w1 - w0:]
     r = residual[w1 - w0:]

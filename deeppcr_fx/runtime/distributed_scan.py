@@ -8,10 +8,12 @@ forward solve, reversed for the adjoint):
 
 1. Reduce (local, no communication): the rank's rows compose to one affine map
    ``y = A_r x_in + c_r`` with ``A_r = E A_{m-1} ... A_0`` and ``c_r`` = ``E d_{m-1}`` for
-   ``x_in = 0``. A pairwise tree: m - 1 matrix products (``full``), products of diagonals
-   (``diag``), or a sum (``identity``, where every A is I).
-2. Exchange: one all-gather of the P maps: B n^2 + B n elements per rank (``full``),
-   2 B n (``diag``), B n (``identity``), plus one failure flag; nothing in ``zero`` mode, where d = r.
+   ``x_in = 0``. A pairwise tree of the mode's products (``Mode.compose``, ``Mode.apply``): m - 1
+   matrix products (``full``), products of diagonals (``diag``); or a sum (``identity``, where every
+   A is I: ``Mode.closed_reduce``).
+2. Exchange: one all-gather of the P maps: ``Mode.map_numel`` + B n elements per rank (B n^2 + B n
+   ``full``, 2 B n ``diag``, B n ``identity``), plus one failure flag; nothing in ``zero`` mode
+   (``Mode.couples`` is False), where d = r.
 3. Prefix (local, P small products): x_in = fold of the maps of the ranks before this one.
 4. Sweep (local): the slice's own scan with ``r_0 += A_0 x_in`` (``runtime.scan.affine_scan``).
 
@@ -20,60 +22,51 @@ transposed matrices are the callers' business: they pass A and E in logical orde
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from .distributed_comm import Comm, DistributedSolveError, raise_failures
+from .modes import Mode, mode_of
 from .scan import affine_scan, default_chunk, sweep_chunks
 
 
-def reduce_maps(A: Optional[torch.Tensor], r: torch.Tensor, mode: str) -> tuple:
+def reduce_maps(A: Optional[torch.Tensor], r: torch.Tensor, mode: Union[Mode, str]) -> tuple:
     """Compose rows 0..m-1: ``x -> A_{m-1}(... (A_0 x + r_0) ...) + r_{m-1}`` as ``(A_tot, c_tot)``.
 
-    ``A_tot`` is None in ``identity`` mode (it is I)."""
-    if mode == "identity":
-        return None, r.sum(0)
-    if mode not in ("full", "diag"):
-        raise ValueError(f"no map reduction for Jacobian mode {mode!r}")
+    ``A_tot`` is None where the mode holds no matrices (``identity``: it is I)."""
+    mode = mode_of(mode)
+    if not mode.linearised:
+        return None, mode.closed_reduce(r)
     c = r
     while A.shape[0] > 1:
         odd = A.shape[0] % 2
         pairs = A.shape[0] - odd
         A_lo, A_hi = A[0:pairs:2], A[1:pairs:2]
         c_lo, c_hi = c[0:pairs:2], c[1:pairs:2]
-        if mode == "full":
-            A_new = A_hi @ A_lo
-            c_new = (A_hi @ c_lo.unsqueeze(-1)).squeeze(-1) + c_hi
-        else:
-            A_new = A_hi * A_lo
-            c_new = A_hi * c_lo + c_hi
+        A_new = mode.compose(A_hi, A_lo)
+        c_new = mode.apply(A_hi, c_lo) + c_hi
         if odd:
             A_new, c_new = torch.cat([A_new, A[-1:]]), torch.cat([c_new, c[-1:]])
         A, c = A_new, c_new
     return A[0], c[0]
 
 
-def apply(A: Optional[torch.Tensor], x: torch.Tensor, mode: str) -> torch.Tensor:
+def apply(A: Optional[torch.Tensor], x: torch.Tensor, mode: Union[Mode, str]) -> torch.Tensor:
     """``A x`` in the mode's structure (A None: identity)."""
     if A is None:
         return x
-    if mode == "full":
-        return (A @ x.unsqueeze(-1)).squeeze(-1)
-    return A * x
+    return mode_of(mode).apply(A, x)
 
 
-def _matmul(A: Optional[torch.Tensor], B: torch.Tensor, mode: str) -> torch.Tensor:
+def _matmul(A: Optional[torch.Tensor], B: torch.Tensor, mode: Mode) -> torch.Tensor:
     if A is None:
         return B
-    return A @ B if mode == "full" else A * B
+    return mode.compose(A, B)
 
 
-def _identity(like: torch.Tensor, mode: str) -> Optional[torch.Tensor]:
-    B, n = like.shape
-    if mode == "full":
-        return torch.eye(n, dtype=like.dtype, device=like.device).expand(B, n, n)
-    return like.new_ones(B, n) if mode == "diag" else None
+def _identity(like: torch.Tensor, mode: Mode) -> Optional[torch.Tensor]:
+    return mode.unit(*like.shape, like)
 
 
 class Packing:
@@ -92,12 +85,13 @@ class Packing:
 
     HEADER = 3
 
-    def __init__(self, mode: str, like: torch.Tensor, size: int) -> None:
+    def __init__(self, mode: Union[Mode, str], like: torch.Tensor, size: int) -> None:
         B, n = like.shape
+        mode = mode_of(mode)
         self.mode, self.B, self.n, self.dtype, self.device = mode, B, n, like.dtype, like.device
         self.S = B * n
         self.with_A = size > 2  # middle positions exist: they send pre maps and matrices
-        self.A_size = (B * n * n if mode == "full" else B * n if mode == "diag" else 0) if self.with_A else 0
+        self.A_size = mode.map_numel(B, n) if self.with_A else 0
         S, A = self.S, self.A_size
         self.u_last, self.v_last, self.c_post = self.HEADER, self.HEADER + S, self.HEADER + 2 * S
         self.a_post = self.c_post + S
@@ -116,12 +110,11 @@ class Packing:
         return row[at:at + self.S].to(self.dtype).view(self.B, self.n)
 
     def mat(self, row: torch.Tensor, at: int) -> Optional[torch.Tensor]:
-        if self.mode == "identity":
+        if not self.mode.linearised:  # identity: A is I
             return None
         if not self.A_size:
             raise AssertionError("a map's matrix was needed that no rank sends")
-        shape = (self.B, self.n, self.n) if self.mode == "full" else (self.B, self.n)
-        return row[at:at + self.A_size].to(self.dtype).view(shape)
+        return row[at:at + self.A_size].to(self.dtype).view(self.mode.map_shape(self.B, self.n))
 
     def put_maps(self, buf: torch.Tensor, post: Optional[tuple], pre: Optional[tuple] = None) -> None:
         """``post``/``pre``: (A or None, c) of the rank's rows (A None: identity, or not needed)."""
@@ -137,9 +130,10 @@ class Packing:
                 self.put(buf, self.a_pre, pre[0] if pre[0] is not None else _identity(pre[1], self.mode))
 
 
-def local_maps(A: Optional[torch.Tensor], r: torch.Tensor, E: Optional[torch.Tensor], mode: str, j: int,
+def local_maps(A: Optional[torch.Tensor], r: torch.Tensor, E: Optional[torch.Tensor], mode: Union[Mode, str], j: int,
                like: torch.Tensor) -> tuple:
     """``(pre, post)`` of rows 0..j-1 and j.. of (A, r) (middle ranks), post with E applied."""
+    mode = mode_of(mode)
     if j > 0:
         pre = reduce_maps(None if A is None else A[:j], r[:j], mode)
     else:
@@ -173,7 +167,7 @@ def fold(packing: Packing, rows: torch.Tensor, order: list, offsets: list, g_new
         u_last = packing.vec(row, packing.u_last)
         if g_new >= hi:  # every row of q is final
             x_out = None
-        elif mode == "zero":
+        elif not mode.couples:  # zero: the row's update is its residual alone
             x_out = packing.vec(row, packing.v_last) - u_last
         else:
             if x is not None and not decided:  # q's whole slice moves: its pre map, then its post map
@@ -190,7 +184,7 @@ def fold(packing: Packing, rows: torch.Tensor, order: list, offsets: list, g_new
     return x_in, new_last
 
 
-def cumulative_products(A: torch.Tensor, mode: str) -> torch.Tensor:
+def cumulative_products(A: torch.Tensor, mode: Mode) -> torch.Tensor:
     """``Phi_l = A_l ... A_0`` for every row (PCR on the matrices alone, every round)."""
     A = A.clone()
     s = 1
@@ -200,43 +194,42 @@ def cumulative_products(A: torch.Tensor, mode: str) -> torch.Tensor:
     return A
 
 
-def scan_with_propagator(A: Optional[torch.Tensor], r: torch.Tensor, mode: str) -> tuple:
+def scan_with_propagator(A: Optional[torch.Tensor], r: torch.Tensor, mode: Union[Mode, str]) -> tuple:
     """``(d, propagate, total)``: ``d`` solves the rows for a zero input, ``propagate(x)`` is ``Phi_l x``
     for every row (what an input x adds; ``Phi_l = A_l ... A_0``) and ``total`` is ``Phi_{m-1}``
     (None: identity). So a rank scans *before* it knows its input, and adds it after the exchange with
     two batched products. Chunked like ``scan.affine_scan`` (sequential inside chunks of K rows, PCR
     across them): the chunks' running products P, which that scan forms anyway, and their
-    cumulative products Q across chunks give ``Phi = P_{c,k} Q_{c-1}``."""
-    if mode == "identity":
-        return r.cumsum(0), lambda x: x.expand_as(r), None
+    cumulative products Q across chunks give ``Phi = P_{c,k} Q_{c-1}``. ``mode`` holds matrices, or is
+    ``identity`` (A = I: ``Phi = I``)."""
+    mode = mode_of(mode)
+    if not mode.couples:  # zero: cross_rank_scan needs no propagator (Phi = 0 is not "None: identity")
+        raise ValueError(f"no propagator for Jacobian mode {mode.name!r}: its rows do not couple")
+    if not mode.linearised:
+        return mode.closed_scan(r), lambda x: x.expand_as(r), None
     m, tail = r.shape[0], r.shape[1:]
     chunk = default_chunk(m, r.device)
     if not 1 < chunk < m:
         Phi = cumulative_products(A, mode)
         return affine_scan(A, r, mode, chunk=0), lambda x: apply(Phi, x.unsqueeze(0), mode), Phi[-1]
-    full = mode == "full"
     n = r.shape[-1]
     C = -(-m // chunk)
     pad = C * chunk - m
     if pad:
         r = torch.cat([r, r.new_zeros(pad, *tail)])
         A = torch.cat([A, A.new_zeros(pad, *A.shape[1:])])
-    mat = A.shape[-2:] if full else A.shape[-1:]
+    mat = A.shape[-mode.matrix_dims:]
     A = A.reshape(C, chunk, -1, *mat).transpose(0, 1).reshape(chunk, -1, *mat).contiguous()  # (K, C*B, ...)
     r = r.reshape(C, chunk, -1, n).transpose(0, 1).reshape(chunk, -1, n).contiguous()
-    if full:
-        r = r.unsqueeze(-1)
-    P = sweep_chunks(A, r, full)
+    r = mode.columns(r)
+    P = sweep_chunks(A, r, mode)
     P_last = P[-1].reshape(C, -1, *mat)
     carry = affine_scan(P_last, r[-1].reshape(C, -1, n), mode, chunk=0)  # each chunk's last row, zero input
     Q = cumulative_products(P_last, mode)  # Q_c = P_last,c ... P_last,0
     P5 = P.view(chunk, C, -1, *mat)
     later_r = r.view(chunk, C, -1, *r.shape[2:])[:, 1:]
-    if full:
-        later_r += P5[:, 1:] @ carry[:-1].unsqueeze(-1)
-        r = r.squeeze(-1)
-    else:
-        later_r.addcmul_(P5[:, 1:], carry[:-1])
+    mode.add_applied_(later_r, P5[:, 1:], carry[:-1])
+    r = mode.vectors(r)
     d = r.reshape(chunk, C, *tail).transpose(0, 1).reshape(C * chunk, *tail)[:m]
     c_last, k_last = (m - 1) // chunk, (m - 1) % chunk
     total = P5[k_last, c_last] if c_last == 0 else _matmul(P5[k_last, c_last], Q[c_last - 1], mode)
@@ -250,7 +243,7 @@ def scan_with_propagator(A: Optional[torch.Tensor], r: torch.Tensor, mode: str) 
 
 
 def cross_rank_scan(comm: Comm, pos: int, order: list, A: Optional[torch.Tensor], r: torch.Tensor,
-                    E: Optional[torch.Tensor], mode: str, like: torch.Tensor, what: str,
+                    E: Optional[torch.Tensor], mode: Union[Mode, str], like: torch.Tensor, what: str,
                     failure: Optional[BaseException] = None) -> torch.Tensor:
     """Solve this rank's rows of the recurrence above (the whole slice; one exchange); every rank of
     the group must call it.
@@ -262,7 +255,8 @@ def cross_rank_scan(comm: Comm, pos: int, order: list, A: Optional[torch.Tensor]
     scans its rows *before* the exchange (the first for its zero input: its map is its last row; the
     others with ``scan_with_propagator``, which also gives their map), and the later positions add
     their input after it with two batched products: the scans run in parallel. Returns ``d``."""
-    if mode == "zero":  # nothing to exchange (and no A that could have failed)
+    mode = mode_of(mode)
+    if not mode.couples:  # zero: nothing to exchange (and no A that could have failed)
         return r.clone()
     P = len(order)
     packing = Packing(mode, like, P)
@@ -296,7 +290,7 @@ def cross_rank_scan(comm: Comm, pos: int, order: list, A: Optional[torch.Tensor]
     return d + propagate(x_in[pos])
 
 
-def _fold_inputs(packing: Packing, rows: torch.Tensor, order: list, mode: str) -> tuple:
+def _fold_inputs(packing: Packing, rows: torch.Tensor, order: list, mode: Mode) -> tuple:
     """x_in per position when every position's whole slice moves (the adjoint's one-pass scan)."""
     x, x_in = None, []
     for q in range(len(order)):

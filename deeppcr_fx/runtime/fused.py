@@ -9,7 +9,7 @@ traced once per step and signature (``backend.compile_traced``) and compiled by 
 
     vals, A = f(U shifted by one row), its Jacobians     one batched evaluation (vmap), vjp rows
     r       = vals - U;  ratio = scaled_norm(r, U)          per row, as in ``newton``
-    worst   = max of ratio over rows >= start;  converged = worst <= COHERENT (full: <= 1)
+    worst   = max of ratio over rows >= start;  converged = worst <= COHERENT (an exact mode: <= 1)
     start'  = first row >= start with ratio > COHERENT      (rows before it are final)
     delta   = scan(A, r masked to rows >= start')          ``fused_scan``: broadcasts, static shapes
     U'      = U + delta, row start' set to vals exactly     (a no-op once ``status`` is set)
@@ -31,6 +31,7 @@ import torch
 from torch.func import vjp, vmap
 
 from . import fused_scan, jacobians
+from .modes import Mode
 from .newton import COHERENT, scaled_norm
 from .state import StateSpec
 from .stats import PassStats
@@ -64,7 +65,7 @@ def fused_chunk(length: int, device: torch.device) -> int:
 class NewtonIteration:
     """The traced function of one forward Newton iteration for one step and signature."""
 
-    def __init__(self, step: Callable, spec: StateSpec, n_per_step: int, n_shared: int, mode: str,
+    def __init__(self, step: Callable, spec: StateSpec, n_per_step: int, n_shared: int, mode: Mode,
                  atol: float, rtol: float, chunk: int) -> None:
         self.mode, self.atol, self.rtol, self.chunk = mode, atol, rtol, chunk
         self.g = batched_step(step, spec, n_per_step, n_shared)
@@ -76,7 +77,7 @@ class NewtonIteration:
         n = 4: 0.8 ms), while the eager runtime's faster replicated batch (``jacobians``) compiles to
         library bmm calls on tiny matrices (3.5 ms)."""
         g = lambda Z: self.g(Z, *inputs)  # noqa: E731
-        if self.mode not in jacobians.MODES_WITH_MATRIX:
+        if not self.mode.linearised:
             return g(Zprev), None
         vals, pullback = vjp(g, Zprev)
         return vals, jacobians.jacobian_from_pullback(lambda c: pullback(c)[0], vals, self.mode)
@@ -91,7 +92,7 @@ class NewtonIteration:
         active = rows >= start
         worst = torch.where(active, ratio, torch.zeros_like(ratio)).amax()
         finite = torch.isfinite(worst)
-        converged = (worst <= COHERENT) | ((worst <= 1) if self.mode == "full" else torch.zeros_like(finite))
+        converged = (worst <= COHERENT) | ((worst <= 1) if self.mode.exact else torch.zeros_like(finite))
         bad = active & (ratio > COHERENT)
         new_start = torch.where(bad.any(), bad.to(torch.int32).argmax(), start)
         correct = converged & (worst > COHERENT) & (previous > 1 / COHERENT)  # full mode's last update
@@ -146,7 +147,8 @@ def run_newton(call: Callable, U: torch.Tensor, x0: torch.Tensor, inputs: tuple,
 
 
 class FullAdjoint:
-    """The traced backward pass of a full-mode chain (``adjoint.adjoint``'s first path) in one function:
+    """The traced backward pass of a chain in an exact mode (full; ``adjoint.adjoint``'s first path) in one
+    function:
 
         J      = the per-sample Jacobians at Zprev          (vmap'd state pullback, as forward)
         a      = reverse scan  a_k = G_k + J_{k+1}^T a_{k+1}, refined once (see below)
@@ -157,9 +159,9 @@ class FullAdjoint:
     iterates with exact products."""
 
     def __init__(self, step: Callable, spec: StateSpec, n_per_step: int, n_shared: int, wrt: tuple,
-                 atol: float, rtol: float, chunk: int) -> None:
+                 mode: Mode, atol: float, rtol: float, chunk: int) -> None:
         self.f = batched_step(step, spec, n_per_step, n_shared)
-        self.wrt, self.atol, self.rtol, self.chunk = wrt, atol, rtol, chunk
+        self.wrt, self.mode, self.atol, self.rtol, self.chunk = wrt, mode, atol, rtol, chunk
 
     def __call__(self, Zprev, G, *inputs):
         def g(Z, *diff):
@@ -170,15 +172,15 @@ class FullAdjoint:
 
         vals, pullback = vjp(g, Zprev, *(inputs[i] for i in self.wrt))
         _, state_pullback = vjp(lambda Z: self.f(Z, *inputs), Zprev)
-        J = jacobians.jacobian_from_pullback(lambda c: state_pullback(c)[0], vals, "full")
-        a = fused_scan.scan(J, G, "full", transpose=True, chunk=self.chunk)
+        J = jacobians.jacobian_from_pullback(lambda c: state_pullback(c)[0], vals, self.mode)
+        a = fused_scan.scan(J, G, self.mode, transpose=True, chunk=self.chunk)
         grads = pullback(a)
         # One step of iterative refinement: PCR's round-off in float32 grows with its log2 L rounds of
         # matrix products (L = 256: 5x the tolerance), the exact products J_k^T a_k of the pullback give
         # the defect of the adjoint equations, and the same scan solves for its correction.
         products = grads[0]
         defect = torch.cat([G[:-1] + products[1:], G[-1:]]) - a
-        a = a + fused_scan.scan(J, defect, "full", transpose=True, chunk=self.chunk)
+        a = a + fused_scan.scan(J, defect, self.mode, transpose=True, chunk=self.chunk)
         grads = pullback(a)
         products = grads[0]  # J_k^T a_k: the adjoint equations a_k = G_k + J_{k+1}^T a_{k+1}, checked for free
         rhs = G[:-1] + products[1:]

@@ -6,9 +6,10 @@ read; ``transpose=True`` for the adjoint ``a_l = A_{l+1}^T a_{l+1} + r_l``), for
 
 - no in-place updates and no Python loop over rows: a loop over PCR rounds (log2 L) or over the
   positions inside a chunk (K), each turn a few whole-tensor operations;
-- ``A_l x`` and ``A_l A_m`` for small n as a broadcast multiply and a sum over the last axis, which
-  inductor fuses into one loop nest (a (L, B, n, n) bmm of 4 x 4 matrices is a library call per
-  row block in eager PyTorch, the cost that dominated the eager runtime's profile).
+- ``A_l x`` and ``A_l A_m`` for small n as a broadcast multiply and a sum over the last axis
+  (the mode's ``fused_apply`` and ``fused_compose``, ``runtime/modes.py``), which inductor fuses
+  into one loop nest (a (L, B, n, n) bmm of 4 x 4 matrices is a library call per row block in
+  eager PyTorch, the cost that dominated the eager runtime's profile).
 
 Chunked (work-efficient) variant, ``chunk=K`` (Summary of algorithm): pad L to C*K rows, view as
 (C, K, ...); sweep position k = 1..K-1 of every chunk at once as if the row before the chunk were
@@ -18,35 +19,26 @@ in about 2K + 2 log2(C) whole-tensor operations.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
+from .modes import Mode, mode_of
 from .scan import reversed_system, rounds
 
 
-def matvec(A: torch.Tensor, v: torch.Tensor, full: bool) -> torch.Tensor:
-    """``A @ v`` per row (full: A (..., n, n), v (..., n)) or ``A * v`` (diag)."""
-    return (A * v.unsqueeze(-2)).sum(-1) if full else A * v
-
-
-def matmul(A: torch.Tensor, B: torch.Tensor, full: bool) -> torch.Tensor:
-    """``A @ B`` per row as a broadcast (full) or ``A * B`` (diag)."""
-    return (A.unsqueeze(-1) * B.unsqueeze(-3)).sum(-2) if full else A * B
-
-
-def pcr(A: torch.Tensor, r: torch.Tensor, full: bool) -> torch.Tensor:
-    """Plain PCR along dim 0, out of place: ceil(log2 L) rounds."""
+def pcr(A: torch.Tensor, r: torch.Tensor, mode: Mode) -> torch.Tensor:
+    """Plain PCR along dim 0, out of place: ceil(log2 L) rounds (``mode.fused_apply``, ``mode.fused_compose``)."""
     n_rounds = rounds(r.shape[0])
     for k in range(n_rounds):
         s = 1 << k
-        r = torch.cat([r[:s], r[s:] + matvec(A[s:], r[:-s], full)])
+        r = torch.cat([r[:s], r[s:] + mode.fused_apply(A[s:], r[:-s])])
         if k < n_rounds - 1:
-            A = torch.cat([A[:s], matmul(A[s:], A[:-s], full)])
+            A = torch.cat([A[:s], mode.fused_compose(A[s:], A[:-s])])
     return r
 
 
-def chunked(A: torch.Tensor, r: torch.Tensor, full: bool, chunk: int) -> torch.Tensor:
+def chunked(A: torch.Tensor, r: torch.Tensor, mode: Mode, chunk: int) -> torch.Tensor:
     """The work-efficient scan (see the module docstring) with ``chunk`` rows per chunk."""
     length = r.shape[0]
     n_chunks = -(-length // chunk)
@@ -58,27 +50,25 @@ def chunked(A: torch.Tensor, r: torch.Tensor, full: bool, chunk: int) -> torch.T
     r = r.reshape(n_chunks, chunk, *r.shape[1:])
     rows, prods = [r[:, 0]], [A[:, 0]]
     for k in range(1, chunk):
-        rows.append(r[:, k] + matvec(A[:, k], rows[-1], full))
-        prods.append(matmul(A[:, k], prods[-1], full))
-    carry = pcr(prods[-1], rows[-1], full)  # (C, ...): the chunks' last rows, final
+        rows.append(r[:, k] + mode.fused_apply(A[:, k], rows[-1]))
+        prods.append(mode.fused_compose(A[:, k], prods[-1]))
+    carry = pcr(prods[-1], rows[-1], mode)  # (C, ...): the chunks' last rows, final
     # chunk c >= 1: row k adds P_k D_{c-1}; chunk 0 reads the zero vector
     incoming = torch.cat([torch.zeros_like(carry[:1]), carry[:-1]])
-    out = torch.stack([row + matvec(P, incoming, full) for row, P in zip(rows, prods)], dim=1)
+    out = torch.stack([row + mode.fused_apply(P, incoming) for row, P in zip(rows, prods)], dim=1)
     return out.reshape(n_chunks * chunk, *out.shape[2:])[:length]
 
 
-def scan(A: Optional[torch.Tensor], r: torch.Tensor, kind: str, transpose: bool = False,
+def scan(A: Optional[torch.Tensor], r: torch.Tensor, mode: Union[Mode, str], transpose: bool = False,
          chunk: int = 0) -> torch.Tensor:
-    """``scan.affine_scan`` for tracing: ``kind`` is ``"full"``, ``"diag"``, ``"identity"`` or ``"zero"``;
-    ``chunk`` > 1 uses the chunked scan, else plain PCR."""
-    if kind == "zero":
-        return r
+    """``scan.affine_scan`` for tracing, for a ``modes.Mode`` or its name; ``chunk`` > 1 uses the chunked
+    scan, else plain PCR."""
+    mode = mode_of(mode)
+    if not mode.linearised:
+        return mode.closed_scan(r, transpose, copy=False)
     if transpose:
-        A, r = reversed_system(A, r, kind)
-        return scan(A, r, kind, False, chunk).flip(0)
-    if kind == "identity":
-        return r.cumsum(0)
-    full = kind == "full"
+        A, r = reversed_system(A, r, mode)
+        return scan(A, r, mode, False, chunk).flip(0)
     if 1 < chunk < r.shape[0]:
-        return chunked(A, r, full, chunk)
-    return pcr(A, r, full)
+        return chunked(A, r, mode, chunk)
+    return pcr(A, r, mode)

@@ -26,7 +26,7 @@ class CompiledForward:
         p = problem
         self.chunk = fused_chunk(p.stats.length, p.steps.inputs[0].device if p.steps.inputs else torch.device("cpu"))
         steps = p.steps
-        self.key = ("newton", p.mode, p.spec, p.atol, p.rtol, p.stats.length, self.chunk, constants,
+        self.key = ("newton", p.mode.name, p.spec, p.atol, p.rtol, p.stats.length, self.chunk, constants,
                     backend.tensor_signature(steps.inputs), len(steps.per_step), p.config.cuda_graphs)
         self.user_step = user_step
         self.entry: Optional[backend.Entry] = None
@@ -57,7 +57,7 @@ class CompiledForward:
         p.stats.backend = "inductor"
         U, status, first = run_newton(call, U, x0_flat, inputs, start, cfg.iteration_cap(p.stats.length),
                                       cfg.checks_every(device), p.stats.forward, cfg.record_stats, p.on_iteration)
-        p.stats.forward.jacobian, p.stats.forward.backend = p.mode, "inductor"
+        p.stats.forward.jacobian, p.stats.forward.backend = p.mode.name, "inductor"
         if status == CONVERGED:
             p.stats.forward.converged = True
         else:
@@ -93,8 +93,8 @@ class CompiledForward:
 
 
 class CompiledAdjoint:
-    """The backward pass of a full-mode chain as one compiled function (``fused.FullAdjoint``), chosen
-    by the same rule as the forward (its own cache entry and eager-time account)."""
+    """The backward pass of a chain in an exact mode (full) as one compiled function (``fused.FullAdjoint``),
+    chosen by the same rule as the forward (its own cache entry and eager-time account)."""
 
     def __init__(self, problem, compiled_forward: CompiledForward) -> None:
         self.problem, self.forward = problem, compiled_forward
@@ -103,7 +103,7 @@ class CompiledAdjoint:
     def __call__(self, steps, Zprev: torch.Tensor, G: torch.Tensor, wrt: list) -> Optional[tuple]:
         """``(dZprev, *dinputs)`` as ``adjoint.adjoint`` returns them, or None: run the eager adjoint."""
         p, cfg = self.problem, self.problem.config
-        if p.mode != "full" or cfg.backend == "eager" or not steps.vectorized or _tracing():
+        if not p.mode.exact or cfg.backend == "eager" or not steps.vectorized or _tracing():
             return None
         device = Zprev.device
         key = ("adjoint", tuple(wrt), p.adjoint_atol, p.adjoint_rtol) + self.forward.key + (device.type,)
@@ -113,7 +113,7 @@ class CompiledAdjoint:
             return None
         args = (Zprev, G, *steps.inputs)
         if self.entry.fn is None:
-            fn = FullAdjoint(steps.step, p.spec, len(steps.per_step), len(steps.shared), tuple(wrt),
+            fn = FullAdjoint(steps.step, p.spec, len(steps.per_step), len(steps.shared), tuple(wrt), p.mode,
                              p.adjoint_atol, p.adjoint_rtol, self.forward.chunk)
             out = backend.build(self.entry, fn, args, cfg.cuda_graphs and device.type == "cuda")
         else:
@@ -121,7 +121,7 @@ class CompiledAdjoint:
         if out is None or not bool(out[0]):  # not compiled, or samples coupled: the eager adjoint iterates
             return None
         b = p.stats.backward
-        b.iterations, b.converged, b.jacobian, b.backend = 1, True, "full", "inductor"
+        b.iterations, b.converged, b.jacobian, b.backend = 1, True, p.mode.name, "inductor"
         return tuple(out[1:])
 
     def record_eager(self, seconds: float) -> None:

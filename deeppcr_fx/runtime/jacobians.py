@@ -41,14 +41,14 @@ exception keeps its own traceback and nothing is printed, with no process-wide r
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch.func import jvp, vjp, vmap
 
 from ..results import VectorizeError
+from .modes import Mode, mode_of
 
-MODES_WITH_MATRIX = ("full", "diag")
 # Replicate the batch (see above) when n * B is at most this: faster up to n * B = 64 and no faster
 # at 256 in benchmarks/results/jacobian_methods_cpu.txt.
 REPLICATE_MAX_SAMPLES = 128
@@ -56,45 +56,6 @@ REPLICATE_MAX_SAMPLES = 128
 # out of memory) are RuntimeErrors; Python code that unpacks, indexes or asserts on a shape raises
 # ValueError, IndexError, TypeError or AssertionError; an op without support, NotImplementedError.
 STEP_REFUSALS = (RuntimeError, ValueError, IndexError, TypeError, AssertionError, NotImplementedError)
-# jacobian="auto" uses full Jacobians only while all of them together have at most this many elements
-FULL_MAX_ELEMENTS = 1 << 26
-
-
-def choose_mode(requested: str, width: int, full_max_state: int, rows: Optional[int] = None) -> str:
-    """Resolve ``jacobian="auto"``: ``full`` up to ``full_max_state`` (64) elements per sample, and
-    up to ``FULL_MAX_ELEMENTS`` Jacobian elements for all ``rows`` (L * B) together; else ``identity``.
-
-    Arguments:
-        requested: ``Config.jacobian``: ``"auto"``, or a mode, which is returned unchanged.
-        width: n, the state's elements per sample.
-        full_max_state: ``Config.full_max_state``, the widest state ``auto`` gives full Jacobians.
-        rows: L * B, the Jacobians formed at once; None to decide on the width alone.
-
-    Returns:
-        The mode: ``"full"``, ``"diag"``, ``"identity"`` or ``"zero"``.
-
-    The evidence behind it is ``benchmarks/jacobian_modes.py`` (L=256, B=4, one CPU thread;
-    results in ``benchmarks/results/jacobian_modes_tanh_cpu.csv`` and ``..._residual_cpu.csv``):
-
-    - Only ``full`` converged on every non-residual chain (tanh MLP, gain 1): 8-10 Newton
-      iterations for n <= 32, 29 at n = 64. ``diag`` hit max_iter at every width and
-      ``identity`` (Picard) diverged to NaN at every width, so below the threshold the
-      exact Jacobian is worth its cost.
-    - ``full`` costs n Jacobian passes and O(n^3) per step and scan round, so its iterations
-      grow steeply with n while an ``identity`` iteration stays cheap. Beyond 64 elements the
-      dense Jacobian is too expensive to win, and ``identity`` is the mode that still
-      converges quickly where chains are near the identity (residual blocks with small
-      updates, diffusion samplers); elsewhere the solve finishes sequentially within
-      ``max_iter`` (exact) and the compiler's cost model keeps such chains sequential.
-
-    The memory bound: a 1000-step sampler with a 64-dim latent and 64 samples would hold
-    1000 * 64 * 64^2 = 262M Jacobian elements (1 GB in float32, and the scan copies it).
-    """
-    if requested != "auto":
-        return requested
-    if rows is not None and rows * width * width > FULL_MAX_ELEMENTS:
-        return "identity"
-    return "full" if width <= full_max_state else "identity"
 
 
 def replicates(batched: bool, batch: int, width: int, sample_dims: Iterable[Optional[int]] = ()) -> bool:
@@ -143,8 +104,8 @@ class Jacobians:
     Jacobians only if the caller needs them (a converged iteration does not).
     """
 
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
+    def __init__(self, mode: Union[Mode, str]) -> None:
+        self.mode = mode_of(mode)
         self.ad = "rev"
         self.rev_error: str | None = None
         self.replicate_error: str | None = None  # why the replicated batch was abandoned, if it was
@@ -152,7 +113,7 @@ class Jacobians:
 
     def __call__(self, g: Callable, Z: torch.Tensor, replicated: Optional[Callable] = None):
         """``replicated``, if given: ``g`` for a batch of n * B samples (see the module docstring)."""
-        if self.ad == "fwd" or self.mode not in MODES_WITH_MATRIX:
+        if self.ad == "fwd" or not self.mode.linearised:
             return evaluate(g, Z, self.mode, self.ad)
         if replicated is not None and self.replicate_error is None:
             vals = g(Z)
@@ -190,15 +151,16 @@ class Jacobians:
         return call
 
 
-def evaluate(g: Callable, Z: torch.Tensor, mode: str, ad: str = "rev") -> tuple[torch.Tensor, Callable]:
-    """``(g(Z), jac)``; ``jac()`` is the Jacobian in ``mode``'s structure (None for identity/zero)."""
-    if mode not in MODES_WITH_MATRIX:
+def evaluate(g: Callable, Z: torch.Tensor, mode: Union[Mode, str], ad: str = "rev") -> tuple[torch.Tensor, Callable]:
+    """``(g(Z), jac)``; ``jac()`` is the Jacobian in ``mode``'s structure (None where the mode forms none)."""
+    mode = mode_of(mode)
+    if not mode.linearised:
         return g(Z), lambda: None
     if ad == "fwd":
         def columns():
             tangents = _basis(Z)
             cols = vmap(lambda t: jvp(g, (Z,), (t,))[1], chunk_size=_chunk_size(Z))(tangents)  # [j,r,b,i]=J[r,b,i,j]
-            return _structure(cols.movedim(0, -1), mode)
+            return mode.structure(cols.movedim(0, -1))
 
         return g(Z), columns
     vals, pullback = vjp(g, Z)
@@ -215,13 +177,14 @@ def _chunk_size(vals: torch.Tensor) -> int:
     return max(1, min(n, _ELEMENTS_PER_CHUNK // max(1, vals.numel() * n)))
 
 
-def jacobian_from_pullback(pullback: Callable, vals: torch.Tensor, mode: str) -> torch.Tensor:
-    """The Jacobian from a state pullback ``cotangent -> d<cotangent, g(Z)>/dZ`` (square Jacobians)."""
+def jacobian_from_pullback(pullback: Callable, vals: torch.Tensor, mode: Union[Mode, str]) -> torch.Tensor:
+    """The Jacobian in ``mode``'s structure from a state pullback ``cotangent -> d<cotangent, g(Z)>/dZ``
+    (square Jacobians)."""
     rows = vmap(pullback, chunk_size=_chunk_size(vals))(_basis(vals))  # rows[i, r, b, j] = J[r, b, i, j]
-    return _structure(rows.movedim(0, -2), mode)
+    return mode_of(mode).structure(rows.movedim(0, -2))
 
 
-def jacobian_replicated(g_replicated: Callable, Z: torch.Tensor, mode: str) -> torch.Tensor:
+def jacobian_replicated(g_replicated: Callable, Z: torch.Tensor, mode: Union[Mode, str]) -> torch.Tensor:
     """The per-sample Jacobians of ``g`` at ``Z`` (R, B, n) from one pullback of ``g_replicated``, the
     same steps on a batch of n * B samples (see the module docstring)."""
     R, B, n = Z.shape
@@ -229,10 +192,10 @@ def jacobian_replicated(g_replicated: Callable, Z: torch.Tensor, mode: str) -> t
     _, pullback = vjp(g_replicated, Zr)
     E = torch.eye(n, dtype=Z.dtype, device=Z.device).view(1, n, 1, n).expand(R, n, B, n)
     rows = pullback(E.reshape(R, n * B, n).contiguous())[0].view(R, n, B, n)  # [r, i, b, j] = J[r, b, i, j]
-    return _structure(rows.transpose(1, 2), mode)
+    return mode_of(mode).structure(rows.transpose(1, 2))
 
 
-def try_replicated(g_replicated: Callable, Z: torch.Tensor, mode: str, quietly: object = None) -> tuple:
+def try_replicated(g_replicated: Callable, Z: torch.Tensor, mode: Union[Mode, str], quietly: object = None) -> tuple:
     """``(jacobian_replicated(...), None)``, or ``(None, why)`` when the step cannot take the larger
     batch (a hard-coded batch size, an input with the batch dimension): one of ``STEP_REFUSALS``.
 
@@ -249,9 +212,3 @@ def _basis(like: torch.Tensor) -> torch.Tensor:
     n = like.shape[-1]
     eye = torch.eye(n, dtype=like.dtype, device=like.device)
     return eye.view(n, *([1] * (like.dim() - 1)), n).expand(n, *like.shape)
-
-
-def _structure(full: torch.Tensor, mode: str) -> torch.Tensor:
-    if mode == "diag":
-        return torch.diagonal(full, dim1=-2, dim2=-1).contiguous()
-    return full.contiguous()

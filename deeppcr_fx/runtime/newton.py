@@ -15,7 +15,7 @@ Tolerances are relative to the magnitudes involved (DESIGN invariant 7), normwis
 
     ratio_l = max_b ||r_{l,b}|| / (atol + rtol ||u_{l,b}||)    (atol: only a floor, the dtype's tiny)
     a row becomes final when it and every row before it have  ratio <= COHERENT (0.3)
-    converged:  every row has ratio <= 1 (full)  or  <= COHERENT (diag, identity, zero)
+    converged:  every row has ratio <= 1 (an exact mode: full)  or  <= COHERENT (diag, identity, zero)
 
 A final row keeps its residual for good and later rows inherit it through the chain, so the
 error of row l is the chain's propagation of the final rows' residuals, as a sequential loop's is
@@ -39,8 +39,9 @@ from typing import Callable, Optional
 
 import torch
 
-from .scan import affine_scan
 from ..results import FinishCause
+from .modes import Mode
+from .scan import affine_scan
 from .stats import PassStats
 
 # evaluate(start, U) -> (vals for rows start..L-1, jac) where jac() forms the Jacobians of those rows
@@ -70,15 +71,16 @@ Finish = Callable[[int, torch.Tensor], None]
 COHERENT = 0.3
 
 
-def triangular_newton(evaluate: Evaluate, finish: Finish, U: torch.Tensor, mode: str,
+def triangular_newton(evaluate: Evaluate, finish: Finish, U: torch.Tensor, mode: Mode,
                       atol: float, rtol: float, max_iter: int, stats: PassStats,
                       record: bool = True, on_iteration: Optional[Callable[[int, int, float], None]] = None,
                       start: int = 0) -> torch.Tensor:
     """Solve in place from the initial guess ``U`` (rows, B, n), whose rows before ``start`` are final; returns ``U``.
 
+    ``mode``: the Jacobian mode (``modes.Mode``) of what ``evaluate``'s ``jac`` forms.
     ``on_iteration(iteration, final_rows, worst_residual)``, if given, is called after each iteration."""
     length = U.shape[0]
-    stats.jacobian = mode
+    stats.jacobian = mode.name
     previous = math.inf  # the previous iteration's worst ratio
     A_last, A_from = None, start  # the latest Jacobians (rows A_from..L-1)
     while True:
@@ -94,7 +96,7 @@ def triangular_newton(evaluate: Evaluate, finish: Finish, U: torch.Tensor, mode:
         if record:
             stats.window_starts.append(start)
             stats.residuals.append(worst)
-        if worst <= COHERENT or (mode == "full" and worst <= 1):  # every row is final (see CONVERGED)
+        if worst <= COHERENT or (mode.exact and worst <= 1):  # every row is final (see CONVERGED)
             if worst > COHERENT and previous > 1 / COHERENT and A_last is not None:
                 # Newton's remainder after a quadratic step, of one sign: removed by one update with the
                 # last iteration's Jacobians (a scan; no evaluation, no new Jacobians)

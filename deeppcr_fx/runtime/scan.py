@@ -11,11 +11,11 @@ At stride s = 1, 2, 4, ... every row l >= s substitutes the equation of row l - 
 After ceil(log2 L) rounds every row reads delta_l = r_l. Row 0's A is never used (its
 predecessor is the zero vector), so callers may pass anything there.
 
-``A`` takes one of four structures (``mode``):
+``A`` takes one of four structures, the Jacobian mode's (``runtime/modes.py``, which owns the products):
 
     full      A: (L, B, n, n)   dense per-sample matrices      O(L B n^3) a round
     diag      A: (L, B, n)      diagonal                        O(L B n)   a round
-    identity  A = I  (None)     the recurrence is a cumulative sum
+    identity  A = I  (None)     the recurrence is a cumulative sum (``Mode.closed_scan``)
     zero      A = 0  (None)     delta = r, no scan
 
 Work-efficient variant (``chunk=K``): sequential inside chunks of K rows, PCR across the
@@ -36,11 +36,12 @@ Inputs are not modified.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
 from ..results import InvalidInput
+from .modes import Mode, mode_of
 
 
 def rounds(length: int) -> int:
@@ -90,7 +91,7 @@ def default_chunk(length: int, device: torch.device) -> int:
     return int(chunk_formula(length))
 
 
-def affine_scan(A: Optional[torch.Tensor], r: torch.Tensor, mode: str, transpose: bool = False,
+def affine_scan(A: Optional[torch.Tensor], r: torch.Tensor, mode: Union[Mode, str], transpose: bool = False,
                 chunk: Optional[int] = None) -> torch.Tensor:
     """Solve ``delta_l = A_l delta_{l-1} + r_l`` (or its adjoint) for all rows.
 
@@ -98,7 +99,7 @@ def affine_scan(A: Optional[torch.Tensor], r: torch.Tensor, mode: str, transpose
         A: the matrices in ``mode``'s structure: (L, B, n, n) for ``full``, (L, B, n) for ``diag``,
             None for ``identity`` and ``zero``. Row 0 is never read.
         r: the right-hand sides, (L, B, n).
-        mode: ``"full"``, ``"diag"``, ``"identity"`` or ``"zero"`` (see the module docstring).
+        mode: a ``modes.Mode`` or its name (see the module docstring).
         transpose: solve the adjoint recurrence ``a_l = A_{l+1}^T a_{l+1} + r_l`` instead (backward pass).
         chunk: rows per chunk of the work-efficient variant; 0 or 1 for plain PCR; None chooses
             (``default_chunk``).
@@ -106,31 +107,27 @@ def affine_scan(A: Optional[torch.Tensor], r: torch.Tensor, mode: str, transpose
     Returns:
         ``delta`` (or ``a``), shaped like ``r``. ``A`` and ``r`` are not modified.
     """
-    if mode == "zero":
-        return r.clone()
+    mode = mode_of(mode)
+    if not mode.linearised:
+        return mode.closed_scan(r, transpose)
     if transpose:
         A, r = reversed_system(A, r, mode)
         return _forward_scan(A, r, mode, chunk).flip(0)
     return _forward_scan(A, r, mode, chunk)
 
 
-def reversed_system(A: Optional[torch.Tensor], r: torch.Tensor, mode: str) -> tuple:
+def reversed_system(A: Optional[torch.Tensor], r: torch.Tensor, mode: Mode) -> tuple:
     """The adjoint recurrence ``a_l = A_{l+1}^T a_{l+1} + r_l`` as a forward one: rows reversed, A
-    transposed (``full``) and shifted by one so row l pairs with A_{l+1}^T; the result comes back
-    reversed (``.flip(0)``)."""
+    transposed (``mode.transpose``) and shifted by one so row l pairs with A_{l+1}^T; the result comes
+    back reversed (``.flip(0)``)."""
     r = r.flip(0)
     if A is not None:
-        A = A.flip(0)
-        A = A.transpose(-1, -2) if mode == "full" else A
+        A = mode.transpose(A.flip(0))
         A = torch.cat([A[-1:], A[:-1]])  # row 0 of the reversed system is unused
     return A, r
 
 
-def _forward_scan(A: Optional[torch.Tensor], r: torch.Tensor, mode: str, chunk: Optional[int]) -> torch.Tensor:
-    if mode == "identity":
-        return r.cumsum(0)
-    if mode not in ("full", "diag"):
-        raise InvalidInput(f"unknown Jacobian mode {mode!r}")
+def _forward_scan(A: torch.Tensor, r: torch.Tensor, mode: Mode, chunk: Optional[int]) -> torch.Tensor:
     if A is None or A.shape[0] != r.shape[0]:
         raise InvalidInput(f"A must have one entry per row: got {None if A is None else tuple(A.shape)} for r {tuple(r.shape)}")
     chunk = default_chunk(r.shape[0], r.device) if chunk is None else chunk
@@ -139,32 +136,20 @@ def _forward_scan(A: Optional[torch.Tensor], r: torch.Tensor, mode: str, chunk: 
     return _pcr(A.clone(), r.clone(), mode)
 
 
-def _matvec(A: torch.Tensor, v: torch.Tensor, mode: str) -> torch.Tensor:
-    return (A @ v.unsqueeze(-1)).squeeze(-1) if mode == "full" else A * v
-
-
-def _matmul(A: torch.Tensor, B: torch.Tensor, mode: str) -> torch.Tensor:
-    return A @ B if mode == "full" else A * B
-
-
-def sweep_chunks(A: torch.Tensor, r: torch.Tensor, full: bool) -> torch.Tensor:
+def sweep_chunks(A: torch.Tensor, r: torch.Tensor, mode: Mode) -> torch.Tensor:
     """Every chunk at once, its rows as if the row before it were zero: ``r[k] += A[k] r[k-1]`` in place
-    along dim 0 (chunk rows; dim 1 runs over chunks and samples; ``r`` as column vectors when ``full``).
+    along dim 0 (chunk rows; dim 1 runs over chunks and samples; ``r`` in ``mode.columns`` form).
     Returns the running products ``P[k] = A[k] ... A[0]``."""
     P = torch.empty_like(A)
     P[0] = A[0]
     rs, As, Ps = r.unbind(0), A.unbind(0), P.unbind(0)  # row views made once, not 5 per loop turn
     for k in range(1, A.shape[0]):
-        if full:
-            rs[k].baddbmm_(As[k], rs[k - 1])
-            torch.bmm(As[k], Ps[k - 1], out=Ps[k])
-        else:
-            rs[k].addcmul_(As[k], rs[k - 1])
-            torch.mul(As[k], Ps[k - 1], out=Ps[k])
+        mode.apply_add_(rs[k], As[k], rs[k - 1])
+        mode.compose_into(As[k], Ps[k - 1], Ps[k])
     return P
 
 
-def _chunked_scan(A: torch.Tensor, r: torch.Tensor, mode: str, chunk: int) -> torch.Tensor:
+def _chunked_scan(A: torch.Tensor, r: torch.Tensor, mode: Mode, chunk: int) -> torch.Tensor:
     length, tail = r.shape[0], r.shape[1:]
     n_chunks = -(-length // chunk)
     pad = n_chunks * chunk - length
@@ -173,37 +158,33 @@ def _chunked_scan(A: torch.Tensor, r: torch.Tensor, mode: str, chunk: int) -> to
         A = torch.cat([A, A.new_zeros(pad, *A.shape[1:])])
     # Layout (chunk position k, chunk c * batch, ...): every A[k], r[k] below is one contiguous block,
     # and the in-place batched kernels (baddbmm_, bmm out=, addcmul_) need no temporaries.
-    full = mode == "full"
     n = r.shape[-1]
-    A = A.reshape(n_chunks, chunk, -1, *A.shape[-2 if full else -1:]).transpose(0, 1)
+    mat = A.shape[-mode.matrix_dims:]
+    A = A.reshape(n_chunks, chunk, -1, *mat).transpose(0, 1)
     A = A.reshape(chunk, -1, *A.shape[3:]).contiguous()  # (K, C*B', n, n) or (K, C*B', n)
     r = r.reshape(n_chunks, chunk, -1, n).transpose(0, 1).reshape(chunk, -1, n).contiguous()
-    if full:
-        r = r.unsqueeze(-1)  # column vectors for baddbmm
-    P = sweep_chunks(A, r, full)
+    r = mode.columns(r)  # column vectors for baddbmm (full)
+    P = sweep_chunks(A, r, mode)
     # the chunks' last rows: D_c = r_c,last + P_c,last D_{c-1}; chunk 0's P multiplies the zero vector
-    per_chunk = (n_chunks, -1, n) + ((n,) if full else ())
+    per_chunk = (n_chunks, -1, n) + mat[1:]
     last_r = r[-1].reshape(n_chunks, -1, n)
     carry = _pcr(P[-1].reshape(per_chunk).clone(), last_r.clone(), mode)  # (C, B', n)
     # every row of chunk c >= 1 adds P (its running product) times the carry D_{c-1}
     later_r = r.view(chunk, n_chunks, -1, *r.shape[2:])[:, 1:]
     later_P = P.view(chunk, n_chunks, -1, *P.shape[2:])[:, 1:]
-    if full:
-        later_r += later_P @ carry[:-1].unsqueeze(-1)
-        r = r.squeeze(-1)
-    else:
-        later_r.addcmul_(later_P, carry[:-1])
+    mode.add_applied_(later_r, later_P, carry[:-1])
+    r = mode.vectors(r)
     r = r.reshape(chunk, n_chunks, *tail).transpose(0, 1).reshape(n_chunks * chunk, *tail)
     return r[:length]
 
 
-def _pcr(A: torch.Tensor, r: torch.Tensor, mode: str) -> torch.Tensor:
+def _pcr(A: torch.Tensor, r: torch.Tensor, mode: Mode) -> torch.Tensor:
     """Plain PCR, in place on ``A`` and ``r`` (callers pass copies)."""
     length = r.shape[0]
     n_rounds = rounds(length)
     for k in range(n_rounds):
         s, last = 1 << k, k == n_rounds - 1
-        r[s:] += _matvec(A[s:], r[:-s], mode)
+        r[s:] += mode.apply(A[s:], r[:-s])
         if not last:
-            A[s:] = _matmul(A[s:], A[:-s], mode)
+            A[s:] = mode.compose(A[s:], A[:-s])
     return r

@@ -18,6 +18,7 @@ import torch
 from ..results import Unsupported
 from ..config import Config
 from . import jacobians
+from .modes import Mode, choose_mode, mode_of
 from .adjoint import adjoint
 from .newton import scaled_norm, triangular_newton
 from .fused_solve import CompiledAdjoint, CompiledForward, constants_of
@@ -76,10 +77,10 @@ def solve(step: Callable, x0, per_step: Sequence[torch.Tensor] = (), shared: Seq
     with torch.no_grad():
         spec.check_step_output(steps.step(x0, *(p[0] for p in per_step), *shared_tensors))
 
-    mode = jacobians.choose_mode(config.jacobian, spec.width, config.full_max_state, length * spec.batch_size)
+    mode = mode_of(choose_mode(config.jacobian, spec.width, config.full_max_state, length * spec.batch_size))
     dtype = spec.dtypes[0]
     stats = SolveStats(length=length, width=spec.width, batch_size=spec.batch_size,
-                       jacobian_requested=config.jacobian, jacobian=mode, dtype=str(dtype).replace("torch.", ""),
+                       jacobian_requested=config.jacobian, jacobian=mode.name, dtype=str(dtype).replace("torch.", ""),
                        compute_dtype=str(spec.compute_dtype).replace("torch.", ""))
     x0_parts = x0 if isinstance(x0, tuple) else (x0,)
     if any(p.numel() == 0 for p in x0_parts):  # an empty batch: nothing to solve, the plain loop is exact and free
@@ -108,7 +109,7 @@ def _plain_loop(steps: Steps, x0, length: int):
 class _Problem:
     """Everything the autograd Function needs besides the tensors."""
 
-    def __init__(self, steps: Steps, spec: StateSpec, config: Config, mode: str, stats: SolveStats,
+    def __init__(self, steps: Steps, spec: StateSpec, config: Config, mode: Mode, stats: SolveStats,
                  n_x0: int, on_iteration: Optional[Callable[[int, int, float], None]]) -> None:
         self.steps, self.spec, self.config, self.mode, self.stats, self.n_x0 = steps, spec, config, mode, stats, n_x0
         self.atol, self.rtol = config.tolerances(spec.compute_dtype)
@@ -194,7 +195,7 @@ class _Problem:
         """The steps on a replicated batch for the Jacobians, where that is the faster method
         (``jacobians.replicates``) and the step has not refused one."""
         steps = steps or self.steps
-        if self.mode not in jacobians.MODES_WITH_MATRIX or self.replication.accepts is False \
+        if not self.mode.linearised or self.replication.accepts is False \
                 or not jacobians.replicates(self.spec.batch, self.spec.batch_size, self.spec.width, steps.sample_dims()):
             return None
         return steps.replicated(self.spec.width)
