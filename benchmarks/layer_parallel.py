@@ -1,7 +1,7 @@
 """Layer-parallel deeppcr.solve over 2 processes (one thread each) vs one process (issue 15).
 
     python benchmarks/layer_parallel.py [--L 4096 16384] [--w 4 16] [--B 1 8] [--repeats 3]
-                                        [--microbatches 8] [--no-pipeline] [--out benchmarks/results/layer_parallel_cpu.csv]
+                                        [--microbatches 8] [--no-pipeline] [--backend eager inductor] [--out benchmarks/results/layer_parallel_cpu.csv]
 
 One tanh MLP z_l = tanh(W_l z_{l-1} + b_l) (nn.Linear's default init, float32), L steps, width w,
 batch B. Methods, each timed for a forward pass and a training step (forward + backward of
@@ -11,6 +11,9 @@ loss = sum(z_L^2), gradients to every W_l, b_l):
 - ``solve``         ``deeppcr.solve`` (jacobian="full") in one process, one thread;
 - ``layer-parallel`` ``deeppcr.solve(..., group=WORLD)`` over 2 gloo processes, one thread each,
                     each holding half of the steps;
+- ``solve[inductor]``, ``layer-parallel[inductor]`` with ``--backend eager inductor``: the same with
+                    ``Config.backend="inductor"`` (each rank's iterations compiled; the compile happens in
+                    the untimed warm-up round); their ``vs solve`` columns compare with ``solve[inductor]``;
 - ``pipeline``      ``torch.distributed.pipelining`` with the GPipe schedule over the same 2
                     processes (each stage the sequential loop over its half), B split into
                     ``min(B, --microbatches)`` micro-batches (1 when B = 1).
@@ -93,6 +96,8 @@ class Method:
     step after it). ``both``: runs on both ranks (else rank 0 alone while rank 1 waits)."""
 
     both = False
+    backend = "eager"  # Config.backend of the deeppcr rows
+    ran = ""  # the backend the last forward solve ran (SolveStats.backend)
     iterations = ""
     per_iteration = ""
 
@@ -118,19 +123,28 @@ class Sequential(Method):
 
 
 class Solve(Sequential):
-    name = "solve"
+    name, backend = "solve", "eager"
 
     def fwd(self, x):
         with torch.no_grad():
-            self.iterations = deeppcr.solve(step, x, per_step=(self.W, self.b), jacobian="full").stats.iterations
+            res = deeppcr.solve(step, x, per_step=(self.W, self.b), jacobian="full", backend=self.backend)
+        self.iterations = res.stats.iterations
+        self.ran = res.stats.backend
 
     def train(self, x):
-        res = deeppcr.solve(step, x, per_step=(self.Wp, self.bp), jacobian="full")
+        res = deeppcr.solve(step, x, per_step=(self.Wp, self.bp), jacobian="full", backend=self.backend)
         res.states[-1].square().sum().backward()
 
 
+def with_backend(kind, backend: str):
+    """``kind`` (Solve or LayerParallel) running ``Config.backend=backend``; the eager ones keep their names."""
+    if backend == "eager":
+        return kind
+    return type(f"{kind.__name__}_{backend}", (kind,), {"name": f"{kind.name}[{backend}]", "backend": backend})
+
+
 class LayerParallel(Method):
-    name, both = "layer-parallel", True
+    name, both, backend = "layer-parallel", True, "eager"
 
     def __init__(self, W, b, rank, P, B, microbatches):
         L = W.shape[0]
@@ -143,13 +157,14 @@ class LayerParallel(Method):
     def fwd(self, x):
         with torch.no_grad():
             res = deeppcr.solve(step, x if self.rank == 0 else None, per_step=(self.W, self.b),
-                                group=dist.group.WORLD, jacobian="full")
+                                group=dist.group.WORLD, jacobian="full", backend=self.backend)
         self.iterations = res.stats.iterations
+        self.ran = res.stats.backend
         self.per_iteration = res.volume // max(1, res.stats.iterations)
 
     def train(self, x):
         res = deeppcr.solve(step, x if self.rank == 0 else None, per_step=(self.Wp, self.bp), group=dist.group.WORLD,
-                            jacobian="full")
+                            jacobian="full", backend=self.backend)
         if self.last:
             res.states[-1].square().sum().backward()
         else:  # every rank takes part in the backward pass; this one's states do not enter the loss
@@ -218,7 +233,7 @@ def _timed(method: Method, kind: str, x: torch.Tensor, rank: int) -> tuple:
 
 
 def _worker(rank: int, P: int, init: str, configs: list, repeats: int, microbatches: int, use_pipeline: bool,
-            out: str, timeout_s: float) -> None:
+            out: str, timeout_s: float, backends: list) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=P,
                             timeout=datetime.timedelta(seconds=timeout_s))
@@ -226,7 +241,8 @@ def _worker(rank: int, P: int, init: str, configs: list, repeats: int, microbatc
     call = 0
     for L, w, B in configs:
         W, b, _ = make(L, w, B)
-        kinds = [Sequential, Solve, LayerParallel] + ([Pipeline] if use_pipeline else [])
+        kinds = [Sequential] + [with_backend(k, be) for be in backends for k in (Solve, LayerParallel)] \
+            + ([Pipeline] if use_pipeline else [])
         methods, failed = [], []
         for kind in kinds:
             try:
@@ -244,7 +260,8 @@ def _worker(rank: int, P: int, init: str, configs: list, repeats: int, microbatc
                         times[(m.name, kind)].append(ms)
                         cpus[(m.name, kind)].append(cpu)
         for m in methods:
-            rows.append((L, w, B, m.name, statistics.median(times[(m.name, "fwd")]),
+            name = m.name if m.ran in ("", m.backend) else f"{m.name} (ran {m.ran})"
+            rows.append((L, w, B, name, statistics.median(times[(m.name, "fwd")]),
                          statistics.median(times[(m.name, "train")]), m.iterations, m.per_iteration,
                          statistics.median(cpus[(m.name, "fwd")]), statistics.median(cpus[(m.name, "train")])))
         for name, why in failed:
@@ -257,6 +274,13 @@ def _worker(rank: int, P: int, init: str, configs: list, repeats: int, microbatc
     dist.destroy_process_group()
 
 
+def _backend(method: str) -> str:
+    """The backend a row's name says (``solve[inductor]``: inductor; plain names: eager); the ``vs solve``
+    columns compare a row with the one-process solve of the same backend."""
+    name = method.split(" ")[0]
+    return name[name.index("[") + 1:-1] if "[" in name else "eager"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--L", type=int, nargs="+", default=[4096, 16384])
@@ -265,6 +289,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--microbatches", type=int, default=8)
     parser.add_argument("--no-pipeline", action="store_true")
+    parser.add_argument("--backend", nargs="+", default=["eager"], choices=["eager", "inductor", "auto"],
+                        help="Config.backend of the one-process solve and layer-parallel rows (one pair per backend; "
+                             "a compiled backend's compile happens in the untimed warm-up round)")
     parser.add_argument("--timeout", type=float, default=600.0, help="process group timeout, seconds")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "layer_parallel_cpu.csv"))
     args = parser.parse_args()
@@ -276,12 +303,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.pt")
         mp.spawn(_worker, args=(2, f"file://{os.path.join(tmp, 'store')}", configs, args.repeats, args.microbatches,
-                                not args.no_pipeline, out, args.timeout), nprocs=2, join=True)
+                                not args.no_pipeline, out, args.timeout, args.backend), nprocs=2, join=True)
         rows = torch.load(out, weights_only=False)
     header = ("L", "w", "B", "method", "forward_ms", "train_ms", "fwd_vs_solve", "train_vs_solve",
               "fwd_vs_pipeline", "train_vs_pipeline", "iterations", "elements_per_iteration",
               "forward_cpu_ms", "train_cpu_ms", "fwd_cpu_vs_solve", "train_cpu_vs_solve")
-    solve = {r[:3]: r for r in rows if r[3] == "solve"}
+    solve = {r[:3] + (_backend(r[3]),): r for r in rows if r[3].split(" ")[0].startswith("solve")}
     pipe = {r[:3]: r for r in rows if r[3] == "pipeline"}
 
     def ratio(base, r, i):
@@ -289,14 +316,14 @@ def main() -> None:
 
     table = []
     for r in rows:
-        s, p = solve.get(r[:3]), pipe.get(r[:3])
+        s, p = solve.get(r[:3] + (_backend(r[3]),)), pipe.get(r[:3])
         table.append((*r[:4], f"{r[4]:.1f}", f"{r[5]:.1f}", ratio(s, r, 4), ratio(s, r, 5), ratio(p, r, 4),
                       ratio(p, r, 5), r[6], r[7], f"{r[8]:.1f}", f"{r[9]:.1f}", ratio(s, r, 8), ratio(s, r, 9)))
-    print(f"{'L':>6} {'w':>3} {'B':>2} {'method':<15} {'fwd ms':>9} {'train ms':>9} {'fwd/solve':>9} "
+    print(f"{'L':>6} {'w':>3} {'B':>2} {'method':<26} {'fwd ms':>9} {'train ms':>9} {'fwd/solve':>9} "
           f"{'train/solve':>11} {'fwd/pipe':>8} {'train/pipe':>10} {'its':>4} {'elem/it':>7} {'fwd cpu':>8} "
           f"{'train cpu':>9} {'cpu f/s':>7} {'cpu t/s':>7}")
     for t in table:
-        print(f"{t[0]:>6} {t[1]:>3} {t[2]:>2} {t[3]:<15} {t[4]:>9} {t[5]:>9} {t[6]:>9} {t[7]:>11} {t[8]:>8} "
+        print(f"{t[0]:>6} {t[1]:>3} {t[2]:>2} {t[3]:<26} {t[4]:>9} {t[5]:>9} {t[6]:>9} {t[7]:>11} {t[8]:>8} "
               f"{t[9]:>10} {t[10]!s:>4} {t[11]!s:>7} {t[12]:>8} {t[13]:>9} {t[14]:>7} {t[15]:>7}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:

@@ -91,7 +91,7 @@ def _parts(x):
 
 
 def run_case(rank: int, name: str, L: int, cuts: list, group=None, warm: bool = False, frozen: bool = False,
-             **options) -> dict:
+             keep: bool = False, **options) -> dict:
     """One chain solved across the group (``rank``: this process's rank in it); errors against the
     sequential loop (float64) and the stats. ``warm``: solve twice, the second time from the
     first solution (``initial_guess``), and report the second solve. ``frozen``: on ranks > 0 no input
@@ -151,6 +151,9 @@ def run_case(rank: int, name: str, L: int, cuts: list, group=None, warm: bool = 
     }
     if rank == 0:
         out["x0_grad"] = max(err(p.grad, r.grad) for p, r in zip(_parts(x0), ref_x0))
+    if keep:  # this rank's states and gradients (``run_compiled_cases`` compares two backends)
+        out["kept"] = [s.detach() for s in _parts(res.states)] + [t.grad for t in per_step + shared
+                                                                  if t.grad is not None]
     return out
 
 
@@ -424,3 +427,31 @@ if __name__ == "__main__":  # python -m torch.distributed.run --nproc-per-node 2
     rank = dist.get_rank()
     torch.save(run_cases(rank, dist.get_world_size(), CASES_TORCHRUN), os.path.join(sys.argv[1], f"rank{rank}.pt"))
     dist.destroy_process_group()
+
+
+def run_compiled_cases(rank: int, nprocs: int, cases: list) -> dict:
+    """Each case solved twice across the group, ``backend="eager"`` and ``backend="inductor"``
+    (tests/test_distributed_compiled.py): both against the sequential loop, the compiled states and
+    gradients against the eager distributed ones, and the stats. A case's options may hold
+    ``closure_on`` (a rank whose step reads a tensor it closes over: its trace fails there only)."""
+    import deeppcr_fx as deeppcr  # noqa: F401
+
+    out = {}
+    for key, name, L, cuts, options in cases:
+        options = dict(options)
+        closure_on = options.pop("closure_on", None)
+        if closure_on == rank:
+            base = CHAINS[name]
+            one = torch.ones((), dtype=torch.float64)  # read by the step, not passed: the trace refuses it
+            CHAINS[name] = lambda L, base=base: dataclasses.replace(
+                base(L), step=lambda z, *a, s=base(L).step: s(z, *a) * one)
+        try:
+            runs = {b: run_case(rank, name, L, cuts, backend=b, keep=True, **options) for b in ("eager", "inductor")}
+        finally:
+            if closure_on == rank:
+                CHAINS[name] = base
+        eager, compiled = runs["eager"], runs["inductor"]
+        out[key] = {**{k: v for k, v in compiled.items() if k != "kept"},
+                    "vs_eager": max(float((a - b).abs().max()) for a, b in zip(compiled["kept"], eager["kept"])),
+                    "eager_stats": eager["stats"]}
+    return out

@@ -44,6 +44,7 @@ their rank only; the others then fail when that process exits or the group's tim
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -54,7 +55,9 @@ from . import jacobians
 from .distributed_adjoint import adjoint_distributed
 from ..results import DistributedLayoutError, DistributedSolveError, PeerFailure
 from .distributed_comm import Comm
+from .distributed_fused import CompiledRank
 from .distributed_newton import distributed_newton
+from .fused_solve import constants_of
 from .modes import Mode, choose_mode, mode_of
 from .distributed_setup import setup
 from . import steps as steps_module
@@ -108,7 +111,8 @@ def solve_distributed(step: Callable, x0, per_step: Sequence[torch.Tensor] = (),
         x0_parts = tuple(torch.zeros(s, dtype=d, device=device) for s, d in zip(spec.shapes, spec.dtypes))
 
     direct_call = getattr(steps_module, "direct_call", lambda f: f)  # skips torch.fx's error print
-    step = bind_constants(direct_call(step), len(per_step), shared)
+    user_step = direct_call(step)
+    step = bind_constants(user_step, len(per_step), shared)
     shared_tensors = tuple(s for s in shared if isinstance(s, torch.Tensor))
     steps = Steps(step, spec, per_step, shared_tensors, config.vectorize)
     setup_error = None  # carried by the first exchange of the forward solve: every rank raises there
@@ -130,6 +134,7 @@ def solve_distributed(step: Callable, x0, per_step: Sequence[torch.Tensor] = (),
     problem.shared_wrt = [len(per_step) + i for i, rg in enumerate(layout.shared_grad) if rg]
     problem.initial_guess = initial_guess if layout.warm[comm.rank] else None
     problem.setup_error = setup_error
+    problem.compiled = CompiledRank(problem, user_step, constants_of(shared))
     if comm.rank > 0:  # the state before this rank's first step: the previous rank's initial last row
         problem.halo = layout.guess_lasts[comm.rank - 1] if layout.warm[comm.rank - 1] else x0_flat
     # A rank with nothing to differentiate still takes part in the backward pass when another rank
@@ -158,7 +163,8 @@ def _local_facts(x0, per_step: tuple, shared: tuple, length: Optional[int], conf
                    for s in shared],
         "shared_grad": [s.requires_grad for s in shared if isinstance(s, torch.Tensor)],
         "options": {**{k: getattr(config, k, None) for k in ("jacobian", "max_iter", "atol", "rtol", "adjoint_atol",
-                                                             "adjoint_rtol", "batch", "full_max_state")},
+                                                             "adjoint_rtol", "batch", "full_max_state",
+                                                             "backend")},
                     "grad_enabled": torch.is_grad_enabled()},  # a backward pass needs every rank
         # whether this rank's inputs make the states differentiable (x0 counts on the first rank only)
         "needs_grad": torch.is_grad_enabled() and any(
@@ -229,12 +235,12 @@ class _Problem:
         self.forward_volume = 0
         self.halo: Optional[torch.Tensor] = x0_flat  # the state before this rank's first step
         self.setup_error: Optional[str] = None
+        self.compiled: Optional[CompiledRank] = None  # the compiled halves of an iteration (Config.backend)
 
     def forward(self, x0_flat: torch.Tensor) -> torch.Tensor:
         comm, steps, mode, m = self.comm, self.steps, self.mode, self.lengths[self.comm.rank]
         jac = jacobians.Jacobians(mode)
         replicated = self.replicated_steps()
-        volume0 = comm.volume
         if comm.rank == 0:
             self.halo = x0_flat
 
@@ -261,13 +267,24 @@ class _Problem:
             U = self.initial_guess.clone()
         else:
             U = x0_flat.unsqueeze(0).repeat(m, *([1] * x0_flat.dim()))
+        if self.compiled is not None and self.compiled.agree(U, self.halo, self.setup_error):
+            volume0 = comm.volume  # the agreement is not the solve's communication
+            U = self.compiled.solve(U, tuple(steps.inputs), finish, self.config.iteration_cap(sum(self.lengths)),
+                                    self.config.record_stats, self.on_iteration, self.setup_error)
+            self.solution = U.detach()
+            self.forward_volume = comm.volume - volume0
+            return U
+        volume0 = comm.volume
         order = list(range(comm.size))
         offsets = [0]
         for n_steps in self.lengths:
             offsets.append(offsets[-1] + n_steps)
+        t0 = time.perf_counter()
         distributed_newton(comm, order, offsets, evaluate, finish, U, mode, self.atol, self.rtol,
                            self.config.iteration_cap(offsets[-1]), self.stats.forward, self.config.record_stats,
                            self.on_iteration, what="forward", handoff=handoff, setup_error=self.setup_error)
+        if self.compiled is not None:
+            self.compiled.record_eager(time.perf_counter() - t0)
         self.stats.autodiff = "replicated" if replicated is not None and jac.replicate_error is None else jac.ad
         self.stats.autodiff_error, self.stats.replicate_error = jac.rev_error, jac.replicate_error
         self.replication_refused = jac.replicate_error is not None

@@ -1,0 +1,299 @@
+"""The layer-parallel forward solve with each rank's local work compiled (``Config.backend``).
+
+``distributed_newton`` (the eager reference) splits a Newton iteration at its collective; here the
+two halves are compiled functions of fixed-shape tensors (traced once per step and signature and
+compiled by inductor, ``backend.compile_traced``, as ``runtime/fused.py`` does in one process):
+
+    local(U, halo, w0, *inputs) -> (buf, vals, ...)    batched steps, Jacobians, residual, ratios,
+        the window start w0 as a mask; the first rank also scans its rows from its first unconverged
+        row (its map is its last row); packs the exchange row (``distributed_scan.Packing``)
+    comm.gather(buf)                                   the all-gather, eager
+    host: the same decisions as ``distributed_newton`` (flags, global window, stop, remainder)
+    fold(...)                                          the gathered maps (eager, ``distributed_scan.fold``)
+    apply(U, vals, ..., x_in, w1, g) -> U'             the last rank's sweep with its input folded in
+        (the first rank adds its scan); the first unconverged row set to its step value
+
+The plan is always "fresh" (each iteration forms its Jacobians before the exchange): one exchange per
+iteration, and a converged exact-mode iteration's remainder update uses that iteration's Jacobians
+(a plain Newton step, as the one-process compiled iteration does). The hand-offs (the next rank's halo)
+come from ``fold`` on the gathered numbers, as in the eager driver, so both sides hold the same value.
+Two ranks at most (a middle rank's pre/post maps are not compiled: more ranks run eagerly).
+
+The backend is a group decision: every rank says whether it wants the compiled iteration (one small
+all-gather per solve when ``backend != "eager"``); where all do, those without a compiled function
+build one and the group compares results (a pickled gather, only in a solve that compiles). If any
+rank failed, every rank runs eagerly and records the same ``backend_error`` (and keeps it: later
+solves stay eager without compiling again).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Optional
+
+import torch
+
+from ..results import FinishCause
+from . import backend, fused_scan
+from .distributed_comm import Comm, DistributedSolveError, raise_failures
+from .distributed_newton import _FAILED, _NON_FINITE, _SETUP, _finish, _raise_setup
+from .distributed_scan import Packing, fold
+from .fused import NewtonIteration, fused_chunk
+from .fused_solve import _tracing
+from .modes import Mode
+from .newton import COHERENT, scaled_norm
+
+MAX_RANKS = 2
+
+
+def _rows_like(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return mask.view(-1, *([1] * (t.dim() - 1)))
+
+
+class LocalIteration:
+    """The traced first half of one rank's iteration (see the module docstring)."""
+
+    def __init__(self, step: Callable, spec, n_per_step: int, n_shared: int, mode: Mode, atol: float, rtol: float,
+                 chunk: int, first: bool, lo: int, total: int, size: int) -> None:
+        self.it = NewtonIteration(step, spec, n_per_step, n_shared, mode, atol, rtol, chunk)
+        self.mode, self.atol, self.rtol, self.chunk = mode, atol, rtol, chunk
+        self.first, self.lo, self.total, self.size = first, lo, total, size
+
+    def __call__(self, U, halo, w0, *inputs):
+        m = U.shape[0]
+        Zprev = torch.cat([halo.unsqueeze(0), U[:-1]])
+        vals, A = self.it.linearise(Zprev, inputs)
+        residual = vals - U
+        ratio = scaled_norm(residual, U, self.atol, self.rtol)
+        rows = torch.arange(m, device=U.device)
+        active = rows >= w0
+        worst = torch.where(active, ratio, torch.zeros_like(ratio)).amax().double()
+        finite = torch.isfinite(worst)
+        bad = active & (ratio > COHERENT)
+        any_bad = bad.any()
+        j = torch.where(any_bad, bad.to(torch.int32).argmax(), m)
+        header = torch.stack([torch.where(finite, 0.0, _NON_FINITE).double(),
+                              torch.where(any_bad, j + self.lo, self.total).double(),
+                              torch.where(finite, worst, 0.0).double()])
+        parts = [header, U[-1].reshape(-1).double(), vals[-1].reshape(-1).double()]
+        out = [vals]
+        if self.first:  # its input is zero: scan its rows from j now; its map is its last row
+            keep = rows >= j
+            r = torch.where(_rows_like(keep, residual), residual, torch.zeros_like(residual))
+            Am = None if A is None else torch.where(_rows_like(keep, A), A, torch.zeros_like(A))
+            delta = fused_scan.scan(Am, r, self.mode, chunk=self.chunk)
+            if self.mode.couples:
+                parts.append(delta[-1].reshape(-1).double())
+            out.append(delta)
+        else:
+            out.append(residual)
+            if A is not None:
+                out.append(A)
+        used = sum(p.numel() for p in parts)
+        buf = torch.cat(parts + [header.new_zeros(self.size - used)])
+        return (buf, *out)
+
+
+class ApplyIteration:
+    """The traced second half: the update of rows w1.. and row g (the first unconverged row) set to
+    its step value. First rank: ``(U, vals, delta, w1, g)``; else ``(U, vals, residual, [A,] x_in, w1, g)``."""
+
+    def __init__(self, mode: Mode, chunk: int, first: bool) -> None:
+        self.mode, self.chunk, self.first = mode, chunk, first
+
+    def __call__(self, U, vals, *args):
+        *args, w1, g = args
+        rows = torch.arange(U.shape[0], device=U.device)
+        if self.first:
+            delta = args[0]
+        else:
+            residual, A, x_in = (args[0], args[1], args[2]) if len(args) == 3 else (args[0], None, args[1])
+            r = torch.where(_rows_like(rows >= w1, residual), residual, torch.zeros_like(residual))
+            if self.mode.couples:  # what enters row w1: A_w1 x_in (identity: x_in)
+                into = x_in.unsqueeze(0) if A is None else \
+                    self.mode.fused_apply(A.index_select(0, w1.reshape(1)), x_in.unsqueeze(0))
+                r = r + torch.where(_rows_like(rows == w1, r), into, torch.zeros_like(into))
+            if A is not None:
+                A = torch.where(_rows_like(rows > w1, A), A, torch.zeros_like(A))
+            delta = fused_scan.scan(A, r, self.mode, chunk=self.chunk)
+        U_new = torch.where(_rows_like(rows >= w1, U), U + delta, U)
+        return torch.where(_rows_like(rows == g, U), vals, U_new)
+
+
+class CompiledRank:
+    """One distributed solve's view of the compiled-function cache (``backend``), and the group's agreement."""
+
+    def __init__(self, problem, user_step: Callable, constants: tuple) -> None:
+        self.problem, self.user_step, self.constants = problem, user_step, constants
+        self.entries: Optional[tuple] = None  # (local, apply) cache entries, once looked up
+
+    def _key(self, device: torch.device) -> tuple:
+        p = self.problem
+        m, lo, total = p.lengths[p.comm.rank], sum(p.lengths[:p.comm.rank]), sum(p.lengths)
+        return ("distributed", p.mode.name, p.spec, p.atol, p.rtol, lo, m, total, p.comm.size, p.comm.rank,
+                fused_chunk(m, device), self.constants, backend.tensor_signature(p.steps.inputs),
+                len(p.steps.per_step), device.type)
+
+    def _eligible(self, setup_error: Optional[str]) -> Optional[str]:
+        """None, or why this rank cannot run the compiled iteration (a group decision follows)."""
+        p = self.problem
+        if p.steps.vectorize is False or p.steps.vmap_error is not None:
+            return p.steps.vmap_error or "the step is not vectorized (Config.vectorize=False)"
+        if setup_error is not None:
+            return "the first step check failed"
+        if _tracing():
+            return "inside a TorchDynamo or torch.jit trace"
+        return None
+
+    def agree(self, U: torch.Tensor, halo: torch.Tensor, setup_error: Optional[str]) -> bool:
+        """Whether every rank runs the compiled iteration in this solve (a collective when the backend is
+        not ``"eager"`` and the group has at most MAX_RANKS ranks; every rank reaches the same answer and
+        the same ``stats.backend_error``)."""
+        p = self.problem
+        cfg, comm, stats = p.config, p.comm, p.stats
+        if cfg.backend == "eager":
+            return False
+        if comm.size > MAX_RANKS:  # the same on every rank: no exchange needed
+            stats.backend_error = (f"the compiled layer-parallel iteration supports at most {MAX_RANKS} ranks "
+                                   f"(a group of {comm.size} runs eagerly)")
+            return False
+        device = U.device
+        reason = self._eligible(setup_error)
+        if reason is None:
+            key = self._key(device)
+            self.entries = (backend.entry(self.user_step, key), backend.entry(self.user_step, key + ("apply",)))
+            if self.entries[0] is None or self.entries[1] is None:
+                self.entries, reason = None, "the step or a non-tensor shared value cannot be a cache key"
+        local = self.entries[0] if reason is None else None
+        chunked = fused_chunk(p.lengths[comm.rank], device) > 0
+        want = reason is None and backend.use_compiled(cfg.backend, local, device, chunked=chunked)
+        has = want and local.fn is not None and self.entries[1].fn is not None
+        error = None if local is None else local.error  # after a failed group compile: the group's message
+        flags = comm.gather(torch.tensor([float(want), float(has), float(reason is not None), float(error is not None)],
+                                         device=device), "backend agreement").tolist()
+        if not all(f[0] for f in flags):
+            # every rank's error is the group's message of one failed compile (or there is none); the reasons
+            # may differ between ranks only where some rank is ineligible or some has no error: a pickled gather
+            if any(f[2] for f in flags) or len({f[3] for f in flags}) > 1:
+                stats.backend_error = self._group_error(comm, reason or error)
+            else:
+                stats.backend_error = error
+            return False
+        if all(f[1] for f in flags):
+            return True
+        t0 = time.perf_counter()
+        error = None if has else self._build(U, halo, cfg.cuda_graphs and device.type == "cuda")
+        seconds = time.perf_counter() - t0
+        gathered = comm.gather_objects((error, seconds), "backend agreement (compile)")
+        if any(e is not None for e, _ in gathered):
+            message = "; ".join(f"rank {r}: {e}" for r, (e, _) in enumerate(gathered) if e is not None)
+            for found in self.entries:  # every rank stays eager from now on, with the same reason
+                found.error = message
+                found.fn = None
+            stats.backend_error = message
+            return False
+        stats.compile_s = max(s for _, s in gathered)
+        return True
+
+    def _group_error(self, comm: Comm, mine: Optional[str]) -> str:
+        """The same message on every rank (a pickled gather; only where some rank cannot compile)."""
+        errors = comm.gather_objects(mine, "backend agreement (reasons)")
+        return "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None)
+
+    def _build(self, U: torch.Tensor, halo: torch.Tensor, cuda_graphs: bool) -> Optional[str]:
+        p = self.problem
+        comm, steps, mode = p.comm, p.steps, p.mode
+        m, lo, total = U.shape[0], sum(p.lengths[:comm.rank]), sum(p.lengths)
+        first = comm.rank == 0
+        chunk = fused_chunk(m, U.device)
+        size = Packing(mode, U[0], comm.size).size
+        local_fn = LocalIteration(steps.step, p.spec, len(steps.per_step), len(steps.shared), mode, p.atol, p.rtol,
+                                  chunk, first, lo, total, size)
+        local_entry, apply_entry = self.entries
+        args = (U, halo, torch.tensor(0, device=U.device), *steps.inputs)
+        out = backend.build(local_entry, local_fn, args, cuda_graphs)
+        if out is None:
+            return local_entry.error
+        x_in = () if first else (torch.zeros_like(halo),)
+        apply_args = (U, *out[1:], *x_in, torch.tensor(0, device=U.device), torch.tensor(0, device=U.device))
+        if backend.build(apply_entry, ApplyIteration(mode, chunk, first), apply_args, cuda_graphs) is None:
+            return apply_entry.error
+        return None
+
+    def record_eager(self, seconds: float) -> None:
+        if self.entries is not None and self.entries[0] is not None:
+            self.entries[0].eager_s += seconds
+
+    def solve(self, U: torch.Tensor, inputs: tuple, finish: Callable, max_iter: int, record: bool,
+              on_iteration, setup_error: Optional[str]) -> torch.Tensor:
+        """``distributed_newton``'s forward solve with the compiled halves (see the module docstring)."""
+        p = self.problem
+        comm, mode, stats, offsets = p.comm, p.mode, p.stats.forward, [0]
+        for n_steps in p.lengths:
+            offsets.append(offsets[-1] + n_steps)
+        P, pos = comm.size, comm.rank
+        first, last = pos == 0, pos == P - 1
+        lo, hi, total = offsets[pos], offsets[pos + 1], offsets[-1]
+        m = hi - lo
+        order = list(range(P))
+        local, apply = (e.fn for e in self.entries)
+        packing = Packing(mode, U[0], P)
+        stats.jacobian, stats.backend = mode.name, "inductor"
+        p.stats.backend = "inductor"
+        g, previous = 0, math.inf
+        device = U.device
+        while True:
+            w0 = min(max(g - lo, 0), m)
+            if stats.iterations >= max_iter:
+                return _finish(comm, order, offsets, finish, U, g, stats, FinishCause.MAX_ITER, "forward")
+            failure, out = None, None
+            try:
+                if setup_error is not None:
+                    buf = packing.new()
+                    buf[0] = _SETUP
+                else:
+                    out = local(U, p.halo, torch.tensor(w0, device=device), *inputs)
+                    buf = out[0]
+            except DistributedSolveError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every rank stops at the check below
+                failure, buf = exc, packing.new()
+                buf[0] = _FAILED
+            rows = comm.gather(buf, "forward iteration")
+            head = rows[:, :3].tolist()
+            flags = [h[0] for h in head]
+            if _SETUP in flags:
+                _raise_setup(comm, setup_error)
+            raise_failures(comm, [f == _FAILED for f in flags], failure, "the forward step evaluation")
+            if _NON_FINITE in flags:
+                return _finish(comm, order, offsets, finish, U, g, stats, FinishCause.NON_FINITE, "forward")
+            g_new = int(min(h[1] for h in head))
+            worst = max(h[2] for h in head)
+            stats.iterations += 1
+            if record:
+                stats.window_starts.append(g)
+                stats.residuals.append(worst)
+            converged = worst <= COHERENT or (mode.exact and worst <= 1)
+            remainder = converged and worst > COHERENT and previous > 1 / COHERENT and stats.iterations > 1
+            if converged and not remainder:
+                if on_iteration is not None:
+                    on_iteration(stats.iterations, total, worst)
+                stats.converged = True
+                return U
+            w1 = min(max(g_new - lo, 0), m)
+            x_in, new_last = fold(packing, rows, order, offsets, g_new, decided=False)
+            if w1 < m:
+                vals, *rest = out[1:]
+                if not first:
+                    rest.append(x_in[pos] if x_in[pos] is not None else torch.zeros_like(U[0]))
+                U = apply(U, vals, *rest, torch.tensor(w1, device=device), torch.tensor(g_new - lo, device=device))
+            if not last and g_new < hi:
+                U[-1] = new_last[pos]
+            if not first:
+                p.halo = new_last[pos - 1].clone()
+            if on_iteration is not None:
+                on_iteration(stats.iterations, total if converged else g_new + 1, worst)
+            if converged:
+                stats.converged = True
+                return U
+            previous, g = worst, g_new
