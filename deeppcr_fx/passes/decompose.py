@@ -1,4 +1,4 @@
-"""Recurrent cells as plain ops, so every step of a chain is evaluated in one batched call.
+"""Ops without vmap batching rules, replaced in a chain's step template so every step is evaluated in one batched call.
 
 ``torch.gru_cell``, ``lstm_cell``, ``rnn_tanh_cell`` and ``rnn_relu_cell`` (what ``nn.GRUCell``,
 ``nn.LSTMCell`` and ``nn.RNNCell`` call) have no ``torch.func.vmap`` batching rule: vmap falls
@@ -6,6 +6,10 @@ back to a loop over the steps, one kernel launch per step, and the parallel solv
 plain loop by a wide margin. In a chain's step template they are replaced by the same
 arithmetic in ops vmap batches (``linear``, ``chunk``, ``sigmoid``, ``tanh``), in the order
 ATen computes it (``aten/src/ATen/native/RNN.cpp``), so results agree to rounding.
+
+``torch.nn.functional.scaled_dot_product_attention`` (CPU) has no batching rule either; it becomes
+``runtime/attention.py``'s version, which calls eager's own kernels with vmap's dimension folded into
+the kernel's batch (equal to eager's results bit for bit, gradients included).
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from ..runtime.attention import scaled_dot_product_attention
 
 
 def gru_cell(input: torch.Tensor, hx: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
@@ -43,6 +49,8 @@ def rnn_relu_cell(input: torch.Tensor, hx: torch.Tensor, w_ih: torch.Tensor, w_h
     return torch.relu(F.linear(input, w_ih, b_ih) + F.linear(hx, w_hh, b_hh))
 
 
-# the fused cell -> its decomposition (torch._VF.gru_cell is torch.gru_cell, and so on)
+# the op -> its batched form (torch._VF.gru_cell is torch.gru_cell, F.scaled_dot_product_attention is
+# torch._C._nn.scaled_dot_product_attention, and so on)
 DECOMPOSITIONS = {torch.gru_cell: gru_cell, torch.lstm_cell: lstm_cell,
-                  torch.rnn_tanh_cell: rnn_tanh_cell, torch.rnn_relu_cell: rnn_relu_cell}
+                  torch.rnn_tanh_cell: rnn_tanh_cell, torch.rnn_relu_cell: rnn_relu_cell,
+                  F.scaled_dot_product_attention: scaled_dot_product_attention}
