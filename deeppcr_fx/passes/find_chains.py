@@ -14,7 +14,8 @@ Summary of the algorithm (DESIGN.md §2):
    structure)`` where arguments are the piece's input state, its own nodes by position,
    external values by first-use slot, and constants — never node names. Floats are
    slots too (a per-step constant such as a schedule coefficient may differ per step).
-   A *loose* key leaves shapes out; a *strict* key adds every shape and dtype.
+   A *loose* key leaves shapes out; a *strict* key adds every shape and dtype
+   (``passes/canonical.py``; one walk per piece makes both).
 4. Runs: the longest stretches of pieces that repeat with some period ``p``; greedily
    keep the runs that cover the most pieces (ties: smaller ``p``, earlier start) without
    overlap. A loose run with no strict sub-run of >= 2 segments is reported as a chain
@@ -27,16 +28,13 @@ candidates, ``rewrite`` acts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
-import torch
 import torch.fx as fx
 
+from .canonical import _slots, canonical, map_args  # noqa: F401 (map_args: the one traversal, also here)
 from .collector_writes import collector_writes
-from .shape_prop import info_of
 from .sources import default_sources
-
-_LITERALS = (int, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
 
 
 @dataclass
@@ -91,111 +89,7 @@ class _Piece:
     nodes: list
     loose: Any = None
     strict: Any = None
-
-
-def target_key(node: fx.Node, gm: Optional[fx.GraphModule], strict: bool) -> Any:
-    """What a node computes, never its name: an opaque module counts by type (and parameter shapes)."""
-    if node.op == "call_module" and gm is not None:
-        mod = gm.get_submodule(node.target)
-        params = tuple((k, tuple(v.shape)) for k, v in mod.state_dict().items()) if strict else ()
-        return ("module", type(mod), params)
-    return (node.op, node.target)
-
-
-def map_args(a: Any, on_node: Callable[[fx.Node], Any], on_float: Callable[[float], Any]) -> Any:
-    """The one traversal of a node's arguments: nodes and floats replaced, containers rebuilt.
-
-    Its visiting order numbers a segment's float slots, so the canonical form below and the
-    step template (``passes/template.py``) both go through this function and cannot drift.
-    """
-    if isinstance(a, fx.Node):
-        return on_node(a)
-    if isinstance(a, bool) or a is None:
-        return a
-    if isinstance(a, float):
-        return on_float(a)
-    if isinstance(a, (tuple, list)):
-        items = [map_args(v, on_node, on_float) for v in a]
-        return type(a)(*items) if hasattr(a, "_fields") else type(a)(items)  # namedtuples take fields
-    if isinstance(a, dict):
-        return {k: map_args(v, on_node, on_float) for k, v in a.items()}
-    if isinstance(a, slice):
-        return slice(*(map_args(v, on_node, on_float) for v in (a.start, a.stop, a.step)))
-    return a
-
-
-class _Key(tuple):
-    """A canonical key already made (a node's or a float's), left alone by ``_freeze``."""
-
-
-def _freeze(a: Any) -> Any:
-    """The hashable canonical form of an argument structure that ``map_args`` produced."""
-    if isinstance(a, _Key):
-        return tuple(a)
-    if isinstance(a, bool) or a is None:
-        return a
-    if isinstance(a, _LITERALS):
-        return (type(a).__name__, a)
-    if isinstance(a, (tuple, list)):
-        return (type(a).__name__,) + tuple(_freeze(v) for v in a)
-    if isinstance(a, dict):
-        return ("dict",) + tuple((k, _freeze(v)) for k, v in a.items())
-    if isinstance(a, slice):
-        return ("slice", _freeze(a.start), _freeze(a.stop), _freeze(a.step))
-    return ("object", id(a))  # unknown objects match only themselves
-
-
-class _Form:
-    """Canonical form of a list of nodes read from one input state."""
-
-    def __init__(self, state_in, nodes: list, strict: bool, gm) -> None:
-        """``state_in``: the state's node, or a tuple of its components (keyed by position)."""
-        multi = isinstance(state_in, tuple)
-        self.state_index = {n: _Key(("S", j)) for j, n in enumerate(state_in)} if multi else {state_in: _Key(("S",))}
-        self.strict, self.gm = strict, gm
-        self.local = {n: i for i, n in enumerate(nodes)}
-        self.externals: list = []
-        self._ext_index: dict = {}
-        self.floats: list = []
-        self.key = tuple(self._node(n) for n in nodes)
-
-    def _shape(self, n: fx.Node) -> Any:
-        info = info_of(n)
-        return None if info is None else (info.shape, info.dtype, info.is_tensor,
-                                           None if info.is_tensor else _hashable(info.constant))
-
-    def _node(self, n: fx.Node) -> tuple:
-        entry = (n.op, target_key(n, self.gm, self.strict), self.form(n.args), self.form(n.kwargs))
-        return entry + ((self._shape(n),) if self.strict else ())
-
-    def form(self, a: Any) -> Any:
-        return _freeze(map_args(a, self._node_key, self._float_key))
-
-    def _node_key(self, a: fx.Node) -> _Key:
-        if a in self.state_index:
-            return self.state_index[a]
-        if a in self.local:
-            return _Key(("L", self.local[a]))
-        if a not in self._ext_index:
-            self._ext_index[a] = len(self.externals)
-            self.externals.append(a)
-        return _Key(("E", self._ext_index[a], a.op) + ((self._shape(a),) if self.strict else ()))
-
-    def _float_key(self, a: float) -> _Key:
-        self.floats.append(a)
-        return _Key(("F",))
-
-
-def _hashable(x: Any) -> Any:
-    try:
-        hash(x)
-        return x
-    except TypeError:
-        return repr(x)
-
-
-def canonical(state_in, nodes: list, strict: bool, gm=None) -> _Form:
-    return _Form(state_in, nodes, strict, gm)
+    form: Any = None  # its _Form: externals and floats, for a chain of period 1
 
 
 # --- cuts --------------------------------------------------------------------------------
@@ -255,12 +149,12 @@ def pieces(graph: fx.Graph, source: fx.Node, gm=None, relax: bool = False) -> li
     cut_nodes, dep = cuts(graph, source, relax)
     order = list(graph.nodes)
     pos = {n: i for i, n in enumerate(order)}
-    out = []
+    out, modules = [], {}
     for a, b in zip(cut_nodes, cut_nodes[1:]):
         nodes = [n for n in order[pos[a] + 1:pos[b] + 1] if n in dep]
         piece = _Piece(a, b, nodes)
-        piece.loose = canonical(a, nodes, False, gm).key
-        piece.strict = canonical(a, nodes, True, gm).key
+        piece.form = canonical(a, nodes, True, gm, modules)
+        piece.loose, piece.strict = piece.form.loose, piece.form.strict
         out.append(piece)
     return out
 
@@ -321,8 +215,11 @@ def _segments(ps: list, start: int, period: int, count: int, gm) -> list:
     for s in range(count):
         chunk = ps[start + s * period:start + (s + 1) * period]
         nodes = [n for c in chunk for n in c.nodes]
-        form = canonical(chunk[0].state_in, nodes, True, gm)
-        segs.append(Segment(chunk[0].state_in, chunk[-1].state_out, nodes, form.externals, form.floats))
+        if period == 1:  # the piece's own form has the slots
+            externals, floats = list(chunk[0].form.externals), list(chunk[0].form.floats)
+        else:
+            externals, floats = _slots(chunk[0].state_in, nodes)
+        segs.append(Segment(chunk[0].state_in, chunk[-1].state_out, nodes, externals, floats))
     return segs
 
 

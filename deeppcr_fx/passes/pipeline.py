@@ -3,9 +3,10 @@
 Each pass is a ``torch.fx.passes.infra.PassBase`` (``requires -> call -> ensures``) built
 from the frozen ``CompileOptions``; it returns a ``PassResult(graph_module, modified)``. What
 a pass learns is written on the graph, not into a shared context: node shapes in
-``node.meta``, the chains' ``ChainPlan``s in ``gm.meta[PLANS]`` (``passes/plan.py``). The
-manager lints the graph after every pass; a failing pass is re-raised as ``PassError``
-naming the passes that already ran.
+``node.meta``, the chains' ``ChainPlan``s in ``gm.meta[PLANS]`` (``passes/plan.py``). A pass
+that modified the graph lints it (the front ends lint what they capture; a pass that only
+analyses cannot break it, and a lint of a 200,000-node graph takes a second); a failing pass is
+re-raised as ``PassError`` naming the passes that already ran.
 
     shape_prop    node.meta["pcr"] and gm.meta[SHAPES]          (passes/shape_prop.py)
     find_chains   gm.meta[PLANS]: one ChainPlan per candidate   (passes/find_chains.py)
@@ -42,6 +43,7 @@ from .plan import PLANS, SHAPES, ChainPlan, plans_of
 from .records import chain_record
 from .rewrite import rewrite
 from .shape_prop import info_of, propagate
+from .trace_memo import append_node
 from .validate import validate
 
 try:  # recompiles only when the code is needed: the manager recompiles after every pass
@@ -63,9 +65,13 @@ class _Pass(PassBase):
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         result = super().__call__(gm)
         previous = self.history[list(self.history)[-1]]
-        self.history[self.name] = _snapshot(result.graph_module, self.name) if result.modified else previous
-        if result.modified:
+        if result.modified:  # only a pass that changed the graph can have broken it: lint once, here
+            result.graph_module.graph.lint()
             logger.debug("deeppcr: graph after %s:\n%s", self.name, _GraphText(result.graph_module))
+        # the last pass's graph is the emitted graph itself (``_run_passes``): no copy of it
+        last = self.name == PASSES[-1].name
+        self.history[self.name] = _snapshot(result.graph_module, self.name) if result.modified and not last \
+            else previous
         return result
 
     def _plans(self, gm: fx.GraphModule, after: str, done: str) -> list:
@@ -169,7 +175,23 @@ PASSES = (ShapeProp, FindChains, Validate, Decide, Describe, Rewrite)
 
 def _snapshot(gm: fx.GraphModule, name: str) -> fx.GraphModule:
     """A copy of ``gm``'s graph (sharing its Parameters and submodules) that later passes cannot change."""
-    return _sharing(gm, copy.deepcopy(gm.graph), name)
+    return _sharing(gm, _copy(gm.graph), name)
+
+
+def _copy(graph: fx.Graph) -> fx.Graph:
+    """``copy.deepcopy(graph)`` (same nodes, names, metadata and code generator), each node appended as
+    ``trace_memo.append_node`` does: the nodes' arguments are those of a graph already."""
+    new, env = fx.Graph(tracer_cls=graph._tracer_cls), {}
+    for n in graph.nodes:
+        if n.op == "output":
+            out = new.output(fx.node.map_arg(n.args[0], env.__getitem__), type_expr=n.type)
+            out.meta = copy.copy(n.meta)
+            break
+        env[n] = append_node(new, n.op, n.target, fx.node.map_arg(n.args, env.__getitem__),
+                             fx.node.map_arg(n.kwargs, env.__getitem__), n.name, n.type)
+        env[n].meta = copy.copy(n.meta)
+    new._codegen = copy.deepcopy(graph._codegen)
+    return new
 
 
 def _sharing(gm: fx.GraphModule, graph: fx.Graph, class_name: str) -> fx.GraphModule:
@@ -186,10 +208,6 @@ def _sharing(gm: fx.GraphModule, graph: fx.Graph, class_name: str) -> fx.GraphMo
             object.__setattr__(new, node.target, getattr(gm, node.target))
     new.graph = graph
     return new
-
-
-def _lint(gm: fx.GraphModule) -> None:
-    gm.graph.lint()
 
 
 def run_pipeline(gm: fx.GraphModule, options: CompileOptions, report: CompileReport) -> PassResult:
@@ -228,8 +246,7 @@ def _run_passes(gm: fx.GraphModule, options: CompileOptions, report: CompileRepo
                 capture: fx.GraphModule) -> PassResult:
     history = {"capture": capture}
     logger.debug("deeppcr: captured graph (%s):\n%s", options.front_end, _GraphText(gm))
-    manager = PassManager([p(options, history) for p in PASSES], run_checks_after_each_pass=True)
-    manager.add_checks(_lint)
+    manager = PassManager([p(options, history) for p in PASSES])  # each pass lints what it changed
     try:
         gm = manager(gm).graph_module
     except Exception as exc:  # PassManager wraps every failure in a bare Exception naming the passes

@@ -73,19 +73,24 @@ def _info(value: Any) -> Optional[ValueInfo]:
     return ValueInfo(is_tensor=False, constant=None)
 
 
-def meta_cache_key(op: str, target: Any, args: Any, kwargs: Any) -> Optional[tuple]:
+def tensor_key(t: torch.Tensor) -> tuple:
+    return ("T", tuple(t.shape), t.stride(), t.dtype, t.requires_grad)
+
+
+def meta_cache_key(op: str, target: Any, args: Any, kwargs: Any, tensor=tensor_key) -> Optional[tuple]:
     """A hashable description of an op on meta values, or None when it cannot be keyed safely.
 
     Meta tensors carry only (shape, stride, dtype, requires_grad), so two calls with equal keys
     give equal results: the repeated layers of a deep model compute each meta value once.
     Only ``call_function`` / ``call_method`` results are keyed (attributes and modules differ).
+    ``tensor``: how a tensor argument is keyed (``tensor_key``, or a cached equivalent).
     """
     if op not in ("call_function", "call_method"):
         return None
 
     def key(a):
         if isinstance(a, torch.Tensor):
-            return ("T", tuple(a.shape), a.stride(), a.dtype, a.requires_grad)
+            return tensor(a)
         if isinstance(a, (tuple, list)):
             return (type(a).__name__, *(key(v) for v in a))
         if isinstance(a, dict):
@@ -104,22 +109,69 @@ def meta_cache_key(op: str, target: Any, args: Any, kwargs: Any) -> Optional[tup
 
 
 class _MetaInterpreter(fx.Interpreter):
+    """Runs the graph on meta values, one node after another, with as little per-node work as it can:
+    a 50,000-layer chain is 200,000 nodes. Equal ops on equal metas are computed once (``_cached``);
+    the Parameters' metas are shared by shape, stride and dtype (so keys and ``ValueInfo``s are
+    looked up by object)."""
+
     def __init__(self, gm: fx.GraphModule, result: ShapeInfo) -> None:
-        super().__init__(gm, garbage_collect_values=True)
+        super().__init__(gm, garbage_collect_values=False)
         self.result = result
         self._attr_cache: dict[str, Any] = {}
+        self._attr_metas: dict[tuple, torch.Tensor] = {}  # (shape, stride, dtype) -> one meta Parameter
         self._real_cache: dict[fx.Node, Any] = {}
         self._meta_cache: dict[tuple, Any] = {}  # meta_cache_key -> result
+        self._known: dict[int, tuple] = {}  # id(meta tensor) -> (tensor: kept alive, its key, its ValueInfo)
+
+    def run(self, *args) -> None:
+        self.args_iter = iter(self.graph.process_inputs(*args))  # as fx.Interpreter.run does (pytree inputs)
+        env = self.env
+
+        def value(a: fx.Node) -> Any:
+            v = env[a]
+            if v is _UNKNOWN:
+                raise _Unknown
+            return v
+
+        self._value = value
+        for n in self.graph.nodes:
+            env[n] = self.run_node(n)
 
     def run_node(self, n: fx.Node) -> Any:
         try:
-            value = super().run_node(n)
+            if n.op in ("placeholder", "output"):
+                value = super().run_node(n)
+            else:
+                args, kwargs = self._inputs(n)
+                value = getattr(self, n.op)(n.target, args, kwargs)
         except _Unknown:
             value = _UNKNOWN
         except META_FAILURES as exc:
             value = self._constant_fallback(n, exc)
-        n.meta[KEY] = None if value is _UNKNOWN else _info(value)
+        n.meta[KEY] = None if value is _UNKNOWN else self._info(value)
         return value
+
+    def _inputs(self, n: fx.Node) -> tuple:
+        """The node's arguments from the values computed so far; ``_Unknown`` if one has none."""
+        value, args = self._value, []
+        for a in n.args:  # flat arguments (most nodes) without fx's general walk
+            if isinstance(a, fx.Node):
+                args.append(value(a))
+            elif isinstance(a, (tuple, list, dict, slice)):
+                args = fx.node.map_arg(n.args, value)
+                break
+            else:
+                args.append(a)
+        return tuple(args), (fx.node.map_arg(n.kwargs, value) if n.kwargs else {})
+
+    def _entry(self, t: torch.Tensor) -> tuple:
+        entry = self._known.get(id(t))
+        if entry is None or entry[0] is not t:
+            entry = self._known[id(t)] = (t, tensor_key(t), _info(t))
+        return entry
+
+    def _info(self, value: Any) -> Optional[ValueInfo]:
+        return self._entry(value)[2] if isinstance(value, torch.Tensor) else _info(value)
 
     def _constant_fallback(self, n: fx.Node, exc: Exception) -> Any:
         """A value-dependent op on constants only (``(timesteps == t).nonzero()``): compute it for real."""
@@ -149,23 +201,24 @@ class _MetaInterpreter(fx.Interpreter):
         self._real_cache[n] = value
         return value
 
-    def _check(self, args, kwargs) -> None:
-        if any(v is _UNKNOWN for v in _flat((args, kwargs))):
-            raise _Unknown
-
     def get_attr(self, target, args, kwargs):
         if target not in self._attr_cache:
-            self._attr_cache[target] = _to_meta(super().get_attr(target, args, kwargs))
+            real = _attribute(self.module, target)
+            if type(real) is torch.nn.Parameter and real.layout is torch.strided:  # shared by shape
+                key = (tuple(real.shape), real.stride(), real.dtype)
+                if key not in self._attr_metas:
+                    self._attr_metas[key] = _to_meta(real)
+                self._attr_cache[target] = self._attr_metas[key]
+            else:
+                self._attr_cache[target] = _to_meta(real)
         return self._attr_cache[target]
 
     def call_function(self, target, args, kwargs):
-        self._check(args, kwargs)
         if kwargs.get("generator") is not None:  # never advance the user's generator
             kwargs = {**kwargs, "generator": None}
         return self._cached("call_function", target, args, on_meta(target, args, kwargs), super().call_function)
 
     def call_method(self, target, args, kwargs):
-        self._check(args, kwargs)
         if target in ("cpu", "cuda") and isinstance(args[0], torch.Tensor):  # a device move: stay on meta
             return args[0]
         if target == "to":  # x.to("cpu"), x.to(device=...): the device becomes meta
@@ -173,7 +226,13 @@ class _MetaInterpreter(fx.Interpreter):
         return self._cached("call_method", target, args, kwargs, super().call_method)
 
     def _cached(self, op, target, args, kwargs, run):
-        key = meta_cache_key(op, target, args, kwargs)
+        key = None
+        if not kwargs:  # flat tensors and numbers (most ops): keyed without the general walk
+            items = [self._entry(a)[1] if isinstance(a, torch.Tensor) else (type(a).__name__, a)
+                     if a is None or type(a) in _FLAT else _NO_KEY for a in args]
+            key = None if any(i is _NO_KEY for i in items) else ("flat", op, target, *items)
+        if key is None:
+            key = meta_cache_key(op, target, args, kwargs, lambda t: self._entry(t)[1])
         if key is None:
             return run(target, args, kwargs)
         if key not in self._meta_cache:
@@ -181,11 +240,31 @@ class _MetaInterpreter(fx.Interpreter):
         return self._meta_cache[key]
 
     def call_module(self, target, args, kwargs):
-        self._check(args, kwargs)
         mod = self.fetch_attr(target)
         state = {k: _to_meta(v) for k, v in list(mod.named_parameters()) + list(mod.named_buffers())}
         with torch.no_grad():
             return meta_forward(mod, state, args, kwargs)
+
+
+_FLAT = (bool, int, float, str, torch.dtype)
+_NO_KEY = ("no key",)
+
+
+def _attribute(root: torch.nn.Module, target: str) -> Any:
+    """``root.<target>`` as ``fx.Interpreter.fetch_attr`` finds it, through the modules' tables directly."""
+    obj = root
+    for atom in target.split("."):
+        d = getattr(obj, "__dict__", None) if isinstance(obj, torch.nn.Module) else None
+        if d is not None and "_modules" in d:
+            for table in (d["_parameters"], d["_buffers"], d["_modules"]):
+                if atom in table:
+                    obj = table[atom]
+                    break
+            else:
+                obj = getattr(obj, atom)
+        else:
+            obj = getattr(obj, atom)
+    return obj
 
 
 # factory functions that allocate from sizes alone: with no tensor argument they get device="meta"

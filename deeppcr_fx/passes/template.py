@@ -8,7 +8,7 @@ per-step coefficients. ``StepTemplate.build(candidate)`` copies segment 0 into i
 tensors, ``passes/find_states.py``) — built once, by ``validate``,
 which runs it on meta values, and handed to ``rewrite`` inside the chain's ``ChainPlan``.
 
-The copy walks each node's arguments with ``find_chains.map_args``, the traversal that
+The copy walks each node's arguments with ``canonical.map_args``, the traversal that
 numbered the float slots, so the template's coefficients are the slots the finder saw. Fused
 recurrent cells (``torch.gru_cell``, ...), which vmap cannot batch, become plain ops
 (``passes/decompose.py``), and a per-step coefficient used as a fill value
@@ -26,7 +26,8 @@ import torch
 import torch.fx as fx
 
 from .decompose import DECOMPOSITIONS
-from .find_chains import Candidate, map_args
+from .canonical import map_args
+from .find_chains import Candidate
 from .scalar_args import tensor_form
 
 

@@ -9,37 +9,42 @@ value or shape, calls untraceable Python, ...) is rolled back and kept as one op
 ``call_module`` node; ``TraceResult.opaque`` says which and why. Its parameters can
 still become per-step slots (``torch.func.functional_call`` on stacked parameters).
 
-Proxies know their shapes: with example inputs, every node also gets a ``meta``-device
-value while tracing, so ``x.dim()``, ``x.shape``, ``x.size()``, ``x.ndim`` and ``x.dtype``
-are concrete (the graph is specialised to the input signature, as every compiled
-graph is). Branching on tensor *values* still stops symbolic tracing: those modules
-stay opaque and the validator refuses chains through them.
+Proxies know their shapes: with example inputs, ``x.dim()``, ``x.shape``, ``x.size()``,
+``x.ndim`` and ``x.dtype`` are concrete (the graph is specialised to the input signature, as
+every compiled graph is). The ``meta``-device values that answer them are computed when a
+question is first asked, for every node up to the newest, in the order the nodes were made
+(what running each op as it is recorded would give, in-place ops included); a model that
+asks nothing computes none (shape propagation runs after the trace anyway). Branching on
+tensor *values* still stops symbolic tracing: those modules stay opaque and the validator
+refuses chains through them.
 
 If the root ``forward`` itself cannot be traced, ``trace`` raises ``TraceFailure``
 with the reason; the caller then tries another front end or runs the model as is.
 """
 from __future__ import annotations
 
-import builtins
 import collections
-import contextlib
-import functools
 import logging
-import threading
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.fx as fx
-from torch.fx._symbolic_trace import _maybe_revert_all_patches, _Patcher
+from torch.fx._symbolic_trace import _maybe_revert_all_patches
+
+try:  # generates the graph's Python code only when it is first needed
+    from torch.fx._lazy_graph_module import _LazyGraphModule as _GraphModule
+except ImportError:  # pragma: no cover - older torch: code generated at once (slower, same result)
+    _GraphModule = fx.GraphModule
 
 from ..results import TraceFailure
 from .constants import fresh_constants
 from .hooks import describe_hooks, has_hooks
 from .keywords import bind, drop_constant_placeholders, variadic
-from .live import share_children
 from .pytrees import Inputs
 from .shape_prop import _to_meta, meta_cache_key, meta_forward, on_meta
+from .trace_memo import MISS, ModuleMemo
+from .trace_patches import _TRACE_LOCK, _own_thread_patches, _random_as_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +57,8 @@ class TraceResult:
 
 
 _META = "pcr_trace_meta"
-_MISSING = object()
+_MISSING = object()  # no meta value (computed, or not computable)
+_PENDING = object()  # not computed yet
 
 
 class _NoMeta(Exception):
@@ -63,7 +69,8 @@ class ShapeProxy(fx.Proxy):
     """A Proxy whose shape queries answer from the node's meta value when there is one."""
 
     def _meta(self):
-        m = self.node.meta.get(_META, _MISSING)
+        self.tracer.memo.queries += 1  # the trace now depends on shapes (trace_memo keys on them)
+        m = self.tracer.meta_of(self.node)
         return m if isinstance(m, torch.Tensor) else None
 
     def dim(self):
@@ -99,10 +106,14 @@ class ShapeProxy(fx.Proxy):
 
 
 class InliningTracer(fx.Tracer):
-    """An ``fx.Tracer`` that traces through every module; untraceable ones become opaque calls."""
+    """An ``fx.Tracer`` that traces through every module; untraceable ones become opaque calls.
+    A call identical to an earlier one replays the earlier call's nodes (``passes/trace_memo.py``)."""
+
+    memoize = True  # replay identical module calls (off: trace every call's Python)
 
     def __init__(self, example_inputs: tuple = ()) -> None:
         super().__init__()
+        self.memo = ModuleMemo(self)
         self.proxy_buffer_attributes = True  # buffers as get_attr nodes: in-place updates become graph nodes
         self.opaque: dict[str, str] = {}
         self._proxy_caches: list[dict] = []
@@ -110,6 +121,7 @@ class InliningTracer(fx.Tracer):
         self._n_placeholders = 0
         self._tensor_names: dict[int, str] | None = None  # id(parameter or buffer) -> qualified name
         self._meta_cache: dict = {}  # (op, target, argument metas) -> output meta: repeated layers hit it
+        self._meta_done: Optional[fx.Node] = None  # the newest node whose meta value is computed
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return ShapeProxy(node, self)
@@ -118,11 +130,25 @@ class InliningTracer(fx.Tracer):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         if kind == "placeholder":
             i, self._n_placeholders = self._n_placeholders, self._n_placeholders + 1
-            if i < len(self._inputs):
-                node.meta[_META] = self._inputs[i]
-        elif self._inputs and kind != "output":
-            node.meta[_META] = self._meta_value(node)
+            node.meta[_META] = self._inputs[i] if i < len(self._inputs) else _MISSING
         return node
+
+    def meta_of(self, node: fx.Node):
+        """``node``'s meta value (``_MISSING`` if it has none): the values of every node made before it
+        are computed first, in the order they were made, as if each had run when it was recorded."""
+        value = node.meta.get(_META, _PENDING)
+        if value is not _PENDING or not self._inputs:
+            return _MISSING if value is _PENDING else value
+        root = self.graph._root
+        n = root.next if self._meta_done is None else self._meta_done.next
+        while n is not root:
+            if _META not in n.meta and n.op != "output":
+                n.meta[_META] = self._meta_value(n)
+            self._meta_done = n
+            if n is node:
+                break
+            n = n.next
+        return node.meta.get(_META, _MISSING)
 
     def _meta_value(self, node: fx.Node):
         def val(a):
@@ -190,20 +216,24 @@ class InliningTracer(fx.Tracer):
             self._proxy_caches.append(parameter_proxy_cache)
         if not isinstance(attr_val, torch.Tensor):
             return attr_val
-        if self._tensor_names is None:
-            names: dict[int, str] = {}
-            for name, t in self.root.named_parameters():
-                names.setdefault(id(t), name)
-            if self.proxy_buffer_attributes:
-                for name, t in self.root.named_buffers():
-                    names.setdefault(id(t), name)
-            self._tensor_names = names
-        name = self._tensor_names.get(id(attr_val))
+        name = self.tensor_name(attr_val)
         if name is None:
             return attr_val
         if name not in parameter_proxy_cache:
             parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
         return parameter_proxy_cache[name]
+
+    def tensor_name(self, t: torch.Tensor) -> Optional[str]:
+        """The qualified name of the root's Parameter (or buffer) ``t``, or None."""
+        if self._tensor_names is None:
+            names: dict[int, str] = {}
+            for name, x in self.root.named_parameters():
+                names.setdefault(id(x), name)
+            if self.proxy_buffer_attributes:
+                for name, x in self.root.named_buffers():
+                    names.setdefault(id(x), name)
+            self._tensor_names = names
+        return self._tensor_names.get(id(t))
 
     def call_module(self, m, forward, args, kwargs):
         path = self.path_of_module(m)
@@ -211,10 +241,18 @@ class InliningTracer(fx.Tracer):
             self.opaque[path] = f"has hooks ({describe_hooks(m)}): kept as a module call so they run"
         if path in self.opaque or not path:
             return super().call_module(m, forward, args, kwargs)
+        key = self.memo.key(m, path, args, kwargs) if self.memoize and not self.record_stack_traces else None
+        if key is not None:
+            out = self.memo.replay(key, m, path, args, kwargs)
+            if out is not MISS:
+                return out
         last = self.graph._root.prev  # the newest node before this call
         stack = collections.OrderedDict(self.module_stack)
         try:
-            return super().call_module(m, forward, args, kwargs)
+            if key is None:
+                return super().call_module(m, forward, args, kwargs)
+            return self.memo.record(key, m, path, args, kwargs,
+                                    lambda: super(InliningTracer, self).call_module(m, forward, args, kwargs))
         except Exception as exc:  # this module's forward cannot be traced: keep it opaque
             self.module_stack.clear()
             self.module_stack.update(stack)
@@ -231,49 +269,14 @@ class InliningTracer(fx.Tracer):
             doomed.append(node)
             node = node.prev
         erased = set(doomed)
+        self.memo.forget()  # recordings may hold erased nodes
+        if self._meta_done in erased:
+            self._meta_done = last
         for node in doomed:
             self.graph.erase_node(node)
         for cache in self._proxy_caches:
             for name in [k for k, p in cache.items() if p.node in erased]:
                 del cache[name]
-
-
-# torch.fx patches ``nn.Module.__call__``/``__getattr__`` (and wrapped functions in module globals)
-# process-wide while it traces. Two of our traces never overlap (a second tracer would find the first
-# one's patches in place and record into the first one's graph), and ``_own_thread_patches`` makes
-# every patch a no-op for other threads, which keep calling their modules as usual meanwhile.
-_TRACE_LOCK = threading.RLock()
-
-
-def _for_this_thread(new_fn: Callable, orig_fn: Callable) -> Callable:
-    owner = threading.get_ident()
-
-    @functools.wraps(new_fn)
-    def patched(*args, **kwargs):
-        if threading.get_ident() == owner:
-            return new_fn(*args, **kwargs)
-        return orig_fn(*args, **kwargs)
-
-    return patched
-
-
-@contextlib.contextmanager
-def _own_thread_patches():
-    """While tracing, torch.fx's patches act only in the tracing thread."""
-    patch, patch_method = _Patcher.patch, _Patcher.patch_method
-
-    def thread_patch(self, frame_dict, name, new_fn, deduplicate=True):
-        orig = frame_dict[name] if name in frame_dict else getattr(builtins, name, None)
-        return patch(self, frame_dict, name, _for_this_thread(new_fn, orig), deduplicate)
-
-    def thread_patch_method(self, cls, name, new_fn, deduplicate=True):
-        return patch_method(self, cls, name, _for_this_thread(new_fn, getattr(cls, name)), deduplicate)
-
-    _Patcher.patch, _Patcher.patch_method = thread_patch, thread_patch_method
-    try:
-        yield
-    finally:
-        _Patcher.patch, _Patcher.patch_method = patch, patch_method
 
 
 def trace(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: Optional[dict] = None) -> TraceResult:
@@ -301,40 +304,6 @@ def trace(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: Op
         return result
 
 
-# Random draws whose arguments are all concrete (``torch.randn(h.shape)``: shapes are concrete while
-# tracing) would run once at trace time and become a constant: the same "noise" on every call, and an
-# RNG that never advances. While tracing they are recorded as graph nodes instead, drawn on every call.
-_RANDOM = ("rand", "randn", "randint", "randperm", "normal", "bernoulli", "poisson", "multinomial",
-           "rand_like", "randn_like", "randint_like")
-
-
-_DRAWING = threading.local()  # .tracer: the tracer recording random draws in this thread, if any
-_DRAWS: dict = {}  # name -> the one patched function: torch's caches may keep it, so it holds no tracer
-
-
-def _draw(fn: Callable) -> Callable:
-    def draw(*args, **kwargs):
-        tracer = getattr(_DRAWING, "tracer", None)
-        if tracer is None:  # another thread, or no trace running
-            return fn(*args, **kwargs)
-        return tracer.create_proxy("call_function", fn, args, kwargs)
-    return draw
-
-
-@contextlib.contextmanager
-def _random_as_nodes(tracer: fx.Tracer):
-    originals = {name: getattr(torch, name) for name in _RANDOM if hasattr(torch, name)}
-    previous, _DRAWING.tracer = getattr(_DRAWING, "tracer", None), tracer
-    try:
-        for name, fn in originals.items():
-            setattr(torch, name, _DRAWS.setdefault(name, _draw(fn)))
-        yield
-    finally:
-        _DRAWING.tracer = previous
-        for name, fn in originals.items():
-            setattr(torch, name, fn)
-
-
 def _trace(model: torch.nn.Module, example_inputs: tuple, concrete: Optional[dict] = None,
            values: Optional[list] = None) -> TraceResult:
     tracer = InliningTracer(tuple(example_inputs))
@@ -351,9 +320,35 @@ def _trace(model: torch.nn.Module, example_inputs: tuple, concrete: Optional[dic
                                 if n.startswith("_tensor_constant")})
         for node in graph.nodes:
             node.meta.pop(_META, None)
-        gm = share_children(fx.GraphModule(tracer.root, graph, model.__class__.__name__), model)
+        gm = _graph_module(model, graph, model.__class__.__name__)
     finally:  # fx stores tensor constants on the root module: take them back off the user's model
         for name in set(vars(model)) - before:
             delattr(model, name)
     gm.graph.lint()
     return TraceResult(gm, dict(tracer.opaque))
+
+
+def _graph_module(model: torch.nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """What ``share_children(fx.GraphModule(model, graph), model)`` makes (``passes/live.py``), without
+    building and throwing away a copy of every module on the way to each ``get_attr`` target (tens of
+    thousands of ``nn.Module`` objects for a deep chain) or generating its Python code now: the
+    GraphModule generates it when it is first called (``_LazyGraphModule``), and the passes that follow
+    change the graph first."""
+    gm = _GraphModule(torch.nn.Module(), fx.Graph(), class_name=class_name)
+    gm.training = model.training
+    for node in graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        top = node.target.split(".", 1)[0]
+        if top in gm._modules or top in gm._parameters or top in gm._buffers or top in gm.__dict__:
+            continue
+        if isinstance(model._modules.get(top), torch.nn.Module):  # the model's own child: reads stay live
+            gm._modules[top] = model._modules[top]
+            continue
+        value = getattr(model, top)  # a root Parameter, buffer or trace-made constant, as fx copies it
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+            gm.register_buffer(top, value, persistent=top not in model._non_persistent_buffers_set)
+        else:
+            setattr(gm, top, value)
+    gm.graph = graph
+    return gm
