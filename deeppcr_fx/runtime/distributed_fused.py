@@ -50,6 +50,49 @@ def _rows_like(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return mask.view(-1, *([1] * (t.dim() - 1)))
 
 
+def _cumulative(A: torch.Tensor, mode: Mode) -> torch.Tensor:
+    """``Phi_l = A_l ... A_0`` for every row (PCR on the matrices, out of place)."""
+    s = 1
+    while s < A.shape[0]:
+        A = torch.cat([A[:s], mode.fused_compose(A[s:], A[:-s])])
+        s *= 2
+    return A
+
+
+def scan_products(A: torch.Tensor, r: torch.Tensor, mode: Mode, chunk: int) -> tuple:
+    """``(d, P, Q)``: ``d`` solves the rows for a zero input (``fused_scan.scan``), and what an input x adds
+    to row l, ``Phi_l x`` with ``Phi_l = A_l ... A_0``, is ``propagate(P, Q, x)``: chunked (``chunk`` rows,
+    ``fused_scan.chunked``), ``Phi = P_{c,k} Q_{c-1}`` with P the running products inside the chunks that
+    sweep forms anyway and Q their cumulative products across chunks; else ``P = Phi``, Q None."""
+    length = r.shape[0]
+    if not 1 < chunk < length:
+        return fused_scan.pcr(A, r, mode), _cumulative(A, mode), None
+    n_chunks = -(-length // chunk)
+    pad = n_chunks * chunk - length
+    if pad:
+        r = torch.cat([r, r.new_zeros(pad, *r.shape[1:])])
+        A = torch.cat([A, A.new_zeros(pad, *A.shape[1:])])
+    A = A.reshape(n_chunks, chunk, *A.shape[1:])
+    r = r.reshape(n_chunks, chunk, *r.shape[1:])
+    rows, prods = [r[:, 0]], [A[:, 0]]
+    for k in range(1, chunk):
+        rows.append(r[:, k] + mode.fused_apply(A[:, k], rows[-1]))
+        prods.append(mode.fused_compose(A[:, k], prods[-1]))
+    carry = fused_scan.pcr(prods[-1], rows[-1], mode)
+    incoming = torch.cat([torch.zeros_like(carry[:1]), carry[:-1]])
+    d = torch.stack([row + mode.fused_apply(P, incoming) for row, P in zip(rows, prods)], dim=1)
+    return d.reshape(n_chunks * chunk, *d.shape[2:])[:length], torch.stack(prods, dim=1), _cumulative(prods[-1], mode)
+
+
+def propagate(P: torch.Tensor, Q: Optional[torch.Tensor], x: torch.Tensor, mode: Mode, length: int) -> torch.Tensor:
+    """``Phi_l x`` for every row (see ``scan_products``)."""
+    if Q is None:
+        return mode.fused_apply(P, x.unsqueeze(0))
+    u = torch.cat([x.unsqueeze(0), mode.fused_apply(Q[:-1], x.unsqueeze(0))])  # what enters chunk c
+    add = mode.fused_apply(P, u.unsqueeze(1))  # (C, K, B, n)
+    return add.reshape(-1, *x.shape)[:length]
+
+
 class LocalIteration:
     """The traced first half of one rank's iteration (see the module docstring)."""
 
@@ -89,6 +132,13 @@ class LocalIteration:
             out.append(residual)
             if A is not None:
                 out.append(A)
+                # speculate that the window stays (rows before w0 pass through: A = I, r = 0): scan now for
+                # a zero input, and keep the products that add the input after the exchange (ApplyPropagated)
+                unit = self.mode.unit(A.shape[1], A.shape[-1], A).unsqueeze(0).expand_as(A)
+                A_id = torch.where(_rows_like(active, A), A, unit)
+                r0 = torch.where(_rows_like(active, residual), residual, torch.zeros_like(residual))
+                d, P, Q = scan_products(A_id, r0, self.mode, self.chunk)
+                out += [d, P] + ([] if Q is None else [Q])
         used = sum(p.numel() for p in parts)
         buf = torch.cat(parts + [header.new_zeros(self.size - used)])
         return (buf, *out)
@@ -120,12 +170,28 @@ class ApplyIteration:
         return torch.where(_rows_like(rows == g, U), vals, U_new)
 
 
+class ApplyPropagated:
+    """The last rank's apply where its window did not move (w1 = w0: the input of the ranks before it, or
+    none): ``(U, vals, d, P, [Q,] x_in, w1, g) -> U'`` with ``delta = d + Phi x_in`` (two batched products
+    instead of a scan after the exchange)."""
+
+    def __init__(self, mode: Mode) -> None:
+        self.mode = mode
+
+    def __call__(self, U, vals, d, P, *args):
+        *Q, x_in, w1, g = args
+        rows = torch.arange(U.shape[0], device=U.device)
+        delta = d + propagate(P, Q[0] if Q else None, x_in, self.mode, U.shape[0])
+        U_new = torch.where(_rows_like(rows >= w1, U), U + delta, U)
+        return torch.where(_rows_like(rows == g, U), vals, U_new)
+
+
 class CompiledRank:
     """One distributed solve's view of the compiled-function cache (``backend``), and the group's agreement."""
 
     def __init__(self, problem, user_step: Callable, constants: tuple) -> None:
         self.problem, self.user_step, self.constants = problem, user_step, constants
-        self.entries: Optional[tuple] = None  # (local, apply) cache entries, once looked up
+        self.entries: Optional[tuple] = None  # (local, apply, propagated) cache entries, once looked up
 
     def _key(self, device: torch.device) -> tuple:
         p = self.problem
@@ -161,13 +227,14 @@ class CompiledRank:
         reason = self._eligible(setup_error)
         if reason is None:
             key = self._key(device)
-            self.entries = (backend.entry(self.user_step, key), backend.entry(self.user_step, key + ("apply",)))
-            if self.entries[0] is None or self.entries[1] is None:
+            self.entries = tuple(backend.entry(self.user_step, key + extra)
+                                 for extra in ((), ("apply",), ("propagated",)))
+            if any(e is None for e in self.entries):
                 self.entries, reason = None, "the step or a non-tensor shared value cannot be a cache key"
         local = self.entries[0] if reason is None else None
         chunked = fused_chunk(p.lengths[comm.rank], device) > 0
         want = reason is None and backend.use_compiled(cfg.backend, local, device, chunked=chunked)
-        has = want and local.fn is not None and self.entries[1].fn is not None
+        has = want and all(e.fn is not None for e in self.entries[:2 + self._propagated()])
         error = None if local is None else local.error  # after a failed group compile: the group's message
         flags = comm.gather(torch.tensor([float(want), float(has), float(reason is not None), float(error is not None)],
                                          device=device), "backend agreement").tolist()
@@ -209,16 +276,30 @@ class CompiledRank:
         size = Packing(mode, U[0], comm.size).size
         local_fn = LocalIteration(steps.step, p.spec, len(steps.per_step), len(steps.shared), mode, p.atol, p.rtol,
                                   chunk, first, lo, total, size)
-        local_entry, apply_entry = self.entries
-        args = (U, halo, torch.tensor(0, device=U.device), *steps.inputs)
-        out = backend.build(local_entry, local_fn, args, cuda_graphs)
+        local_entry, apply_entry, propagated_entry = self.entries
+        zero = torch.tensor(0, device=U.device)
+        out = backend.build(local_entry, local_fn, (U, halo, zero, *steps.inputs), cuda_graphs)
         if out is None:
             return local_entry.error
-        x_in = () if first else (torch.zeros_like(halo),)
-        apply_args = (U, *out[1:], *x_in, torch.tensor(0, device=U.device), torch.tensor(0, device=U.device))
-        if backend.build(apply_entry, ApplyIteration(mode, chunk, first), apply_args, cuda_graphs) is None:
+        x_in = torch.zeros_like(halo)
+        if backend.build(apply_entry, ApplyIteration(mode, chunk, first), self._apply_args(U, out, x_in, zero, zero),
+                         cuda_graphs) is None:
             return apply_entry.error
+        if self._propagated() and backend.build(propagated_entry, ApplyPropagated(mode),
+                                                (U, out[1], *out[4:], x_in, zero, zero), cuda_graphs) is None:
+            return propagated_entry.error
         return None
+
+    def _propagated(self) -> bool:
+        """Whether this rank uses ``ApplyPropagated``: the last of two ranks, in a mode with matrices."""
+        p = self.problem
+        return p.comm.rank > 0 and p.mode.linearised
+
+    def _apply_args(self, U: torch.Tensor, out: tuple, x_in: torch.Tensor, w1: torch.Tensor, g: torch.Tensor) -> tuple:
+        """``ApplyIteration``'s arguments from ``LocalIteration``'s outputs ``out``."""
+        if self.problem.comm.rank == 0:
+            return (U, out[1], out[2], w1, g)
+        return (U, out[1], out[2], *([out[3]] if self.problem.mode.linearised else []), x_in, w1, g)
 
     def record_eager(self, seconds: float) -> None:
         if self.entries is not None and self.entries[0] is not None:
@@ -236,7 +317,8 @@ class CompiledRank:
         lo, hi, total = offsets[pos], offsets[pos + 1], offsets[-1]
         m = hi - lo
         order = list(range(P))
-        local, apply = (e.fn for e in self.entries)
+        local, apply, propagated = (e.fn for e in self.entries)
+        propagated = propagated if self._propagated() else None
         packing = Packing(mode, U[0], P)
         stats.jacobian, stats.backend = mode.name, "inductor"
         p.stats.backend = "inductor"
@@ -283,10 +365,12 @@ class CompiledRank:
             w1 = min(max(g_new - lo, 0), m)
             x_in, new_last = fold(packing, rows, order, offsets, g_new, decided=False)
             if w1 < m:
-                vals, *rest = out[1:]
-                if not first:
-                    rest.append(x_in[pos] if x_in[pos] is not None else torch.zeros_like(U[0]))
-                U = apply(U, vals, *rest, torch.tensor(w1, device=device), torch.tensor(g_new - lo, device=device))
+                x = x_in[pos] if x_in[pos] is not None else torch.zeros_like(U[0])
+                w1_t, g_t = torch.tensor(w1, device=device), torch.tensor(g_new - lo, device=device)
+                if propagated is not None and (x_in[pos] is not None or w1 == w0):  # the window did not move
+                    U = propagated(U, out[1], *out[4:], x, w1_t, g_t)
+                else:
+                    U = apply(*self._apply_args(U, out, x, w1_t, g_t))
             if not last and g_new < hi:
                 U[-1] = new_last[pos]
             if not first:
