@@ -31,6 +31,12 @@ later ones add their input after it with two batched products) and one check of
 ``P (1 + 3 B n)`` elements; in the other modes the same Newton driver in reverse rank order, plus
 a halo exchange of ``P B n`` per iteration.
 
+Backend (``Config.backend``): with ``"inductor"`` (or ``"auto"`` once it compiles) and at most two
+ranks, each rank's forward iteration runs as two compiled functions around the exchange
+(``distributed_fused``); the ranks agree on it in one small all-gather per solve (none with
+``backend="eager"``), and a compile failure on any rank makes every rank eager with the same
+``stats.backend_error``. The adjoint is always the eager one below.
+
 Faults: the setup exchange checks that the ranks describe one chain (state structure, per-step
 and shared shapes and dtypes, options), and the first Newton exchange that each rank's first step
 ran; any problem raises ``DistributedLayoutError`` / ``DistributedSolveError`` on every rank. A collective that
