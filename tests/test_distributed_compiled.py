@@ -1,4 +1,5 @@
-"""The layer-parallel solve with the compiled backend (runtime/distributed_fused.py), CPU, gloo, 2 processes.
+"""The layer-parallel solve with the compiled backend (runtime/distributed_fused.py and
+distributed_fused_adjoint.py), CPU, gloo, 2 processes.
 
 Each case is solved with ``backend="eager"`` and ``backend="inductor"`` on both ranks: states and
 gradients equal the sequential loop and the eager distributed solve (float64, 1e-10), stats agree
@@ -21,6 +22,8 @@ CASES = [
     ("tanh_full", "tanh", 24, [0, 9, 24], {"jacobian": "full"}),
     ("gru", "gru", 20, [0, 12, 20], {}),
     ("fallback", "tanh", 16, [0, 7, 16], {"jacobian": "full", "closure_on": 1}),
+    # samples coupled within a step: the compiled adjoint's check fails on every rank, the eager one iterates
+    ("coupled", "coupled", 12, [0, 5, 12], {"rtol": 1e-12, "adjoint_rtol": 1e-12}),
 ]
 
 
@@ -48,6 +51,14 @@ def test_compiled_matches_eager_and_sequential(two, key):
     assert stats["backend_error"] is None
     eager = two[0][key]["eager_stats"]
     assert stats["forward"]["converged"] and eager["forward"]["converged"]
+    assert stats["forward"]["iterations"] == eager["forward"]["iterations"]
+    assert stats["backward"]["backend"] == "inductor" and stats["backward"]["iterations"] == 1
+
+
+def test_adjoint_check_failure_falls_back_to_eager(two):
+    stats = _check(two, "coupled")
+    assert stats["forward"]["backend"] == "inductor"
+    assert stats["backward"]["backend"] == "eager" and stats["backward"]["iterations"] > 1
 
 
 def test_compile_failure_on_one_rank_falls_back_everywhere(two):

@@ -35,7 +35,8 @@ Backend (``Config.backend``): with ``"inductor"`` (or ``"auto"`` once it compile
 ranks, each rank's forward iteration runs as two compiled functions around the exchange
 (``distributed_fused``); the ranks agree on it in one small all-gather per solve (none with
 ``backend="eager"``), and a compile failure on any rank makes every rank eager with the same
-``stats.backend_error``. The adjoint is always the eager one below.
+``stats.backend_error``. After a compiled forward, the backward pass in ``full`` mode is compiled
+too (``distributed_fused_adjoint``; the eager adjoint below where its check fails).
 
 Faults: the setup exchange checks that the ranks describe one chain (state structure, per-step
 and shared shapes and dtypes, options), and the first Newton exchange that each rank's first step
@@ -62,6 +63,7 @@ from .distributed_adjoint import adjoint_distributed
 from ..results import DistributedLayoutError, DistributedSolveError, PeerFailure
 from .distributed_comm import Comm
 from .distributed_fused import CompiledRank
+from .distributed_fused_adjoint import compiled_adjoint
 from .distributed_newton import distributed_newton
 from .fused_solve import constants_of
 from .modes import Mode, choose_mode, mode_of
@@ -343,7 +345,8 @@ class _DistChainSolve(torch.autograd.Function):
         backward_steps = Steps(steps.step, spec, inputs[:n_ps], inputs[n_ps:],
                                steps.vectorize if steps.vectorized else False)
         problem.stats.backward = PassStats()
-        dZprev, *dinputs = adjoint_distributed(
+        fused = None if problem.compiled is None else compiled_adjoint(problem, backward_steps, Zprev, G, wrt)
+        dZprev, *dinputs = fused if fused is not None else adjoint_distributed(
             comm, problem.lengths, backward_steps, Zprev, G, wrt, problem.mode, problem.adjoint_atol, problem.adjoint_rtol,
             problem.config.iteration_cap(sum(problem.lengths)), problem.stats.backward,
             problem.replicated_steps(backward_steps))

@@ -1,0 +1,147 @@
+"""The layer-parallel backward pass (exact mode, ``full``) with each rank's local work compiled.
+
+``distributed_adjoint``'s first path, split at its one scan exchange (two ranks at most; the logical
+order is reversed: the group's last rank comes first):
+
+    local(Zprev, G, *inputs) -> (flag row, d[, P, Q])   the per-sample Jacobians (vmap'd pullback), the
+        reversed transposed system, its scan for a zero input; the first logical rank sends its map
+        E d_last (E = its first J^T), the other keeps the products that add its input later
+        (``distributed_fused.scan_products``)
+    comm.gather                                        eager
+    apply(Zprev, d[, P, Q, x_in], *inputs) -> (a, dZprev, *dinputs)   a = d (+ Phi x_in), one pullback
+    the adjoint equations checked on every row and across the boundary (``_residual_ok_everywhere``,
+    one more all-gather, as the eager path)
+
+Where the check fails on any rank (samples coupled within a step), or a compiled call raised, every
+rank runs the eager ``adjoint_distributed`` instead (the same collectives everywhere: both decisions
+come from gathered flags). Used only after a compiled forward solve (the ranks agreed on the backend);
+the adjoint's own compile is agreed on the same way (``agree``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch.func import vjp
+
+from . import backend, fused_scan, jacobians
+from .distributed_adjoint import _residual_ok_everywhere
+from .distributed_fused import propagate, scan_products
+from .fused import batched_step, fused_chunk
+
+
+class AdjointLocal:
+    def __init__(self, step: Callable, spec, n_per_step: int, n_shared: int, mode, chunk: int, first: bool) -> None:
+        self.f = batched_step(step, spec, n_per_step, n_shared)
+        self.mode, self.chunk, self.first = mode, chunk, first
+
+    def __call__(self, Zprev, G, *inputs):
+        vals, state_pullback = vjp(lambda Z: self.f(Z, *inputs), Zprev)
+        J = jacobians.jacobian_from_pullback(lambda c: state_pullback(c)[0], vals, self.mode)
+        Jt = self.mode.transpose(J)
+        one = self.mode.unit(J.shape[1], J.shape[2], J).unsqueeze(0)
+        A_rev, r = torch.cat([one, Jt.flip(0)[:-1]]), G.flip(0)
+        flag = G.new_zeros(1, dtype=torch.float64)
+        if self.first:  # its input is zero; its map: E d_last, E its first step's J^T
+            d = fused_scan.scan(A_rev, r, self.mode, chunk=self.chunk)
+            return torch.cat([flag, self.mode.fused_apply(Jt[0], d[-1]).reshape(-1).double()]), d
+        d, P, Q = scan_products(A_rev, r, self.mode, self.chunk)
+        return (torch.cat([flag, G.new_zeros(G[0].numel(), dtype=torch.float64)]), d, P) + (() if Q is None else (Q,))
+
+
+class AdjointApply:
+    def __init__(self, step: Callable, spec, n_per_step: int, n_shared: int, wrt: tuple, mode, first: bool,
+                 with_q: bool) -> None:
+        self.f = batched_step(step, spec, n_per_step, n_shared)
+        self.wrt, self.mode, self.first, self.with_q = wrt, mode, first, with_q
+
+    def __call__(self, Zprev, d, *args):
+        if self.first:
+            a_rev, inputs = d, args
+        else:
+            k = 3 if self.with_q else 2
+            P, Q, x_in = args[0], args[1] if self.with_q else None, args[k - 1]
+            a_rev, inputs = d + propagate(P, Q, x_in, self.mode, d.shape[0]), args[k:]
+        a = a_rev.flip(0)
+
+        def g(Z, *diff):
+            values = list(inputs)
+            for i, t in zip(self.wrt, diff):
+                values[i] = t
+            return self.f(Z, *values)
+
+        _, pullback = vjp(g, Zprev, *(inputs[i] for i in self.wrt))
+        return (a, *pullback(a))
+
+
+def compiled_adjoint(problem, steps, Zprev: torch.Tensor, G: torch.Tensor, wrt: list) -> Optional[tuple]:
+    """``(dZprev, *dinputs)`` as ``adjoint_distributed`` returns them, or None: every rank runs the eager
+    adjoint (the same decision on every rank)."""
+    comm, mode, stats = problem.comm, problem.mode, problem.stats
+    if stats.forward.backend != "inductor" or not mode.exact or comm.size > 2:
+        return None  # the same on every rank: the forward's backend was agreed, the rest is the chain's
+    first = comm.rank == comm.size - 1  # first in the reversed (logical) order
+    m = Zprev.shape[0]
+    chunk = fused_chunk(m, Zprev.device)
+    with_q = 1 < chunk < m
+    entries = agree(problem, steps, Zprev, G, tuple(wrt), first, chunk, with_q)
+    if entries is None:
+        return None
+    local, apply = (e.fn for e in entries)
+    try:
+        out = local(Zprev, G, *steps.inputs)
+        buf = out[0]
+    except Exception:  # noqa: BLE001 - every rank falls back together (the flag)
+        buf = G.new_ones(1 + G[0].numel(), dtype=torch.float64)
+    rows = comm.gather(buf, "adjoint scan")
+    if bool((rows[:, 0] != 0).any()):
+        return None
+    try:
+        if first:
+            a, *grads = apply(Zprev, out[1], *steps.inputs)
+        else:
+            x_in = rows[comm.size - 1, 1:].to(G.dtype).view_as(G[0])
+            a, *grads = apply(Zprev, *out[1:], x_in, *steps.inputs)
+    except Exception:  # noqa: BLE001 - NaN fails the check below on this rank, so every rank falls back
+        a, grads = torch.full_like(G, float("nan")), None
+    if not _residual_ok_everywhere(comm, a, G, torch.zeros_like(G) if grads is None else grads[0],
+                                   problem.adjoint_atol, problem.adjoint_rtol):
+        return None
+    b = stats.backward
+    b.iterations, b.converged, b.jacobian, b.backend = 1, True, mode.name, "inductor"
+    return tuple(grads)
+
+
+def agree(problem, steps, Zprev, G, wrt: tuple, first: bool, chunk: int, with_q: bool) -> Optional[tuple]:
+    """The compiled adjoint's two functions on every rank, or None on every rank (one small all-gather;
+    a pickled one only in a backward pass that compiles)."""
+    comm, mode, compiled = problem.comm, problem.mode, problem.compiled
+    key = compiled._key(Zprev.device) + ("adjoint", wrt, problem.adjoint_atol, problem.adjoint_rtol)
+    entries = (backend.entry(compiled.user_step, key), backend.entry(compiled.user_step, key + ("apply",)))
+    usable = all(e is not None and e.error is None for e in entries)
+    has = usable and all(e.fn is not None for e in entries)
+    flags = comm.gather(torch.tensor([float(usable), float(has)], device=G.device), "adjoint backend").tolist()
+    if not all(f[0] for f in flags):
+        return None
+    if all(f[1] for f in flags):
+        return entries
+    error = None
+    if not has:
+        n_ps, n_sh = len(steps.per_step), len(steps.shared)
+        cuda_graphs = problem.config.cuda_graphs and G.device.type == "cuda"
+        out = backend.build(entries[0], AdjointLocal(steps.step, problem.spec, n_ps, n_sh, mode, chunk, first),
+                            (Zprev, G, *steps.inputs), cuda_graphs)
+        if out is None:
+            error = entries[0].error
+        else:
+            x_in = () if first else (torch.zeros_like(G[0]),)
+            fn = AdjointApply(steps.step, problem.spec, n_ps, n_sh, wrt, mode, first, with_q)
+            if backend.build(entries[1], fn, (Zprev, *out[1:], *x_in, *steps.inputs), cuda_graphs) is None:
+                error = entries[1].error
+    errors = comm.gather_objects(error, "adjoint backend (compile)")
+    if any(e is not None for e in errors):
+        message = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None)
+        for found in entries:
+            found.error, found.fn = message, None
+        return None
+    return entries
