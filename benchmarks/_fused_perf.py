@@ -95,9 +95,9 @@ def flush(args):
         for w in args.w:
             prob = Problem("mlp", L, w, 1)
             per_step, shared = prob.weights()
-            if args.gain1:
-                torch.manual_seed(1)
-                per_step = (torch.randn(L, w, w) / w ** 0.5, per_step[1])
+            if args.gain1:  # the weights of peers_cpu_fused_direct.txt's denormal probe
+                g = torch.Generator().manual_seed(0)
+                per_step = (torch.randn(L, w, w, generator=g) / w ** 0.5, torch.randn(L, w, generator=g) * 0.1)
             fn, its = {}, {}
             for f in (False, True):
                 def call(i, f=f):
