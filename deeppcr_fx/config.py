@@ -108,9 +108,11 @@ class Config:
     flush_denormals:
         Run the solve (forward iterations, sequential finish, adjoint; compiled or eager) with CPU
         denormals flushed to zero (``torch.set_flush_denormal``), as XLA does by default. Products of
-        many Jacobians can underflow to float32 denormals, which the CPU computes 4-5x slower (a tanh
-        MLP with gain-1 weights). Results change only below the dtype's smallest normal number. The
-        calling thread's setting before the solve is restored after it. Default ``False``.
+        many Jacobians can underflow to float32 denormals, which the CPU computes several times slower
+        (4-5x once measured on a gain-1 tanh MLP; no difference on ``benchmarks/peers.py``'s problems).
+        Results change only below the dtype's smallest normal number. The calling thread's setting
+        before the solve is restored after it. Not applied by a distributed solve (``group=``).
+        Default ``False``.
 
     Compiler
     --------

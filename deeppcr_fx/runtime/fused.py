@@ -204,8 +204,8 @@ def finish_chunk(length: int) -> int:
 class SequentialChunk:
     """``(z (B, n), *per_step rows (K, ...), *shared) -> (K, B, n)``: K steps one after another, unrolled,
     for the compiled sequential finish (``run_finish``). Each step is written into one output buffer
-    (``torch.stack`` of the K steps made inductor's code allocate and copy per step: L = 4096-class MLP,
-    w = 2, K = 64: 69 vs 407 us per call, benchmarks/results/peers_cpu_fused_perf.txt)."""
+    (``torch.stack`` of the K steps made inductor's code allocate and copy more per step: tanh MLP, w = 2,
+    K = 64: 69 vs 407 us per call, benchmarks/results/peers_cpu_fused_perf.txt)."""
 
     def __init__(self, step: Callable, spec: StateSpec, n_per_step: int, chunk: int) -> None:
         self.step, self.spec, self.n_per_step, self.chunk = step, spec, n_per_step, chunk
