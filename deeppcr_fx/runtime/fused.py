@@ -3,7 +3,7 @@
 The eager driver (``newton.triangular_newton``) moves a window over the rows and decides on the
 host after every iteration. Here the whole iteration is a pure function of fixed-shape tensors,
 
-    (U, x0, start, previous, status, count, *inputs) -> (U', start', previous', status', count', worst)
+    (U, x0, start, previous, status, count, *inputs) -> (U', start', previous', status', count', record)
 
 traced once per step and signature (``backend.compile_traced``) and compiled by inductor:
 
@@ -107,7 +107,8 @@ class NewtonIteration:
         previous_out = torch.where(running, worst, previous)
         status_out = torch.where(running, torch.where(finite, torch.where(converged, CONVERGED, RUNNING), NON_FINITE),
                                  status).to(status.dtype)
-        return U_out, start_out, previous_out, status_out, count + running.to(count.dtype), worst
+        record = torch.stack([start.to(U.dtype), worst, status.to(U.dtype)])  # run_newton's per-iteration stats
+        return U_out, start_out, previous_out, status_out, count + running.to(count.dtype), record
 
 
 def run_newton(call: Callable, U: torch.Tensor, x0: torch.Tensor, inputs: tuple, start: int, max_iter: int,
@@ -123,18 +124,17 @@ def run_newton(call: Callable, U: torch.Tensor, x0: torch.Tensor, inputs: tuple,
     previous = torch.tensor(math.inf, dtype=U.dtype, device=device)
     status = torch.tensor(RUNNING, dtype=torch.int8, device=device)
     count = torch.tensor(0, device=device)
-    history = []  # (start before, worst, status before) per call, read once at the end
+    history = []  # the calls' records (start before, worst, status before), read once at the end
     check_every = 1 if on_iteration is not None else max(1, check_every)
     flags = [RUNNING, start, 0]
     for i in range(max_iter):
-        before_start, before_status = start_t, status
-        U, start_t, previous, status, count, worst = call(U, x0, start_t, previous, status, count, *inputs)
+        U, start_t, previous, status, count, row = call(U, x0, start_t, previous, status, count, *inputs)
         if record:
-            history.append(torch.stack([before_start.to(U.dtype), worst.detach().clone(), before_status.to(U.dtype)]))
+            history.append(row)
         if (i + 1) % check_every == 0 or i + 1 == max_iter:
             flags = torch.stack([status.to(torch.int64), start_t, count]).tolist()  # the one host sync
             if on_iteration is not None:
-                on_iteration(flags[2], U.shape[0] if flags[0] == CONVERGED else flags[1] + 1, float(worst))
+                on_iteration(flags[2], U.shape[0] if flags[0] == CONVERGED else flags[1] + 1, float(row[1]))
             if flags[0] != RUNNING:
                 break
     stats.iterations = flags[2]
@@ -203,18 +203,22 @@ def finish_chunk(length: int) -> int:
 
 class SequentialChunk:
     """``(z (B, n), *per_step rows (K, ...), *shared) -> (K, B, n)``: K steps one after another, unrolled,
-    for the compiled sequential finish (``run_finish``)."""
+    for the compiled sequential finish (``run_finish``). Each step is written into one output buffer
+    (``torch.stack`` of the K steps made inductor's code allocate and copy more per step: tanh MLP, w = 2,
+    K = 64: 69 vs 407 us per call, benchmarks/results/peers_cpu_fused_perf.txt)."""
 
     def __init__(self, step: Callable, spec: StateSpec, n_per_step: int, chunk: int) -> None:
         self.step, self.spec, self.n_per_step, self.chunk = step, spec, n_per_step, chunk
 
     def __call__(self, z, *args):
         per_step, shared = args[:self.n_per_step], args[self.n_per_step:]
-        out = []
+        out = None
         for k in range(self.chunk):
             z = self.spec.flatten(self.step(self.spec.unflatten(z), *(p[k] for p in per_step), *shared))
-            out.append(z)
-        return torch.stack(out)
+            if out is None:
+                out = z.new_empty((self.chunk, *z.shape))
+            out[k] = z
+        return out
 
 
 def finish_args(z: torch.Tensor, per_step: tuple, shared: tuple, lo: int, chunk: int) -> tuple:

@@ -53,9 +53,9 @@ class CompiledForward:
                 p.stats.backend_error = self.entry.error
                 return None
             p.stats.compile_s = time.perf_counter() - t0
-        call = self.entry.fn if not cuda_graphs else _cloning(self.entry.fn)
         p.stats.backend = "inductor"
-        U, status, first = run_newton(call, U, x0_flat, inputs, start, cfg.iteration_cap(p.stats.length),
+        # under CUDA graphs backend.DirectCall already returns copies of a replay's outputs: no clone here
+        U, status, first = run_newton(self.entry.fn, U, x0_flat, inputs, start, cfg.iteration_cap(p.stats.length),
                                       cfg.checks_every(device), p.stats.forward, cfg.record_stats, p.on_iteration)
         p.stats.forward.jacobian, p.stats.forward.backend = p.mode.name, "inductor"
         if status == CONVERGED:
@@ -138,13 +138,6 @@ def _initial_state(U: torch.Tensor, start: int) -> tuple:
     device = U.device
     return (torch.tensor(start, device=device), torch.tensor(float("inf"), dtype=U.dtype, device=device),
             torch.tensor(0, dtype=torch.int8, device=device), torch.tensor(0, device=device))
-
-
-def _cloning(fn: Callable) -> Callable:
-    """CUDA-graph outputs are overwritten by the next replay: keep copies."""
-    def call(*args):
-        return tuple(o.clone() for o in fn(*args))
-    return call
 
 
 def constants_of(shared: tuple) -> tuple:

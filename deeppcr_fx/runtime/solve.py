@@ -17,7 +17,7 @@ import torch
 
 from ..results import Unsupported
 from ..config import Config
-from . import jacobians
+from . import denormals, jacobians
 from .modes import Mode, choose_mode, mode_of
 from .adjoint import adjoint
 from .newton import scaled_norm, triangular_newton
@@ -207,7 +207,7 @@ class _ChainSolve(torch.autograd.Function):
         x0_parts = tensors[:problem.n_x0]
         spec = problem.spec
         x0_flat = spec.flatten(x0_parts if spec.is_tuple else x0_parts[0])
-        with torch.no_grad():
+        with torch.no_grad(), denormals.flushed(problem.config.flush_denormals):
             U = problem.forward(x0_flat)
         ctx.problem = problem
         ctx.save_for_backward(x0_flat, U, *tensors[problem.n_x0:])
@@ -235,15 +235,16 @@ class _ChainSolve(torch.autograd.Function):
         cfg = problem.config
         # torch.func transforms differentiate regardless of the ambient no_grad mode.
         compiled = None if problem.compiled is None else CompiledAdjoint(problem, problem.compiled)
-        grads = None if compiled is None else compiled(backward_steps, Zprev, G, wrt)
-        if grads is None:
-            t0 = time.perf_counter()
-            grads = adjoint(backward_steps, Zprev, G, wrt, problem.mode,
-                            problem.adjoint_atol, problem.adjoint_rtol,
-                            cfg.iteration_cap(length), problem.stats.backward,
-                            problem.replicated_steps(backward_steps))
-            if compiled is not None:
-                compiled.record_eager(time.perf_counter() - t0)
+        with denormals.flushed(cfg.flush_denormals):
+            grads = None if compiled is None else compiled(backward_steps, Zprev, G, wrt)
+            if grads is None:
+                t0 = time.perf_counter()
+                grads = adjoint(backward_steps, Zprev, G, wrt, problem.mode,
+                                problem.adjoint_atol, problem.adjoint_rtol,
+                                cfg.iteration_cap(length), problem.stats.backward,
+                                problem.replicated_steps(backward_steps))
+                if compiled is not None:
+                    compiled.record_eager(time.perf_counter() - t0)
         dZprev, *dinputs = grads
         backward_steps.record(problem.stats)  # vmap can fail in the backward pass alone
         dx0 = spec.unflatten(dZprev[0])

@@ -1,0 +1,169 @@
+"""Probes of benchmarks/results/peers_cpu_fused_perf.txt (issue 14), each old vs new in one process,
+alternating, fresh input per call, medians; one intra-op thread, float32.
+
+    python benchmarks/_fused_perf.py finish --L 4096 16384 --w 2 4     # compiled sequential finish: torch.stack
+        chunk (before) vs one output buffer (now), and jitted lax.scan; solve(max_iter=1) as peers.py's seqfinish
+    python benchmarks/_fused_perf.py flush --L 4096 --w 4 [--gain1]    # compiled solve (fwd), flush_denormals off/on
+    python benchmarks/_fused_perf.py record                            # the old per-iteration stats record's ops
+    python benchmarks/_fused_perf.py threshold --L 4096 16384 --w 2 4  # compiled solve, PCR vs chunked scan
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _peers_torch import INPUTS, Problem, mlp_step  # noqa: E402
+
+import deeppcr_fx as deeppcr  # noqa: E402
+from deeppcr_fx.runtime import fused, fused_solve  # noqa: E402
+
+
+class StackChunk(fused.SequentialChunk):
+    """The finish chunk before this change: the K steps' states stacked at the end."""
+
+    def __call__(self, z, *args):
+        per_step, shared = args[:self.n_per_step], args[self.n_per_step:]
+        out = []
+        for k in range(self.chunk):
+            z = self.spec.flatten(self.step(self.spec.unflatten(z), *(p[k] for p in per_step), *shared))
+            out.append(z)
+        return torch.stack(out)
+
+
+def load():
+    return os.getloadavg()[0]
+
+
+def timed(fn, rounds, names):
+    """Alternate the callables ``fn[name](i)`` over rounds (fresh input i each call); median seconds."""
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            fn[n](r % INPUTS)
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def finish(args):
+    import _peers_jax as pj
+    for L in args.L:
+        for w in args.w:
+            prob = Problem("mlp", L, w, 1)
+            per_step, shared = prob.weights()
+            # two copies of the step: two cache entries, one compiled with each chunk formulation
+            steps = {"stack": lambda z, W, b: mlp_step(z, W, b), "buffer": lambda z, W, b: mlp_step(z, W, b)}
+            fn, compile_s = {}, {}
+            for name, step in steps.items():
+                fused_solve.SequentialChunk = StackChunk if name == "stack" else fused.SequentialChunk
+
+                def call(i, step=step):
+                    with torch.no_grad():
+                        return deeppcr.solve(step, prob.inputs[i][0], per_step=per_step, jacobian="full",
+                                             backend="inductor", max_iter=1, flush_denormals=args.flush)
+                res = call(0)  # compiles the iteration and the finish
+                compile_s[name] = res.stats.compile_s
+                assert res.stats.forward.sequential_finish is not None
+                fn[name] = call
+            fused_solve.SequentialChunk = fused.SequentialChunk
+            x = [pj.to_jax(t) for t in per_step]
+            jin = [(pj.to_jax(prob.inputs[i][0]), tuple(x), ()) for i in range(INPUTS)]
+            exe = pj.compile_fn(pj.build("mlp", "scan", False, max_iter=64), *jin[0])
+            fn["lax.scan"] = lambda i: pj.block(exe(*jin[i]))
+            l0 = load()
+            t = timed(fn, args.rounds, ["stack", "buffer", "lax.scan"])
+            print(f"MLP L={L} w={w} chunk={fused.finish_chunk(L)}: seqfinish ms stack {t['stack'] * 1e3:.2f}  "
+                  f"buffer {t['buffer'] * 1e3:.2f}  lax.scan {t['lax.scan'] * 1e3:.3f}  stack/buffer "
+                  f"{t['stack'] / t['buffer']:.2f}x  buffer/scan {t['buffer'] / t['lax.scan']:.0f}x  "
+                  f"[load {l0:.1f}-{load():.1f}]", flush=True)
+
+
+def flush(args):
+    for L in args.L:
+        for w in args.w:
+            prob = Problem("mlp", L, w, 1)
+            per_step, shared = prob.weights()
+            if args.gain1:  # the weights of peers_cpu_fused_direct.txt's denormal probe
+                g = torch.Generator().manual_seed(0)
+                per_step = (torch.randn(L, w, w, generator=g) / w ** 0.5, torch.randn(L, w, generator=g) * 0.1)
+            fn, its = {}, {}
+            for f in (False, True):
+                def call(i, f=f):
+                    with torch.no_grad():
+                        return deeppcr.solve(mlp_step, prob.inputs[i][0], per_step=per_step, jacobian="full",
+                                             backend="inductor", flush_denormals=f)
+                its[f] = call(0).stats.forward.iterations
+                fn[f] = call
+            l0 = load()
+            t = timed(fn, args.rounds, [False, True])
+            print(f"MLP L={L} w={w}{' gain-1 W' if args.gain1 else ''}: compiled solve ms off {t[False] * 1e3:.2f} "
+                  f"({its[False]} it)  on {t[True] * 1e3:.2f} ({its[True]} it)  off/on {t[False] / t[True]:.2f}x  "
+                  f"[load {l0:.1f}-{load():.1f}]", flush=True)
+
+
+def record(args):
+    U = torch.randn(4096, 1, 4)
+    start, worst, status = torch.tensor(3), torch.tensor(0.5), torch.tensor(0, dtype=torch.int8)
+    n = 20000
+    t = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            torch.stack([start.to(U.dtype), worst.detach().clone(), status.to(U.dtype)])
+        t.append((time.perf_counter() - t0) / n)
+    print(f"old record per iteration: {statistics.median(t) * 1e6:.1f} us [load {load():.1f}]")
+
+
+def threshold(args):
+    """Compiled forward solve with plain PCR vs the chunked scan (FUSED_CHUNK rows): first call and ms per iteration."""
+    for L in args.L:
+        for w in args.w:
+            prob = Problem("mlp", L, w, 1)
+            per_step, _ = prob.weights()
+            fn, first, its = {}, {}, {}
+            for chunk in (0, fused.FUSED_CHUNK):
+                step = (lambda z, W, b: mlp_step(z, W, b))  # its own cache entry per variant
+                fused_solve.fused_chunk = lambda length, device, chunk=chunk: chunk
+
+                def call(i, step=step):
+                    with torch.no_grad():
+                        return deeppcr.solve(step, prob.inputs[i][0], per_step=per_step, jacobian="full",
+                                             backend="inductor", flush_denormals=args.flush)
+                t0 = time.perf_counter()
+                res = call(0)
+                first[chunk], its[chunk] = time.perf_counter() - t0, res.stats.forward.iterations
+                fn[chunk] = call
+            l0 = load()
+            t = timed(fn, args.rounds, list(fn))
+            pcr, ch = (t[c] * 1e3 / its[c] for c in fn)
+            print(f"MLP L={L} w={w}: first call s pcr {first[0]:.1f} chunked {first[fused.FUSED_CHUNK]:.1f}; ms/it "
+                  f"pcr {pcr:.3f} ({its[0]} it) chunked {ch:.3f} ({its[fused.FUSED_CHUNK]} it) pcr/chunked "
+                  f"{pcr / ch:.2f}x  [load {l0:.1f}-{load():.1f}]", flush=True)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["finish", "flush", "record", "threshold"])
+    ap.add_argument("--L", type=int, nargs="+", default=[4096])
+    ap.add_argument("--w", type=int, nargs="+", default=[4])
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--gain1", action="store_true")
+    ap.add_argument("--flush", action="store_true")
+    a = ap.parse_args()
+    print(f"$ python benchmarks/_fused_perf.py {' '.join(sys.argv[1:])}\nstart {time.strftime('%H:%M:%S')} "
+          f"load {load():.2f}", flush=True)
+    {"finish": finish, "flush": flush, "record": record, "threshold": threshold}[a.what](a)
+
