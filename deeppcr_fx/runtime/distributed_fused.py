@@ -35,8 +35,8 @@ import torch
 
 from ..results import FinishCause
 from . import backend, fused_scan
-from .distributed_comm import Comm, DistributedSolveError, raise_failures
-from .distributed_newton import _FAILED, _NON_FINITE, _SETUP, _finish, _raise_setup
+from .distributed_comm import Comm, DistributedSolveError
+from .distributed_newton import _FAILED, _NON_FINITE, _SETUP, _finish, read_decision, record_iteration
 from .distributed_scan import Packing, fold
 from .fused import NewtonIteration, fused_chunk
 from .fused_solve import _tracing
@@ -67,21 +67,8 @@ def scan_products(A: torch.Tensor, r: torch.Tensor, mode: Mode, chunk: int) -> t
     length = r.shape[0]
     if not 1 < chunk < length:
         return fused_scan.pcr(A, r, mode), _cumulative(A, mode), None
-    n_chunks = -(-length // chunk)
-    pad = n_chunks * chunk - length
-    if pad:
-        r = torch.cat([r, r.new_zeros(pad, *r.shape[1:])])
-        A = torch.cat([A, A.new_zeros(pad, *A.shape[1:])])
-    A = A.reshape(n_chunks, chunk, *A.shape[1:])
-    r = r.reshape(n_chunks, chunk, *r.shape[1:])
-    rows, prods = [r[:, 0]], [A[:, 0]]
-    for k in range(1, chunk):
-        rows.append(r[:, k] + mode.fused_apply(A[:, k], rows[-1]))
-        prods.append(mode.fused_compose(A[:, k], prods[-1]))
-    carry = fused_scan.pcr(prods[-1], rows[-1], mode)
-    incoming = torch.cat([torch.zeros_like(carry[:1]), carry[:-1]])
-    d = torch.stack([row + mode.fused_apply(P, incoming) for row, P in zip(rows, prods)], dim=1)
-    return d.reshape(n_chunks * chunk, *d.shape[2:])[:length], torch.stack(prods, dim=1), _cumulative(prods[-1], mode)
+    d, prods = fused_scan.chunked_with_products(A, r, mode, chunk)
+    return d, torch.stack(prods, dim=1), _cumulative(prods[-1], mode)
 
 
 def propagate(P: torch.Tensor, Q: Optional[torch.Tensor], x: torch.Tensor, mode: Mode, length: int) -> torch.Tensor:
@@ -342,21 +329,11 @@ class CompiledRank:
                 failure, buf = exc, packing.new()
                 buf[0] = _FAILED
             rows = comm.gather(buf, "forward iteration")
-            head = rows[:, :3].tolist()
-            flags = [h[0] for h in head]
-            if _SETUP in flags:
-                _raise_setup(comm, setup_error)
-            raise_failures(comm, [f == _FAILED for f in flags], failure, "the forward step evaluation")
-            if _NON_FINITE in flags:
+            decision = read_decision(comm, rows, setup_error, failure, "forward")
+            if decision is None:
                 return _finish(comm, order, offsets, finish, U, g, stats, FinishCause.NON_FINITE, "forward")
-            g_new = int(min(h[1] for h in head))
-            worst = max(h[2] for h in head)
-            stats.iterations += 1
-            if record:
-                stats.window_starts.append(g)
-                stats.residuals.append(worst)
-            converged = worst <= COHERENT or (mode.exact and worst <= 1)
-            remainder = converged and worst > COHERENT and previous > 1 / COHERENT and stats.iterations > 1
+            g_new, worst = decision
+            converged, remainder = record_iteration(stats, record, g, worst, previous, mode)
             if converged and not remainder:
                 if on_iteration is not None:
                     on_iteration(stats.iterations, total, worst)

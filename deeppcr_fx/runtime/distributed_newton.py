@@ -128,22 +128,11 @@ def distributed_newton(comm: Comm, order: list, offsets: list, evaluate: Callabl
         except Exception as exc:  # the step raised here: every rank stops at the check below
             failure, buf[0] = exc, _FAILED
         rows = comm.gather(buf, f"{what} iteration")
-        head = rows[:, :3].tolist()  # the one decision's host sync: flag, first unconverged row, worst per rank
-        flags = [h[0] for h in head]
-        if _SETUP in flags:
-            _raise_setup(comm, setup_error)
-        raise_failures(comm, [f == _FAILED for f in flags], failure, f"the {what} step evaluation")
-        if _NON_FINITE in flags:
+        decision = read_decision(comm, rows, setup_error, failure, what)
+        if decision is None:
             return _finish(comm, order, offsets, finish, U, g, stats, FinishCause.NON_FINITE, what)
-        head = [h[1:] for h in head]
-        g_new = int(min(h[0] for h in head))
-        worst = max(h[1] for h in head)
-        stats.iterations += 1
-        if record:
-            stats.window_starts.append(g)
-            stats.residuals.append(worst)
-        converged = worst <= COHERENT or (mode.exact and worst <= 1)
-        remainder = converged and worst > COHERENT and previous > 1 / COHERENT and stats.iterations > 1
+        g_new, worst = decision
+        converged, remainder = record_iteration(stats, record, g, worst, previous, mode)
         if converged and not remainder:
             if on_iteration is not None:
                 on_iteration(stats.iterations, total, worst)
@@ -187,6 +176,34 @@ def distributed_newton(comm: Comm, order: list, offsets: list, evaluate: Callabl
             A_last, E_last, A_from = A, E, w0
         previous, before = worst, previous
         g = g_new
+
+
+def read_decision(comm: Comm, rows: torch.Tensor, setup_error: Optional[str], failure: Optional[BaseException],
+                  what: str) -> Optional[tuple]:
+    """The group's decision from the gathered exchange rows: ``(g_new, worst)`` (the first unconverged row,
+    the worst ratio over the ranks), or None when some rank's residual is not finite. The one host sync of
+    an iteration's decision; raises on every rank when a rank's setup check failed or its step raised."""
+    head = rows[:, :3].tolist()  # per rank: flag, first unconverged row, worst ratio
+    flags = [h[0] for h in head]
+    if _SETUP in flags:
+        _raise_setup(comm, setup_error)
+    raise_failures(comm, [f == _FAILED for f in flags], failure, f"the {what} step evaluation")
+    if _NON_FINITE in flags:
+        return None
+    return int(min(h[1] for h in head)), max(h[2] for h in head)
+
+
+def record_iteration(stats: PassStats, record: bool, g: int, worst: float, previous: float, mode: Mode) -> tuple:
+    """Count the iteration (and its window and worst ratio when ``record``); ``(converged, remainder)``:
+    whether the group's rows are final, and whether a full-mode remainder update is still due (the rules
+    of ``newton.triangular_newton``)."""
+    stats.iterations += 1
+    if record:
+        stats.window_starts.append(g)
+        stats.residuals.append(worst)
+    converged = worst <= COHERENT or (mode.exact and worst <= 1)
+    remainder = converged and worst > COHERENT and previous > 1 / COHERENT and stats.iterations > 1
+    return converged, remainder
 
 
 def _maps(packing: Packing, buf: torch.Tensor, pos: int, P: int, jac: Callable, residual: torch.Tensor, w0: int,

@@ -40,6 +40,13 @@ def pcr(A: torch.Tensor, r: torch.Tensor, mode: Mode) -> torch.Tensor:
 
 def chunked(A: torch.Tensor, r: torch.Tensor, mode: Mode, chunk: int) -> torch.Tensor:
     """The work-efficient scan (see the module docstring) with ``chunk`` rows per chunk."""
+    return chunked_with_products(A, r, mode, chunk)[0]
+
+
+def chunked_with_products(A: torch.Tensor, r: torch.Tensor, mode: Mode, chunk: int) -> tuple:
+    """``chunked``'s rows and the running products inside the chunks it forms on the way: ``(d, prods)``,
+    ``prods[k]`` of shape ``(n_chunks, ...)`` the product of a chunk's maps up to its row k (the layer-parallel
+    scan reuses them to apply an input later)."""
     length = r.shape[0]
     n_chunks = -(-length // chunk)
     pad = n_chunks * chunk - length
@@ -56,7 +63,7 @@ def chunked(A: torch.Tensor, r: torch.Tensor, mode: Mode, chunk: int) -> torch.T
     # chunk c >= 1: row k adds P_k D_{c-1}; chunk 0 reads the zero vector
     incoming = torch.cat([torch.zeros_like(carry[:1]), carry[:-1]])
     out = torch.stack([row + mode.fused_apply(P, incoming) for row, P in zip(rows, prods)], dim=1)
-    return out.reshape(n_chunks * chunk, *out.shape[2:])[:length]
+    return out.reshape(n_chunks * chunk, *out.shape[2:])[:length], prods
 
 
 def scan(A: Optional[torch.Tensor], r: torch.Tensor, mode: Union[Mode, str], transpose: bool = False,
