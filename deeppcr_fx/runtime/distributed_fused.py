@@ -153,8 +153,7 @@ class ApplyIteration:
             if A is not None:
                 A = torch.where(_rows_like(rows > w1, A), A, torch.zeros_like(A))
             delta = fused_scan.scan(A, r, self.mode, chunk=self.chunk)
-        U_new = torch.where(_rows_like(rows >= w1, U), U + delta, U)
-        return torch.where(_rows_like(rows == g, U), vals, U_new)
+        return _update(U, vals, delta, rows, w1, g)
 
 
 class ApplyPropagated:
@@ -169,8 +168,14 @@ class ApplyPropagated:
         *Q, x_in, w1, g = args
         rows = torch.arange(U.shape[0], device=U.device)
         delta = d + propagate(P, Q[0] if Q else None, x_in, self.mode, U.shape[0])
-        U_new = torch.where(_rows_like(rows >= w1, U), U + delta, U)
-        return torch.where(_rows_like(rows == g, U), vals, U_new)
+        return _update(U, vals, delta, rows, w1, g)
+
+
+def _update(U: torch.Tensor, vals: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor, w1: torch.Tensor,
+            g: torch.Tensor) -> torch.Tensor:
+    """Rows w1.. moved by ``delta``; row g (the first unconverged row) set to its step value."""
+    U_new = torch.where(_rows_like(rows >= w1, U), U + delta, U)
+    return torch.where(_rows_like(rows == g, U), vals, U_new)
 
 
 class CompiledRank:
