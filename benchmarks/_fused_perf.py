@@ -5,7 +5,8 @@ alternating, fresh input per call, medians; one intra-op thread, float32.
         chunk (before) vs one output buffer (now), and jitted lax.scan; solve(max_iter=1) as peers.py's seqfinish
     python benchmarks/_fused_perf.py flush --L 4096 --w 4 [--gain1]    # compiled solve (fwd), flush_denormals off/on
     python benchmarks/_fused_perf.py record                            # the old per-iteration stats record's ops
-    python benchmarks/_fused_perf.py threshold --L 4096 16384 --w 2 4  # compiled solve, PCR vs chunked scan
+    python benchmarks/_fused_perf.py scans --L 4096 16384 --w 2 4      # compiled solve: PCR, cyclic reduction,
+        PCR across 16-row chunks (benchmarks/results/scans_cpu.txt)
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _peers_torch import INPUTS, Problem, mlp_step  # noqa: E402
 
 import deeppcr_fx as deeppcr  # noqa: E402
-from deeppcr_fx.runtime import fused, fused_solve  # noqa: E402
+from deeppcr_fx.runtime import fused, fused_scan, fused_solve  # noqa: E402
 
 
 class StackChunk(fused.SequentialChunk):
@@ -126,37 +127,41 @@ def record(args):
     print(f"old record per iteration: {statistics.median(t) * 1e6:.1f} us [load {load():.1f}]")
 
 
-def threshold(args):
-    """Compiled forward solve with plain PCR vs the chunked scan (FUSED_CHUNK rows): first call and ms per iteration."""
+def scans(args):
+    """Compiled forward solve with each scan the compiled iteration can use: plain PCR, odd-even cyclic
+    reduction, and PCR across FUSED_CHUNK-row chunks: first call and ms per iteration, alternating rounds."""
+    cr = fused_scan.cyclic_reduction
+    variants = {"pcr": (0, fused_scan.pcr), "cr": (0, cr), "chunked": (fused.FUSED_CHUNK, cr)}
     for L in args.L:
         for w in args.w:
             prob = Problem("mlp", L, w, 1)
             per_step, _ = prob.weights()
             fn, first, its = {}, {}, {}
-            for chunk in (0, fused.FUSED_CHUNK):
+            for name, (chunk, plain) in variants.items():
                 step = (lambda z, W, b: mlp_step(z, W, b))  # its own cache entry per variant
-                fused_solve.fused_chunk = lambda length, device, chunk=chunk: chunk
 
-                def call(i, step=step):
+                def call(i, step=step, chunk=chunk, plain=plain):
+                    fused_solve.CompiledForward.chunk = chunk
+                    fused_scan.cyclic_reduction = plain  # what fused_scan.scan calls (read at trace time)
                     with torch.no_grad():
                         return deeppcr.solve(step, prob.inputs[i][0], per_step=per_step, jacobian="full",
-                                             backend="inductor", flush_denormals=args.flush)
+                                             backend="inductor")
                 t0 = time.perf_counter()
                 res = call(0)
-                first[chunk], its[chunk] = time.perf_counter() - t0, res.stats.forward.iterations
-                fn[chunk] = call
+                first[name], its[name] = time.perf_counter() - t0, res.stats.forward.iterations
+                fn[name] = call
             l0 = load()
             t = timed(fn, args.rounds, list(fn))
-            pcr, ch = (t[c] * 1e3 / its[c] for c in fn)
-            print(f"MLP L={L} w={w}: first call s pcr {first[0]:.1f} chunked {first[fused.FUSED_CHUNK]:.1f}; ms/it "
-                  f"pcr {pcr:.3f} ({its[0]} it) chunked {ch:.3f} ({its[fused.FUSED_CHUNK]} it) pcr/chunked "
-                  f"{pcr / ch:.2f}x  [load {l0:.1f}-{load():.1f}]", flush=True)
+            cells = "  ".join(f"{k} {t[k] * 1e3:.2f} ms ({its[k]} it, {t[k] * 1e3 / its[k]:.3f}/it, first "
+                              f"{first[k]:.1f} s)" for k in fn)
+            print(f"MLP L={L} w={w}: {cells}  pcr/cr per it {t['pcr'] / its['pcr'] / (t['cr'] / its['cr']):.2f}x"
+                  f"  [load {l0:.1f}-{load():.1f}]", flush=True)
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["finish", "flush", "record", "threshold"])
+    ap.add_argument("what", choices=["finish", "flush", "record", "scans"])
     ap.add_argument("--L", type=int, nargs="+", default=[4096])
     ap.add_argument("--w", type=int, nargs="+", default=[4])
     ap.add_argument("--rounds", type=int, default=9)
@@ -165,5 +170,5 @@ if __name__ == "__main__":
     a = ap.parse_args()
     print(f"$ python benchmarks/_fused_perf.py {' '.join(sys.argv[1:])}\nstart {time.strftime('%H:%M:%S')} "
           f"load {load():.2f}", flush=True)
-    {"finish": finish, "flush": flush, "record": record, "threshold": threshold}[a.what](a)
+    {"finish": finish, "flush": flush, "record": record, "scans": scans}[a.what](a)
 

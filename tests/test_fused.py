@@ -9,7 +9,8 @@ import torch
 import deeppcr_fx as deeppcr
 from chains import PROBLEMS
 from deeppcr_fx.results import FinishCause, InvalidInput
-from deeppcr_fx.runtime import backend, fused, fused_scan, scan
+from deeppcr_fx.runtime import backend, fused_scan, fused_solve, scan
+from deeppcr_fx.runtime.modes import mode_of
 
 L = 24
 # one chain object per problem for the whole module (same step objects: compiled once)
@@ -73,8 +74,7 @@ def test_gradcheck_through_the_compiled_forward_and_adjoint():
 
 
 def test_chunked_scan_in_the_compiled_forward_and_adjoint(monkeypatch):
-    monkeypatch.setattr(fused, "FUSED_CHUNK_MIN_LENGTH", 16)  # long chains' path, on a short chain
-    monkeypatch.setattr(fused, "FUSED_CHUNK", 3)
+    monkeypatch.setattr(fused_solve.CompiledForward, "chunk", 3)  # layer-parallel slices' scan, in one process
     chain = CHAINS["residual"]
     W, b = (p.clone().requires_grad_() for p in chain.per_step)
     res = deeppcr.solve(chain.step, chain.x0, per_step=(W, b), jacobian="full", backend="inductor")
@@ -160,6 +160,24 @@ def test_traceable_scan_matches_the_eager_scan(mode, transpose, chunk):
     r = torch.randn(23, 2, 3, dtype=torch.float64, generator=g)
     want = scan.affine_scan(A, r, mode, transpose=transpose, chunk=0)
     torch.testing.assert_close(fused_scan.scan(A, r, mode, transpose, chunk), want)
+
+
+@pytest.mark.parametrize("mode", ["full", "diag"])
+@pytest.mark.parametrize("length", [1, 2, 3, 5, 8, 23, 64, 97])
+@pytest.mark.parametrize("plain", ["pcr", "cyclic_reduction"])
+def test_plain_scans_match_the_sequential_recurrence_and_never_read_row_0(mode, length, plain):
+    g = torch.Generator().manual_seed(length)
+    A = torch.randn(length, 2, 3, 3, dtype=torch.float64, generator=g) * 0.6
+    A = A if mode == "full" else A[..., 0]
+    r = torch.randn(length, 2, 3, dtype=torch.float64, generator=g)
+    want, z = [], torch.zeros_like(r[0])
+    for l in range(length):  # delta_l = A_l delta_{l-1} + r_l, delta_{-1} = 0
+        z = r[l] + (A[l] @ z.unsqueeze(-1)).squeeze(-1) if mode == "full" else r[l] + A[l] * z
+        want.append(z)
+    A = A.clone()
+    A[0] = float("nan")  # row 0's map multiplies the zero vector before the chain: never read
+    got = getattr(fused_scan, plain)(A, r, mode_of(mode))
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-12, atol=1e-12)
 
 
 def test_compiled_functions_are_called_without_dynamo(monkeypatch):

@@ -48,8 +48,10 @@ def batched_step(step: Callable, spec: StateSpec, n_per_step: int, n_shared: int
     return vmap(one, in_dims=(0,) * (1 + n_per_step) + (None,) * n_shared)
 
 
-# Chains at least this long (CPU) use the chunked scan with FUSED_CHUNK rows per chunk in the compiled
-# functions, shorter ones plain PCR. Measured fwd + bwd per solve, compiled, one run each (load ~6):
+# A layer-parallel slice at least this long (CPU) uses the chunked scan with FUSED_CHUNK rows per chunk in
+# its compiled functions, whose running products it reuses to apply the incoming state; a shorter one
+# cyclic reduction with its products by PCR. (One process uses cyclic reduction at every length:
+# ``fused_solve.CompiledForward.chunk``.) Measured fwd + bwd per solve, compiled, one run each (load ~6):
 # L = 16384, w = 2: 158 ms chunked vs 264 ms PCR; L = 4096, w = 4: 21.6 vs 24.0 ms; but the chunked
 # scan costs far more compile time (52-73 s vs 9-40 s first call), so only where the log2 L factor
 # of PCR's work is large.
@@ -57,8 +59,8 @@ FUSED_CHUNK_MIN_LENGTH, FUSED_CHUNK = 8192, 16
 
 
 def fused_chunk(length: int, device: torch.device) -> int:
-    """Rows per chunk of the compiled scan: FUSED_CHUNK on CPU for L >= FUSED_CHUNK_MIN_LENGTH, else 0
-    (plain PCR: fewer, wider operations, the better shape for a GPU, and a faster compile)."""
+    """Rows per chunk of a layer-parallel slice's compiled scan: FUSED_CHUNK on CPU for L >=
+    FUSED_CHUNK_MIN_LENGTH, else 0 (cyclic reduction)."""
     return FUSED_CHUNK if device.type == "cpu" and length >= FUSED_CHUNK_MIN_LENGTH else 0
 
 

@@ -4,8 +4,9 @@ The same recurrence as ``scan.affine_scan`` (``delta_l = A_l delta_{l-1} + r_l``
 read; ``transpose=True`` for the adjoint ``a_l = A_{l+1}^T a_{l+1} + r_l``), for tracing
 (``torch.fx.experimental.proxy_tensor.make_fx``) and compiling with inductor (``runtime/fused.py``):
 
-- no in-place updates and no Python loop over rows: a loop over PCR rounds (log2 L) or over the
-  positions inside a chunk (K), each turn a few whole-tensor operations;
+- no in-place updates and no Python loop over rows: a recursion over halving levels (cyclic
+  reduction, the default: O(L) work, 2 log2 L levels), a loop over PCR rounds (log2 L rounds of L
+  rows each) or over the positions inside a chunk (K), each turn a few whole-tensor operations;
 - ``A_l x`` and ``A_l A_m`` for small n as a broadcast multiply and a sum over the last axis
   (the mode's ``fused_apply`` and ``fused_compose``, ``runtime/modes.py``), which inductor fuses
   into one loop nest (a (L, B, n, n) bmm of 4 x 4 matrices is a library call per row block in
@@ -36,6 +37,26 @@ def pcr(A: torch.Tensor, r: torch.Tensor, mode: Mode) -> torch.Tensor:
         if k < n_rounds - 1:
             A = torch.cat([A[:s], mode.fused_compose(A[s:], A[:-s])])
     return r
+
+
+def cyclic_reduction(A: torch.Tensor, r: torch.Tensor, mode: Mode) -> torch.Tensor:
+    """Odd-even cyclic reduction along dim 0, out of place: O(L) work in 2 log2 L levels of shrinking
+    whole-tensor operations (PCR does L log2 L). Pair each odd row with the even row before it
+    (``A_{2i+1} A_{2i}``, ``r_{2i+1} + A_{2i+1} r_{2i}``), solve the odd rows (a system of half the
+    length, the same way), then every even row from the odd row before it. Row 0's A is never read,
+    on any level: its products only reach row 0 of the halved systems."""
+    length = r.shape[0]
+    if length == 1:
+        return r
+    half = length // 2
+    A_odd, r_odd = A[1::2], r[1::2]
+    r_half = r_odd + mode.fused_apply(A_odd, r[0:2 * half:2])
+    A_half = mode.fused_compose(A_odd, A[0:2 * half:2]) if half > 1 else A_odd
+    z_odd = cyclic_reduction(A_half, r_half, mode)
+    A_even = A[2::2]  # rows 2, 4, ...: each reads the odd row before it
+    z_even = torch.cat([r[:1], r[2::2] + mode.fused_apply(A_even, z_odd[:A_even.shape[0]])])
+    paired = torch.stack([z_even[:half], z_odd], dim=1).reshape(2 * half, *r.shape[1:])
+    return torch.cat([paired, z_even[half:]]) if length % 2 else paired
 
 
 def chunked(A: torch.Tensor, r: torch.Tensor, mode: Mode, chunk: int) -> torch.Tensor:
@@ -78,4 +99,4 @@ def scan(A: Optional[torch.Tensor], r: torch.Tensor, mode: Union[Mode, str], tra
         return scan(A, r, mode, False, chunk).flip(0)
     if 1 < chunk < r.shape[0]:
         return chunked(A, r, mode, chunk)
-    return pcr(A, r, mode)
+    return cyclic_reduction(A, r, mode)

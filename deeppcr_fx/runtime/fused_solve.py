@@ -14,17 +14,23 @@ import torch
 from ..results import FinishCause
 from . import backend
 from .fused import (CONVERGED, NON_FINITE, FullAdjoint, NewtonIteration, SequentialChunk,
-                    finish_args, finish_chunk, fused_chunk, run_finish, run_newton)
+                    finish_args, finish_chunk, run_finish, run_newton)
 from .newton import _finish
 
 
 class CompiledForward:
     """One solve's view of the compiled-iteration cache (see ``backend``)."""
 
+    # Rows per chunk of the compiled scan; 0: odd-even cyclic reduction (``fused_scan``), work-efficient at
+    # every length. Against plain PCR and PCR across 16-row chunks, tanh MLP w = 4 (cold cache, load ~5):
+    # L = 4096 2.8 ms per iteration vs 5.2 / 2.7, first call 13.1 s vs 17.6 / 26.7 s; L = 16384 6.9 ms vs
+    # 13.0 / 7.2, 12.7 s vs 19.1 / 27.6 s (benchmarks/results/scans_cpu.txt). The chunked scan stays for
+    # layer-parallel slices (``fused.fused_chunk``), which reuse its running products.
+    chunk = 0
+
     def __init__(self, problem, user_step: Callable, constants: tuple) -> None:
         self.problem = problem
         p = problem
-        self.chunk = fused_chunk(p.stats.length, p.steps.inputs[0].device if p.steps.inputs else torch.device("cpu"))
         steps = p.steps
         self.key = ("newton", p.mode.name, p.spec, p.atol, p.rtol, p.stats.length, self.chunk, constants,
                     backend.tensor_signature(steps.inputs), len(steps.per_step), p.config.cuda_graphs)
