@@ -113,6 +113,7 @@ class DirectCall:
 
     def __init__(self, fn: Callable, args: tuple, cuda_graphs: bool) -> None:
         self.fn, self.cuda_graphs = fn, cuda_graphs
+        _setup_inductor()
         gm = trace(fn, args)
         self.single = _flat_outputs(gm)
         self.strides = _strides(args)
@@ -161,6 +162,16 @@ class DirectCall:
             _flat_outputs(gm)
             call = self.variants[key] = self._compile(gm, args)
         return call
+
+
+def _setup_inductor() -> None:
+    """Inductor's C++ vector-ISA probe remembered across processes (``inductor_setup``); never fails a compile."""
+    from . import inductor_setup
+
+    try:
+        inductor_setup.install()
+    except Exception:  # noqa: BLE001 - inductor probes as it would without us
+        pass
 
 
 def _flat_outputs(gm: torch.fx.GraphModule) -> bool:
