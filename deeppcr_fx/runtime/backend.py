@@ -17,7 +17,9 @@
 Kernels are reused: per step object (a function, or the GraphModule behind a bound ``forward``;
 held weakly) and signature (mode, shapes, dtypes, device, tolerances, non-tensor shared values), one
 compiled function serves every later solve in the process; inductor's on-disk caches
-(``/tmp/torchinductor_$USER``) serve later processes and identical graphs of other chains.
+(``/tmp/torchinductor_$USER``) serve later processes and identical graphs of other chains, and
+inductor's per-process C++ vector-ISA probe is answered from a small file after the first process
+(``inductor_setup``).
 """
 from __future__ import annotations
 
@@ -29,8 +31,10 @@ from typing import Any, Callable, Optional
 import torch
 
 # Predicted first-call seconds of a compiled iteration (trace + inductor) with a cold on-disk cache on
-# this project's CPU: 11-13 s for a tanh MLP, L = 4096, w = 4 (benchmarks/results/peers_cpu.txt).
-COMPILE_PRIOR_S = {"cpu": 12.0, "cuda": 20.0}
+# this project's CPU: 10.1-10.9 CPU seconds for a tanh MLP, L = 4096, w = 4, with inductor's ISA probe
+# remembered (inductor_setup; it was ~2 s more per process, 11-13 s in peers_cpu.txt);
+# benchmarks/results/compile_time_cpu.txt.
+COMPILE_PRIOR_S = {"cpu": 10.0, "cuda": 20.0}
 CHUNKED_COMPILE_FACTOR = 4.0  # runtime/fused.py's chunked scan: 52-73 s first call vs 9-40 s (load ~6)
 
 
