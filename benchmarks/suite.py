@@ -2,6 +2,7 @@
 
     python benchmarks/suite.py --suite paper|resnet|diffusion|all --device cpu|cuda [--quick] [--threads N]
                                [--L 4096 --w 4 --B 1]   (a subset: suite_<suite>_<device>_subset.csv)
+                               [--backend auto|eager|inductor]   (not auto: the file name ends _<backend>)
 
 Every row measures, in this process, with alternating runs (in an order shuffled each round, so
 no variant always follows the same neighbour) and medians over repeats (a speed-up is the median
@@ -146,11 +147,11 @@ def _rewritten(compiled) -> int:
     return 0 if report is None else len(report.rewritten)
 
 
-def _variants(model: nn.Module, device: str) -> Dict[str, Callable]:
+def _variants(model: nn.Module, device: str, backend: str = "auto") -> Dict[str, Callable]:
     variants: Dict[str, Callable] = {"eager": model}
-    variants["always"] = deeppcr.compile(model, policy="always")
-    variants["cold"] = deeppcr.compile(model, policy="always", warm_start=False)
-    variants["auto"] = deeppcr.compile(model, policy="auto")
+    variants["always"] = deeppcr.compile(model, policy="always", backend=backend)
+    variants["cold"] = deeppcr.compile(model, policy="always", warm_start=False, backend=backend)
+    variants["auto"] = deeppcr.compile(model, policy="auto", backend=backend)
     if device == "cuda":
         variants["cudagraph"] = torch.compile(model, mode="reduce-overhead")
     return variants
@@ -218,6 +219,7 @@ def _time_variants(case: Case, variants: Dict[str, Callable], mode: str, device:
         for fn in variants.values():  # compile untimed: each grad mode is its own specialisation
             if hasattr(fn, "specialise"):  # a deeppcr CompiledModule
                 fn.specialise((xs[0],))
+                run(fn, xs[0], seed=0)  # and the compiled backend's kernels (--backend inductor)
     # warm up (graph captures, caches) on one input and seed, which also gives each variant's error
     first, outputs = {}, {}
     for name, fn in variants.items():
@@ -259,11 +261,11 @@ def _time_variants(case: Case, variants: Dict[str, Callable], mode: str, device:
     return row
 
 
-def measure(case: Case, device: str, repeats: int) -> List[dict]:
+def measure(case: Case, device: str, repeats: int, backend: str = "auto") -> List[dict]:
     """One row per mode of ``case``: eager, deeppcr.compile (always, always without warm start, auto)."""
     case.model.to(device)
     case.x = case.x.to(device)
-    variants = _variants(case.model, device)
+    variants = _variants(case.model, device, backend)
     return [_time_mode(case, variants, mode, device, repeats) for mode in case.modes]
 
 
@@ -360,6 +362,9 @@ def main(argv=None) -> int:
     ap.add_argument("--w", type=int, nargs="+", help="only cases of these widths")
     ap.add_argument("--B", type=int, nargs="+", help="only cases of these batch sizes")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--backend", choices=("auto", "eager", "inductor"), default="auto",
+                    help="the rewritten chains' backend (default auto: eager until a compile pays for itself; "
+                         "inductor: compiled from the first call, whose compile the untimed warm-up absorbs)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: 1 on cpu, see CPU_THREADS; torch's on cuda)")
     args = ap.parse_args(argv)
@@ -374,13 +379,14 @@ def main(argv=None) -> int:
         for case in SUITES[suite](args.quick):
             if any(want and case.params[k] not in want for k, want in (("L", args.L), ("w", args.w), ("B", args.B))):
                 continue
-            rows += measure(case, args.device, repeats)
+            rows += measure(case, args.device, repeats, args.backend)
             print(f"  measured {case.name} {case.params} {'/'.join(case.modes)}", flush=True)
         if not rows:
             continue
         print_table(rows)
-        subset = "subset" if (args.L or args.w or args.B) else ""
-        print(f"wrote {write(rows, suite, args.device, subset)}")
+        tag = "_".join(t for t in ("subset" if (args.L or args.w or args.B) else "",
+                                       args.backend if args.backend != "auto" else "") if t)
+        print(f"wrote {write(rows, suite, args.device, tag)}")
     return 0
 
 
