@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -91,11 +92,14 @@ def _parts(x):
 
 
 def run_case(rank: int, name: str, L: int, cuts: list, group=None, warm: bool = False, frozen: bool = False,
-             keep: bool = False, **options) -> dict:
+             keep: bool = False, again: int = 0, forget_on: Optional[int] = None, **options) -> dict:
     """One chain solved across the group (``rank``: this process's rank in it); errors against the
     sequential loop (float64) and the stats. ``warm``: solve twice, the second time from the
     first solution (``initial_guess``), and report the second solve. ``frozen``: on ranks > 0 no input
-    requires grad (they still take part in the backward pass)."""
+    requires grad (they still take part in the backward pass). ``again``: solve that many more times
+    (same step and inputs) and report the last; ``forget_on``: that rank drops its compiled functions
+    of the step before the last of them. ``gathers``: per solve, the names of the tensor all-gathers
+    of its forward pass."""
     import deeppcr_fx as deeppcr
 
     group = dist.group.WORLD if group is None else group
@@ -113,18 +117,31 @@ def run_case(rank: int, name: str, L: int, cuts: list, group=None, warm: bool = 
     from deeppcr_fx.runtime.distributed_comm import Comm
 
     object_gathers, plain = [0], Comm.gather_objects
+    gathers, plain_gather = [], Comm.gather
 
     def counted(self, obj, what):  # the setup's slow path (pickled facts): only when something differs
         object_gathers[0] += 1
         return plain(self, obj, what)
 
-    Comm.gather_objects = counted
+    def named(self, t, what):
+        gathers[-1].append(what)
+        return plain_gather(self, t, what)
+
+    Comm.gather_objects, Comm.gather = counted, named
     try:
+        gathers.append([])
         res = deeppcr.solve(ch.step, x0 if rank == 0 else None, **kwargs)
         if warm:
+            gathers.append([])
             res = deeppcr.solve(ch.step, x0 if rank == 0 else None, initial_guess=res.solution, **kwargs)
+        for k in range(again):
+            if forget_on == rank and k == again - 1:
+                from deeppcr_fx.runtime import backend
+                backend._CACHE.pop(backend.owner_of(ch.step), None)
+            gathers.append([])
+            res = deeppcr.solve(ch.step, x0 if rank == 0 else None, **kwargs)
     finally:
-        Comm.gather_objects = plain
+        Comm.gather_objects, Comm.gather = plain, plain_gather
     g = torch.Generator().manual_seed(7)
     C = [torch.randn(L, *p.shape, generator=g, dtype=torch.float64) for p in _parts(ch.x0)]
     sum(((s * c[lo:hi]).sum() for s, c in zip(_parts(res.states), C))).backward()
@@ -146,6 +163,7 @@ def run_case(rank: int, name: str, L: int, cuts: list, group=None, warm: bool = 
         "stats": res.stats.to_dict(),
         "volume": res.volume,
         "object_gathers": object_gathers[0],
+        "gathers": gathers,
         "offsets": res.offsets,
         "shape": tuple(_parts(res.states)[0].shape),
     }

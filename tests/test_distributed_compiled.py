@@ -19,7 +19,9 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 TOL = 1e-10
 
 CASES = [
-    ("tanh_full", "tanh", 24, [0, 9, 24], {"jacobian": "full"}),
+    # three solves: the first compiles, the second runs on the setup exchange's vote alone, before the
+    # third rank 1 drops its compiled functions (its vote fails, the agreement's exchange rebuilds them)
+    ("tanh_full", "tanh", 24, [0, 9, 24], {"jacobian": "full", "again": 2, "forget_on": 1}),
     ("gru", "gru", 20, [0, 12, 20], {}),
     ("fallback", "tanh", 16, [0, 7, 16], {"jacobian": "full", "closure_on": 1}),
     # samples coupled within a step: the compiled adjoint's check fails on every rank, the eager one iterates
@@ -53,6 +55,18 @@ def test_compiled_matches_eager_and_sequential(two, key):
     assert stats["forward"]["converged"] and eager["forward"]["converged"]
     assert stats["forward"]["iterations"] == eager["forward"]["iterations"]
     assert stats["backward"]["backend"] == "inductor" and stats["backward"]["iterations"] == 1
+
+
+def test_backend_vote_in_the_setup_exchange(two):
+    """A repeated compiled solve on the same layout takes no agreement exchange (the setup exchange carries
+    the vote); where one rank lost its compiled functions, every rank takes the agreement's exchange."""
+    for rank, case in enumerate(two):
+        first, repeat, after_forget = case["tanh_full"]["gathers"]
+        assert "backend agreement" in first, (rank, first)
+        assert repeat[0] == "setup" and not any(w.startswith("backend") for w in repeat), (rank, repeat)
+        assert len(repeat) == case["tanh_full"]["stats"]["forward"]["iterations"] + 1, (rank, repeat)
+        assert "backend agreement" in after_forget, (rank, after_forget)
+    assert two[0]["tanh_full"]["stats"]["forward"]["backend"] == "inductor"
 
 
 def test_adjoint_check_failure_falls_back_to_eager(two):

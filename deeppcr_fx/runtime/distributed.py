@@ -33,7 +33,8 @@ a halo exchange of ``P B n`` per iteration.
 
 Backend (``Config.backend``): with ``"inductor"`` (or ``"auto"`` once it compiles) and at most two
 ranks, each rank's forward iteration runs as two compiled functions around the exchange
-(``distributed_fused``); the ranks agree on it in one small all-gather per solve (none with
+(``distributed_fused``); the ranks agree on it through a vote in the setup exchange where every rank
+already holds its compiled halves for the layout, else in one small all-gather (none with
 ``backend="eager"``), and a compile failure on any rank makes every rank eager with the same
 ``stats.backend_error``. After a compiled forward, the backward pass in ``full`` mode is compiled
 too (``distributed_fused_adjoint``; the eager adjoint below where its check fails).
@@ -62,7 +63,7 @@ from . import jacobians
 from .distributed_adjoint import adjoint_distributed
 from ..results import DistributedLayoutError, DistributedSolveError, PeerFailure
 from .distributed_comm import Comm
-from .distributed_fused import CompiledRank
+from .distributed_fused import CompiledRank, remember_layout, vote, voted
 from .distributed_fused_adjoint import compiled_adjoint
 from .distributed_newton import distributed_newton
 from .fused_solve import constants_of
@@ -106,8 +107,14 @@ def solve_distributed(step: Callable, x0, per_step: Sequence[torch.Tensor] = (),
     except Exception as exc:  # reported on every rank below
         error = f"{type(exc).__name__}: {exc}"
     device = _device(x0, per_step, shared)
-    layout = setup(comm, facts, error, x0, initial_guess, device, _raise_if_any, _check_layout)
+    direct_call = getattr(steps_module, "direct_call", lambda f: f)  # skips torch.fx's error print
+    user_step = direct_call(step)
+    shared_tensors = tuple(s for s in shared if isinstance(s, torch.Tensor))
+    ballot = () if config is None or config.backend == "eager" else \
+        vote(comm, config, user_step, constants_of(shared), per_step + shared_tensors, len(per_step), device)
+    layout = setup(comm, facts, error, x0, initial_guess, device, _raise_if_any, _check_layout, ballot)
     spec, lengths = layout.spec, layout.lengths
+    remember_layout(comm, spec, lengths)
     offsets = [0]
     for n_steps in lengths:
         offsets.append(offsets[-1] + n_steps)
@@ -118,10 +125,7 @@ def solve_distributed(step: Callable, x0, per_step: Sequence[torch.Tensor] = (),
     else:  # placeholders: x0 is read on the first rank only
         x0_parts = tuple(torch.zeros(s, dtype=d, device=device) for s, d in zip(spec.shapes, spec.dtypes))
 
-    direct_call = getattr(steps_module, "direct_call", lambda f: f)  # skips torch.fx's error print
-    user_step = direct_call(step)
     step = bind_constants(user_step, len(per_step), shared)
-    shared_tensors = tuple(s for s in shared if isinstance(s, torch.Tensor))
     steps = Steps(step, spec, per_step, shared_tensors, config.vectorize)
     setup_error = None  # carried by the first exchange of the forward solve: every rank raises there
     try:
@@ -143,6 +147,7 @@ def solve_distributed(step: Callable, x0, per_step: Sequence[torch.Tensor] = (),
     problem.initial_guess = initial_guess if layout.warm[comm.rank] else None
     problem.setup_error = setup_error
     problem.compiled = CompiledRank(problem, user_step, constants_of(shared))
+    problem.compiled.voted = voted(layout.extra, spec, lengths)
     if comm.rank > 0:  # the state before this rank's first step: the previous rank's initial last row
         problem.halo = layout.guess_lasts[comm.rank - 1] if layout.warm[comm.rank - 1] else x0_flat
     # A rank with nothing to differentiate still takes part in the backward pass when another rank

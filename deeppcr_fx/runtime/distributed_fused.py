@@ -13,17 +13,25 @@ compiled by inductor, ``backend.compile_traced``, as ``runtime/fused.py`` does i
     apply(U, vals, ..., x_in, w1, g) -> U'             the last rank's sweep with its input folded in
         (the first rank adds its scan); the first unconverged row set to its step value
 
+With two ranks the work between two exchanges is balanced: the first rank's apply is cheap and its local
+half scans, the last rank's local half only linearises and its apply scans. (Until 2026-12-02 the last
+rank also scanned before the exchange for a zero input and kept chunk products, adding its input after it
+with two batched products: more work on the rank that was already the slower one, L = 16384, w = 4:
+about 2.1 ms CPU between exchanges vs 1.9 now; layer_parallel_cpu_overhead.txt.)
+
 The plan is always "fresh" (each iteration forms its Jacobians before the exchange): one exchange per
 iteration, and a converged exact-mode iteration's remainder update uses that iteration's Jacobians
 (a plain Newton step, as the one-process compiled iteration does). The hand-offs (the next rank's halo)
 come from ``fold`` on the gathered numbers, as in the eager driver, so both sides hold the same value.
 Two ranks at most (a middle rank's pre/post maps are not compiled: more ranks run eagerly).
 
-The backend is a group decision: every rank says whether it wants the compiled iteration (one small
-all-gather per solve when ``backend != "eager"``); where all do, those without a compiled function
-build one and the group compares results (a pickled gather, only in a solve that compiles). If any
-rank failed, every rank runs eagerly and records the same ``backend_error`` (and keeps it: later
-solves stay eager without compiling again).
+The backend is a group decision. Every rank votes in the setup exchange (``vote``: it holds the compiled
+halves for the layout of its last solve on the group, and a digest of that layout): where every vote names
+the real layout, the group runs compiled with no collective of its own. Otherwise (the first solve, a new
+layout, ``backend="auto"`` before it compiles) every rank says in one small all-gather whether it wants
+the compiled iteration; where all do, those without a compiled function build one and the group compares
+results (a pickled gather, only in a solve that compiles). If any rank failed, every rank runs eagerly
+and records the same ``backend_error`` (and keeps it: later solves stay eager without compiling again).
 """
 from __future__ import annotations
 
@@ -38,12 +46,87 @@ from . import backend, fused_scan
 from .distributed_comm import Comm, DistributedSolveError
 from .distributed_newton import _FAILED, _NON_FINITE, _SETUP, _finish, read_decision, record_iteration
 from .distributed_scan import Packing, fold
-from .fused import NewtonIteration, fused_chunk
+from .distributed_setup import _hash
+from .fused import FUSED_CHUNK, NewtonIteration, fused_chunk
 from .fused_solve import _tracing
-from .modes import Mode
+from .modes import Mode, choose_mode, mode_of
 from .newton import COHERENT, scaled_norm
 
 MAX_RANKS = 2
+
+# The rank that keeps chunk products (``scan_products``: the adjoint's second rank in logical order) forms
+# Phi_l = A_l ... A_0 for every row. By PCR (``fused_chunk`` = 0 below 8192 rows) that is log2(m) full-size
+# compositions: L = 8192 (m = 4096), w = 4, a compiled call that forms them took 3.9 ms CPU vs 1.2 ms with
+# the chunked scan (benchmarks/results/layer_parallel_cpu_overhead.txt). So that rank uses the chunked scan
+# from this length on (shorter slices keep PCR: the chunked scan's compile takes several times longer).
+PRODUCTS_CHUNK_MIN_LENGTH = 2048
+
+
+def rank_chunk(m: int, device: torch.device, products: bool) -> int:
+    """Rows per chunk of a rank's compiled scan: ``fused_chunk``, or FUSED_CHUNK for a rank that keeps the
+    chunk products of a slice of PRODUCTS_CHUNK_MIN_LENGTH+ rows on CPU."""
+    chunk = fused_chunk(m, device)
+    if chunk == 0 and products and device.type == "cpu" and m >= PRODUCTS_CHUNK_MIN_LENGTH:
+        return FUSED_CHUNK
+    return chunk
+
+
+def key_of(mode: Mode, spec, atol: float, rtol: float, lengths: list, rank: int, constants: tuple, inputs: tuple,
+           n_per_step: int, device: torch.device) -> tuple:
+    """The cache key of a rank's compiled halves (``backend.entry``; ``("apply",)`` appended for the second)."""
+    m, lo, total = lengths[rank], sum(lengths[:rank]), sum(lengths)
+    return ("distributed", mode.name, spec, atol, rtol, lo, m, total, len(lengths), rank,
+            fused_chunk(m, device), constants, backend.tensor_signature(inputs),
+            n_per_step, device.type)
+
+
+# --- the backend vote, carried by the setup exchange ---------------------------------------------------
+# Each rank predicts the chain's layout (its last solve's on this group: state spec and every slice length)
+# and says, in four numbers of the setup exchange (``distributed_setup``'s ``extra``), whether it wants the
+# compiled iteration and already holds the compiled halves for that layout, and a digest of the prediction.
+# After the exchange every rank knows the real layout: where every rank voted yes for the real layout's
+# digest, the group runs compiled with no further collective (``CompiledRank.agree``); otherwise it takes
+# the agreement's own all-gather as before. The same gathered numbers decide it on every rank.
+VOTE_SIZE = 4
+_LAST_LAYOUT: dict = {}  # id(group) -> (group, spec, lengths): this process's last solve on the group
+
+
+def layout_digest(spec, lengths) -> tuple:
+    return _hash((spec, tuple(lengths)))
+
+
+def remember_layout(comm: Comm, spec, lengths: list) -> None:
+    _LAST_LAYOUT[id(comm.group)] = (comm.group, spec, list(lengths))
+
+
+def vote(comm: Comm, config, user_step: Callable, constants: tuple, inputs: tuple, n_per_step: int,
+         device: torch.device) -> list:
+    """This rank's vote (see above): ``[want, has, digest]``, zeros where it has no compiled halves to offer."""
+    none = [0.0] * VOTE_SIZE
+    last = _LAST_LAYOUT.get(id(comm.group))
+    if config.backend == "eager" or comm.size > MAX_RANKS or last is None or last[0] is not comm.group \
+            or len(last[2]) != comm.size or config.vectorize is False or _tracing():
+        return none
+    _, spec, lengths = last
+    mode = mode_of(choose_mode(config.jacobian, spec.width, config.full_max_state, sum(lengths) * spec.batch_size))
+    atol, rtol = config.tolerances(spec.compute_dtype)
+    try:
+        key = key_of(mode, spec, atol, rtol, lengths, comm.rank, constants, inputs, n_per_step, device)
+        entries = [backend.entry(user_step, key + extra) for extra in ((), ("apply",))]
+    except Exception:  # noqa: BLE001 - an odd input: the agreement's own exchange decides
+        return none
+    if any(e is None or e.fn is None or e.error is not None for e in entries):
+        return none
+    return [1.0, 1.0, *(float(v) for v in layout_digest(spec, lengths))]
+
+
+def voted(extra_rows: Optional[list], spec, lengths: list) -> bool:
+    """Whether every rank voted to run compiled with the halves it holds for the real layout (a group decision:
+    it reads only gathered numbers)."""
+    if not extra_rows:
+        return False
+    d0, d1 = layout_digest(spec, lengths)
+    return all(r[0] == 1 and r[1] == 1 and r[2] == d0 and r[3] == d1 for r in extra_rows)
 
 
 def _rows_like(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -119,13 +202,6 @@ class LocalIteration:
             out.append(residual)
             if A is not None:
                 out.append(A)
-                # speculate that the window stays (rows before w0 pass through: A = I, r = 0): scan now for
-                # a zero input, and keep the products that add the input after the exchange (ApplyPropagated)
-                unit = self.mode.unit(A.shape[1], A.shape[-1], A).unsqueeze(0).expand_as(A)
-                A_id = torch.where(_rows_like(active, A), A, unit)
-                r0 = torch.where(_rows_like(active, residual), residual, torch.zeros_like(residual))
-                d, P, Q = scan_products(A_id, r0, self.mode, self.chunk)
-                out += [d, P] + ([] if Q is None else [Q])
         used = sum(p.numel() for p in parts)
         buf = torch.cat(parts + [header.new_zeros(self.size - used)])
         return (buf, *out)
@@ -156,21 +232,6 @@ class ApplyIteration:
         return _update(U, vals, delta, rows, w1, g)
 
 
-class ApplyPropagated:
-    """The last rank's apply where its window did not move (w1 = w0: the input of the ranks before it, or
-    none): ``(U, vals, d, P, [Q,] x_in, w1, g) -> U'`` with ``delta = d + Phi x_in`` (two batched products
-    instead of a scan after the exchange)."""
-
-    def __init__(self, mode: Mode) -> None:
-        self.mode = mode
-
-    def __call__(self, U, vals, d, P, *args):
-        *Q, x_in, w1, g = args
-        rows = torch.arange(U.shape[0], device=U.device)
-        delta = d + propagate(P, Q[0] if Q else None, x_in, self.mode, U.shape[0])
-        return _update(U, vals, delta, rows, w1, g)
-
-
 def _update(U: torch.Tensor, vals: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor, w1: torch.Tensor,
             g: torch.Tensor) -> torch.Tensor:
     """Rows w1.. moved by ``delta``; row g (the first unconverged row) set to its step value."""
@@ -183,14 +244,16 @@ class CompiledRank:
 
     def __init__(self, problem, user_step: Callable, constants: tuple) -> None:
         self.problem, self.user_step, self.constants = problem, user_step, constants
-        self.entries: Optional[tuple] = None  # (local, apply, propagated) cache entries, once looked up
+        self.entries: Optional[tuple] = None  # (local, apply) cache entries, once looked up
+        self.voted = False  # every rank voted in the setup exchange to run compiled (``voted``)
 
     def _key(self, device: torch.device) -> tuple:
         p = self.problem
-        m, lo, total = p.lengths[p.comm.rank], sum(p.lengths[:p.comm.rank]), sum(p.lengths)
-        return ("distributed", p.mode.name, p.spec, p.atol, p.rtol, lo, m, total, p.comm.size, p.comm.rank,
-                fused_chunk(m, device), self.constants, backend.tensor_signature(p.steps.inputs),
-                len(p.steps.per_step), device.type)
+        return key_of(p.mode, p.spec, p.atol, p.rtol, p.lengths, p.comm.rank, self.constants, p.steps.inputs,
+                      len(p.steps.per_step), device)
+
+    def _chunk(self, device: torch.device) -> int:
+        return fused_chunk(self.problem.lengths[self.problem.comm.rank], device)
 
     def _eligible(self, setup_error: Optional[str]) -> Optional[str]:
         """None, or why this rank cannot run the compiled iteration (a group decision follows)."""
@@ -216,17 +279,24 @@ class CompiledRank:
                                    f"(a group of {comm.size} runs eagerly)")
             return False
         device = U.device
+        if self.voted:  # the setup exchange decided: every rank holds its halves for this layout
+            self.entries = tuple(backend.entry(self.user_step, self._key(device) + extra)
+                                 for extra in ((), ("apply",)))
+            if not all(e is not None and e.fn is not None for e in self.entries):
+                raise RuntimeError("deeppcr internal error: the compiled layer-parallel halves this rank voted "
+                                   "for are missing")  # vote() checked them for the same key
+            return True
         reason = self._eligible(setup_error)
         if reason is None:
             key = self._key(device)
             self.entries = tuple(backend.entry(self.user_step, key + extra)
-                                 for extra in ((), ("apply",), ("propagated",)))
+                                 for extra in ((), ("apply",)))
             if any(e is None for e in self.entries):
                 self.entries, reason = None, "the step or a non-tensor shared value cannot be a cache key"
         local = self.entries[0] if reason is None else None
-        chunked = fused_chunk(p.lengths[comm.rank], device) > 0
+        chunked = self._chunk(device) > 0
         want = reason is None and backend.use_compiled(cfg.backend, local, device, chunked=chunked)
-        has = want and all(e.fn is not None for e in self.entries[:2 + self._propagated()])
+        has = want and all(e.fn is not None for e in self.entries)
         error = None if local is None else local.error  # after a failed group compile: the group's message
         flags = comm.gather(torch.tensor([float(want), float(has), float(reason is not None), float(error is not None)],
                                          device=device), "backend agreement").tolist()
@@ -264,28 +334,23 @@ class CompiledRank:
         comm, steps, mode = p.comm, p.steps, p.mode
         m, lo, total = U.shape[0], sum(p.lengths[:comm.rank]), sum(p.lengths)
         first = comm.rank == 0
-        chunk = fused_chunk(m, U.device)
+        chunk = self._chunk(U.device)
         size = Packing(mode, U[0], comm.size).size
         local_fn = LocalIteration(steps.step, p.spec, len(steps.per_step), len(steps.shared), mode, p.atol, p.rtol,
                                   chunk, first, lo, total, size)
-        local_entry, apply_entry, propagated_entry = self.entries
+        local_entry, apply_entry = self.entries
         zero = torch.tensor(0, device=U.device)
         out = backend.build(local_entry, local_fn, (U, halo, zero, *steps.inputs), cuda_graphs)
         if out is None:
             return local_entry.error
         x_in = torch.zeros_like(halo)
-        if backend.build(apply_entry, ApplyIteration(mode, chunk, first), self._apply_args(U, out, x_in, zero, zero),
+        # w1 and g as two tensor objects: the trace takes one object passed twice for one input, and the
+        # compiled apply would then read g for w1 (they differ on the last rank: w1 = 0 below its window)
+        w1, g = torch.tensor(0, device=U.device), torch.tensor(0, device=U.device)
+        if backend.build(apply_entry, ApplyIteration(mode, chunk, first), self._apply_args(U, out, x_in, w1, g),
                          cuda_graphs) is None:
             return apply_entry.error
-        if self._propagated() and backend.build(propagated_entry, ApplyPropagated(mode),
-                                                (U, out[1], *out[4:], x_in, zero, zero), cuda_graphs) is None:
-            return propagated_entry.error
         return None
-
-    def _propagated(self) -> bool:
-        """Whether this rank uses ``ApplyPropagated``: the last of two ranks, in a mode with matrices."""
-        p = self.problem
-        return p.comm.rank > 0 and p.mode.linearised
 
     def _apply_args(self, U: torch.Tensor, out: tuple, x_in: torch.Tensor, w1: torch.Tensor, g: torch.Tensor) -> tuple:
         """``ApplyIteration``'s arguments from ``LocalIteration``'s outputs ``out``."""
@@ -309,8 +374,7 @@ class CompiledRank:
         lo, hi, total = offsets[pos], offsets[pos + 1], offsets[-1]
         m = hi - lo
         order = list(range(P))
-        local, apply, propagated = (e.fn for e in self.entries)
-        propagated = propagated if self._propagated() else None
+        local, apply = (e.fn for e in self.entries)
         packing = Packing(mode, U[0], P)
         stats.jacobian, stats.backend = mode.name, "inductor"
         p.stats.backend = "inductor"
@@ -349,10 +413,7 @@ class CompiledRank:
             if w1 < m:
                 x = x_in[pos] if x_in[pos] is not None else torch.zeros_like(U[0])
                 w1_t, g_t = torch.tensor(w1, device=device), torch.tensor(g_new - lo, device=device)
-                if propagated is not None and (x_in[pos] is not None or w1 == w0):  # the window did not move
-                    U = propagated(U, out[1], *out[4:], x, w1_t, g_t)
-                else:
-                    U = apply(*self._apply_args(U, out, x, w1_t, g_t))
+                U = apply(*self._apply_args(U, out, x, w1_t, g_t))
             if not last and g_new < hi:
                 U[-1] = new_last[pos]
             if not first:

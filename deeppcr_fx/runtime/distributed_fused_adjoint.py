@@ -26,8 +26,8 @@ from torch.func import vjp
 
 from . import backend, fused_scan, jacobians
 from .distributed_adjoint import _residual_ok_everywhere
-from .distributed_fused import propagate, scan_products
-from .fused import batched_step, fused_chunk
+from .distributed_fused import propagate, rank_chunk, scan_products
+from .fused import batched_step
 
 
 class AdjointLocal:
@@ -82,7 +82,7 @@ def compiled_adjoint(problem, steps, Zprev: torch.Tensor, G: torch.Tensor, wrt: 
         return None  # the same on every rank: the forward's backend was agreed, the rest is the chain's
     first = comm.rank == comm.size - 1  # first in the reversed (logical) order
     m = Zprev.shape[0]
-    chunk = fused_chunk(m, Zprev.device)
+    chunk = rank_chunk(m, Zprev.device, products=not first)
     with_q = 1 < chunk < m
     entries = agree(problem, steps, Zprev, G, tuple(wrt), first, chunk, with_q)
     if entries is None:

@@ -32,7 +32,9 @@ _ERR, _LEN, _NEEDS, _HASH, _HAS_X0, _SPEC_OK, _N_SHARED, _GUESS, _SPEC = 0, 1, 2
 _SHARED_AT = _SPEC + 3 + MAX_COMPONENTS * (2 + MAX_DIMS)
 _X0_AT = _SHARED_AT + MAX_SHARED
 _GUESS_AT = _X0_AT + INLINE
-SIZE = _GUESS_AT + INLINE
+EXTRA = 4  # the caller's numbers (``extra``: the backend vote, ``distributed_fused.vote``)
+_EXTRA_AT = _GUESS_AT + INLINE
+SIZE = _EXTRA_AT + EXTRA
 
 
 @dataclass
@@ -44,6 +46,7 @@ class Layout:
     guess_lasts: list  # per rank: the last row of its usable guess (None where cold)
     needs_grad: list  # per rank
     shared_grad: list  # per shared tensor: requires grad on some rank
+    extra: Optional[list] = None  # per rank: its ``extra`` numbers (None after the slow path)
 
 
 def _code(dtype: torch.dtype) -> int:
@@ -62,13 +65,16 @@ def _guess_info(guess: Optional[torch.Tensor], device: torch.device) -> Optional
 
 
 def setup(comm: Comm, facts: Optional[dict], error: Optional[str], x0, initial_guess: Optional[torch.Tensor],
-          device: torch.device, raise_if_any, check_layout) -> Layout:
+          device: torch.device, raise_if_any, check_layout, extra=()) -> Layout:
     """Agree on the chain (``facts`` from ``distributed._local_facts``, or ``error``); see the module docstring.
 
-    ``raise_if_any(errors, what, comm)`` and ``check_layout(facts, comm)`` raise the slow path's errors."""
+    ``raise_if_any(errors, what, comm)`` and ``check_layout(facts, comm)`` raise the slow path's errors.
+    ``extra``: up to EXTRA numbers of this rank's that every rank receives (``Layout.extra``; fast path only)."""
     spec = None if facts is None else facts["spec"]
     ginfo = _guess_info(initial_guess, device)
     buf = torch.zeros(SIZE, dtype=torch.float64)
+    if len(extra):
+        buf[_EXTRA_AT:_EXTRA_AT + len(extra)] = torch.tensor(list(extra)[:EXTRA], dtype=torch.float64)
     spec_ok = spec is not None and len(spec.shapes) <= MAX_COMPONENTS and all(
         len(s) <= MAX_DIMS for s in spec.shapes) and all(_code(d) >= 0 for d in spec.dtypes)
     if error is not None or facts is None:
@@ -111,7 +117,8 @@ def setup(comm: Comm, facts: Optional[dict], error: Optional[str], x0, initial_g
                    for q in range(comm.size)]
     n_shared = int(rows[0, _N_SHARED])
     shared_grad = (rows[:, _SHARED_AT:_SHARED_AT + n_shared] > 0).any(0).tolist()
-    return Layout(spec, lengths, x0_flat, warm, guess_lasts, (rows[:, _NEEDS] > 0).tolist(), shared_grad)
+    return Layout(spec, lengths, x0_flat, warm, guess_lasts, (rows[:, _NEEDS] > 0).tolist(), shared_grad,
+                  rows[:, _EXTRA_AT:_EXTRA_AT + EXTRA].tolist())
 
 
 def _fast_path_ok(rows: torch.Tensor) -> bool:
