@@ -93,9 +93,16 @@ def compile_traced(fn: Callable, args: tuple, cuda_graphs: bool = False) -> Call
 def trace(fn: Callable, args: tuple) -> torch.fx.GraphModule:
     """``fn`` as the functional aten graph inductor lowers (what AOT autograd would hand it)."""
     from torch._inductor.decomposition import select_decomp_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    gm = make_fx(torch.func.functionalize(fn, remove="mutations"), decomposition_table=select_decomp_table())(*args)
+    # make_fx records each node's value as a fake tensor; with real inputs it makes a new FakeTensorMode per
+    # node for that (each takes a Python stack trace: about a third of the trace's CPU time) unless the
+    # tracing context holds one: give it the one extract_val would make (compile_time_cpu.txt)
+    context = torch._guards.TracingContext(FakeTensorMode(allow_fallback_kernels=True))
+    with torch._guards.tracing(context):
+        gm = make_fx(torch.func.functionalize(fn, remove="mutations"),
+                     decomposition_table=select_decomp_table())(*args)
     constants = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
     if constants:
         raise ValueError(f"the step reads tensors it closes over ({', '.join(map(str, constants[:3]))}); "
