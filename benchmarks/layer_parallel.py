@@ -1,7 +1,14 @@
 """Layer-parallel deeppcr.solve over 2 processes (one thread each) vs one process (issue 15).
 
     python benchmarks/layer_parallel.py [--L 4096 16384] [--w 4 16] [--B 1 8] [--repeats 3]
-                                        [--microbatches 8] [--no-pipeline] [--backend eager inductor] [--out benchmarks/results/layer_parallel_cpu.csv]
+                                        [--microbatches 8] [--no-pipeline] [--backend eager inductor] [--cut 0.5]
+                                        [--out benchmarks/results/layer_parallel_cpu.csv]
+
+Quick rerun of the issue-15 rows (L = 16384, B = 1, both widths, compiled and eager, GPipe; ~2-3 min on
+two idle cores, the compiles in the warm-up round hit the on-disk inductor cache after the first run):
+
+    python benchmarks/layer_parallel.py --L 16384 --w 4 16 --B 1 --repeats 5 --backend eager inductor \
+        --out /tmp/lp.csv
 
 One tanh MLP z_l = tanh(W_l z_{l-1} + b_l) (nn.Linear's default init, float32), L steps, width w,
 batch B. Methods, each timed for a forward pass and a training step (forward + backward of
@@ -10,7 +17,7 @@ loss = sum(z_L^2), gradients to every W_l, b_l):
 - ``sequential``    the plain loop, one process, one thread (autograd for the backward);
 - ``solve``         ``deeppcr.solve`` (jacobian="full") in one process, one thread;
 - ``layer-parallel`` ``deeppcr.solve(..., group=WORLD)`` over 2 gloo processes, one thread each,
-                    each holding half of the steps;
+                    rank 0 holding the first ``--cut`` of the steps (default half), rank 1 the rest;
 - ``solve[inductor]``, ``layer-parallel[inductor]`` with ``--backend eager inductor``: the same with
                     ``Config.backend="inductor"`` (each rank's iterations compiled; the compile happens in
                     the untimed warm-up round); their ``vs solve`` columns compare with ``solve[inductor]``;
@@ -145,10 +152,13 @@ def with_backend(kind, backend: str):
 
 class LayerParallel(Method):
     name, both, backend = "layer-parallel", True, "eager"
+    cut = 0.5  # rank 0's share of the steps with 2 ranks (--cut)
 
     def __init__(self, W, b, rank, P, B, microbatches):
         L = W.shape[0]
         lo, hi = L * rank // P, L * (rank + 1) // P
+        if P == 2:
+            lo, hi = (0, round(L * self.cut)) if rank == 0 else (round(L * self.cut), L)
         self.rank, self.last = rank, rank == P - 1
         self.W, self.b = W[lo:hi].clone(), b[lo:hi].clone()
         self.Wp, self.bp = self.W.clone().requires_grad_(), self.b.clone().requires_grad_()
@@ -233,8 +243,9 @@ def _timed(method: Method, kind: str, x: torch.Tensor, rank: int) -> tuple:
 
 
 def _worker(rank: int, P: int, init: str, configs: list, repeats: int, microbatches: int, use_pipeline: bool,
-            out: str, timeout_s: float, backends: list) -> None:
+            out: str, timeout_s: float, backends: list, cut: float = 0.5) -> None:
     torch.set_num_threads(1)
+    LayerParallel.cut = cut
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=P,
                             timeout=datetime.timedelta(seconds=timeout_s))
     rows = []
@@ -293,6 +304,7 @@ def main() -> None:
                         help="Config.backend of the one-process solve and layer-parallel rows (one pair per backend; "
                              "a compiled backend's compile happens in the untimed warm-up round)")
     parser.add_argument("--timeout", type=float, default=600.0, help="process group timeout, seconds")
+    parser.add_argument("--cut", type=float, default=0.5, help="layer-parallel: rank 0's share of the steps")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "layer_parallel_cpu.csv"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -303,7 +315,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.pt")
         mp.spawn(_worker, args=(2, f"file://{os.path.join(tmp, 'store')}", configs, args.repeats, args.microbatches,
-                                not args.no_pipeline, out, args.timeout, args.backend), nprocs=2, join=True)
+                                not args.no_pipeline, out, args.timeout, args.backend, args.cut), nprocs=2, join=True)
         rows = torch.load(out, weights_only=False)
     header = ("L", "w", "B", "method", "forward_ms", "train_ms", "fwd_vs_solve", "train_vs_solve",
               "fwd_vs_pipeline", "train_vs_pipeline", "iterations", "elements_per_iteration",

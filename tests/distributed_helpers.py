@@ -99,7 +99,7 @@ def run_case(rank: int, name: str, L: int, cuts: list, group=None, warm: bool = 
     requires grad (they still take part in the backward pass). ``again``: solve that many more times
     (same step and inputs) and report the last; ``forget_on``: that rank drops its compiled functions
     of the step before the last of them. ``gathers``: per solve, the names of the tensor all-gathers
-    of its forward pass."""
+    of its forward pass, then those of the backward pass (after the last solve)."""
     import deeppcr_fx as deeppcr
 
     group = dist.group.WORLD if group is None else group
@@ -144,7 +144,12 @@ def run_case(rank: int, name: str, L: int, cuts: list, group=None, warm: bool = 
         Comm.gather_objects, Comm.gather = plain, plain_gather
     g = torch.Generator().manual_seed(7)
     C = [torch.randn(L, *p.shape, generator=g, dtype=torch.float64) for p in _parts(ch.x0)]
-    sum(((s * c[lo:hi]).sum() for s, c in zip(_parts(res.states), C))).backward()
+    gathers.append([])  # the backward pass's
+    Comm.gather = named
+    try:
+        sum(((s * c[lo:hi]).sum() for s, c in zip(_parts(res.states), C))).backward()
+    finally:
+        Comm.gather = plain_gather
 
     ref_ps = [_leaf(p) for p in ch.per_step]
     ref_sh = [_leaf(s) for s in ch.shared]

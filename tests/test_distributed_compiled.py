@@ -59,13 +59,16 @@ def test_compiled_matches_eager_and_sequential(two, key):
 
 def test_backend_vote_in_the_setup_exchange(two):
     """A repeated compiled solve on the same layout takes no agreement exchange (the setup exchange carries
-    the vote); where one rank lost its compiled functions, every rank takes the agreement's exchange."""
+    the vote, the adjoint's scan exchange its flag); where one rank lost its compiled functions, every rank
+    takes the agreement's exchange."""
     for rank, case in enumerate(two):
-        first, repeat, after_forget = case["tanh_full"]["gathers"]
+        first, repeat, after_forget, backward = case["tanh_full"]["gathers"]
         assert "backend agreement" in first, (rank, first)
         assert repeat[0] == "setup" and not any(w.startswith("backend") for w in repeat), (rank, repeat)
         assert len(repeat) == case["tanh_full"]["stats"]["forward"]["iterations"] + 1, (rank, repeat)
         assert "backend agreement" in after_forget, (rank, after_forget)
+        # rank 1 lacks the adjoint's functions too: the scan exchange flags it, the group builds, exchanges again
+        assert backward == ["adjoint scan", "adjoint scan", "adjoint check"], (rank, backward)
     assert two[0]["tanh_full"]["stats"]["forward"]["backend"] == "inductor"
 
 

@@ -332,7 +332,7 @@ class CompiledRank:
     def _build(self, U: torch.Tensor, halo: torch.Tensor, cuda_graphs: bool) -> Optional[str]:
         p = self.problem
         comm, steps, mode = p.comm, p.steps, p.mode
-        m, lo, total = U.shape[0], sum(p.lengths[:comm.rank]), sum(p.lengths)
+        lo, total = sum(p.lengths[:comm.rank]), sum(p.lengths)
         first = comm.rank == 0
         chunk = self._chunk(U.device)
         size = Packing(mode, U[0], comm.size).size

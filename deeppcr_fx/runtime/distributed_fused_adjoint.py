@@ -14,8 +14,10 @@ order is reversed: the group's last rank comes first):
 
 Where the check fails on any rank (samples coupled within a step), or a compiled call raised, every
 rank runs the eager ``adjoint_distributed`` instead (the same collectives everywhere: both decisions
-come from gathered flags). Used only after a compiled forward solve (the ranks agreed on the backend);
-the adjoint's own compile is agreed on the same way (``agree``).
+come from gathered flags). Used only after a compiled forward solve (the ranks agreed on the backend).
+The adjoint's own backend rides on the scan exchange: a rank without its compiled functions flags it
+there; then every rank builds what it lacks (``_build``: a pickled gather compares the results) and
+the exchange runs again. So a backward pass with compiled functions in place has no agreement exchange.
 """
 from __future__ import annotations
 
@@ -84,18 +86,24 @@ def compiled_adjoint(problem, steps, Zprev: torch.Tensor, G: torch.Tensor, wrt: 
     m = Zprev.shape[0]
     chunk = rank_chunk(m, Zprev.device, products=not first)
     with_q = 1 < chunk < m
-    entries = agree(problem, steps, Zprev, G, tuple(wrt), first, chunk, with_q)
-    if entries is None:
+    compiled = problem.compiled
+    key = compiled._key(Zprev.device) + ("adjoint", tuple(wrt), problem.adjoint_atol, problem.adjoint_rtol)
+    entries = (backend.entry(compiled.user_step, key), backend.entry(compiled.user_step, key + ("apply",)))
+    # the scan exchange carries the backend agreement: each rank's flag says whether it ran its compiled
+    # local half (_OK), could not (_MISSING: no compiled functions yet; _UNUSABLE: none possible) or it raised
+    out = _local(entries, Zprev, G, steps.inputs)
+    rows = comm.gather(out[0], "adjoint scan")
+    flags = rows[:, 0].tolist()
+    if _FAILED in flags or _UNUSABLE in flags:
         return None
-    local, apply = (e.fn for e in entries)
-    try:
-        out = local(Zprev, G, *steps.inputs)
-        buf = out[0]
-    except Exception:  # noqa: BLE001 - every rank falls back together (the flag)
-        buf = G.new_ones(1 + G[0].numel(), dtype=torch.float64)
-    rows = comm.gather(buf, "adjoint scan")
-    if bool((rows[:, 0] != 0).any()):
-        return None
+    if _MISSING in flags:  # every rank can compile: those without build theirs, then the exchange again
+        if _build(problem, steps, Zprev, G, tuple(wrt), first, chunk, with_q, entries) is None:
+            return None
+        out = _local(entries, Zprev, G, steps.inputs)
+        rows = comm.gather(out[0], "adjoint scan")
+        if bool((rows[:, 0] != _OK).any()):
+            return None
+    apply = entries[1].fn
     try:
         if first:
             a, *grads = apply(Zprev, out[1], *steps.inputs)
@@ -112,21 +120,31 @@ def compiled_adjoint(problem, steps, Zprev: torch.Tensor, G: torch.Tensor, wrt: 
     return tuple(grads)
 
 
-def agree(problem, steps, Zprev, G, wrt: tuple, first: bool, chunk: int, with_q: bool) -> Optional[tuple]:
-    """The compiled adjoint's two functions on every rank, or None on every rank (one small all-gather;
-    a pickled one only in a backward pass that compiles)."""
-    comm, mode, compiled = problem.comm, problem.mode, problem.compiled
-    key = compiled._key(Zprev.device) + ("adjoint", wrt, problem.adjoint_atol, problem.adjoint_rtol)
-    entries = (backend.entry(compiled.user_step, key), backend.entry(compiled.user_step, key + ("apply",)))
-    usable = all(e is not None and e.error is None for e in entries)
-    has = usable and all(e.fn is not None for e in entries)
-    flags = comm.gather(torch.tensor([float(usable), float(has)], device=G.device), "adjoint backend").tolist()
-    if not all(f[0] for f in flags):
-        return None
-    if all(f[1] for f in flags):
-        return entries
+_OK, _FAILED, _MISSING, _UNUSABLE = 0.0, 1.0, 2.0, 3.0
+
+
+def _local(entries: tuple, Zprev: torch.Tensor, G: torch.Tensor, inputs: tuple) -> tuple:
+    """The compiled local half's outputs (the exchange row first, its flag _OK), or ``(row with a flag,)``."""
+    row = G.new_zeros(1 + G[0].numel(), dtype=torch.float64)
+    if not all(e is not None and e.error is None for e in entries):
+        row[0] = _UNUSABLE
+    elif not all(e.fn is not None for e in entries):
+        row[0] = _MISSING
+    else:
+        try:
+            return entries[0].fn(Zprev, G, *inputs)
+        except Exception:  # noqa: BLE001 - every rank falls back together (the flag)
+            row[0] = _FAILED
+    return (row,)
+
+
+def _build(problem, steps, Zprev, G, wrt: tuple, first: bool, chunk: int, with_q: bool,
+           entries: tuple) -> Optional[tuple]:
+    """Compile the adjoint's two functions where this rank lacks them; every rank compares results (a pickled
+    gather, only in a backward pass that compiles): ``entries``, or None on every rank."""
+    comm, mode = problem.comm, problem.mode
     error = None
-    if not has:
+    if not all(e.fn is not None for e in entries):
         n_ps, n_sh = len(steps.per_step), len(steps.shared)
         cuda_graphs = problem.config.cuda_graphs and G.device.type == "cuda"
         out = backend.build(entries[0], AdjointLocal(steps.step, problem.spec, n_ps, n_sh, mode, chunk, first),
