@@ -31,9 +31,9 @@ from typing import Any, Callable, Optional
 import torch
 
 # Predicted first-call seconds of a compiled iteration (trace + inductor) with a cold on-disk cache on
-# this project's CPU: 10.1-10.9 CPU seconds for a tanh MLP, L = 4096, w = 4, with inductor's ISA probe
-# remembered (inductor_setup; it was ~2 s more per process, 11-13 s in peers_cpu.txt);
-# benchmarks/results/compile_time_cpu.txt.
+# this project's CPU: 7.3-10.9 CPU seconds (7.4-13.1 s wall at load 2.1-4.2) for a tanh MLP, L = 4096,
+# w = 4, with inductor's ISA probe remembered (inductor_setup; it was ~2 s more per process, 11-13 s in
+# peers_cpu.txt); benchmarks/results/compile_time_cpu.txt.
 COMPILE_PRIOR_S = {"cpu": 10.0, "cuda": 20.0}
 CHUNKED_COMPILE_FACTOR = 4.0  # runtime/fused.py's chunked scan: 52-73 s first call vs 9-40 s (load ~6)
 
