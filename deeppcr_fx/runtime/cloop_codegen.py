@@ -1,0 +1,446 @@
+"""One step's functional aten graph -> the C++ body of a sequential loop (``cloop.py`` compiles and runs it).
+
+Every tensor of the step is a ``Ref``: a C pointer, a dtype and a static (shape, strides, offset).
+Views (view, permute, expand, slice, select, split, ...) only make new Refs; every other op writes a
+fresh, contiguous local array ``T tN[numel]`` with nested loops of constant bounds, which the C++
+compiler unrolls. Per step the body reads the state ``z``, the per-step rows ``a0, a1, ...`` and the
+shared inputs ``s0, s1, ...`` and writes the next state to ``o``. Arithmetic runs in the op's result
+dtype, the scalars of an op are cast to it, as PyTorch's CPU kernels do; mm and reductions accumulate
+in order, in the tensor's dtype.
+
+Anything outside the op set, another dtype than float32/float64 (bool for masks), an in-place op on an
+input or over more intermediate memory than ``MAX_STEP_BYTES`` raises ``Unsupported`` with the reason.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+aten, prims = torch.ops.aten, torch.ops.prims
+CTYPE = {torch.float32: "float", torch.float64: "double", torch.bool: "bool"}
+MAX_STEP_BYTES = 64 * 1024  # a step's intermediates live on the stack
+
+
+class Unsupported(Exception):
+    """The graph holds something this generator does not translate (the message says what)."""
+
+
+@dataclass(frozen=True)
+class Ref:
+    buf: str
+    dtype: torch.dtype
+    shape: tuple
+    strides: tuple
+    offset: int = 0
+    writable: bool = True
+
+    def at(self, idx: list) -> str:
+        """``buf[offset + sum idx_d * stride_d]`` for index expressions ``idx`` (broadcast from the right)."""
+        idx = idx[len(idx) - len(self.shape):]
+        terms = [str(self.offset)] if self.offset else []
+        for i, n, s in zip(idx, self.shape, self.strides):
+            if n != 1 and s != 0 and i != "0":
+                terms.append(i if s == 1 else f"{i}*{s}")
+        return f"{self.buf}[{' + '.join(terms) or '0'}]"
+
+    def view(self, shape, strides, offset: Optional[int] = None) -> "Ref":
+        return Ref(self.buf, self.dtype, tuple(shape), tuple(strides), self.offset if offset is None else offset,
+                   self.writable)
+
+
+def contiguous_strides(shape) -> tuple:
+    out, s = [], 1
+    for n in reversed(shape):
+        out.append(s)
+        s *= max(n, 1)
+    return tuple(reversed(out))
+
+
+def literal(value, dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "true" if value else "false"
+    v = float(value)
+    text = "INFINITY" if v == math.inf else "(-INFINITY)" if v == -math.inf else "NAN" if v != v else repr(v)
+    return f"static_cast<{CTYPE[dtype]}>({text})"
+
+
+def _dim(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+def _pow(x: str, e) -> str:
+    special = {2: f"({x}*{x})", 3: f"({x}*{x}*{x})", 1: x, 0.5: f"std::sqrt({x})", -1: f"(1/{x})"}
+    return special.get(e, f"std::pow({x}, decltype({x})({float(e)!r}))")
+
+
+UNARY = {
+    "neg": lambda x: f"(-{x})", "abs": lambda x: f"std::abs({x})", "exp": lambda x: f"std::exp({x})",
+    "expm1": lambda x: f"std::expm1({x})", "log": lambda x: f"std::log({x})", "log1p": lambda x: f"std::log1p({x})",
+    "sqrt": lambda x: f"std::sqrt({x})", "rsqrt": lambda x: f"(1/std::sqrt({x}))", "tanh": lambda x: f"std::tanh({x})",
+    "sigmoid": lambda x: f"(1/(1+std::exp(-{x})))", "relu": lambda x: f"relu_({x})", "sin": lambda x: f"std::sin({x})",
+    "cos": lambda x: f"std::cos({x})", "atan": lambda x: f"std::atan({x})", "erf": lambda x: f"std::erf({x})",
+    "reciprocal": lambda x: f"(1/{x})", "clone": lambda x: x, "alias_copy": lambda x: x,
+}
+BINARY = {
+    "mul": lambda a, b: f"({a}*{b})", "div": lambda a, b: f"({a}/{b})", "maximum": lambda a, b: f"max_({a}, {b})",
+    "minimum": lambda a, b: f"min_({a}, {b})", "clamp_min": lambda a, b: f"max_({a}, {b})",
+    "clamp_max": lambda a, b: f"min_({a}, {b})",
+}
+COMPARE = {"gt": ">", "lt": "<", "ge": ">=", "le": "<=", "eq": "==", "ne": "!="}
+VIEWS = {"view", "_unsafe_view", "reshape", "permute", "t", "transpose", "unsqueeze", "squeeze", "expand", "slice",
+         "select", "split", "split_with_sizes", "unbind", "alias", "chunk"}
+
+HELPERS = """
+template <typename T> static inline T relu_(T x) { return (x != x || x > T(0)) ? x : T(0); }
+template <typename T> static inline T max_(T a, T b) { return a != a ? a : b != b ? b : a > b ? a : b; }
+template <typename T> static inline T min_(T a, T b) { return a != a ? a : b != b ? b : a < b ? a : b; }
+"""
+
+
+class StepCodegen:
+    """``StepCodegen(gm, inputs).body``: the C++ statements of one step of ``gm``; ``inputs`` are the
+    placeholders' Refs (or Python values baked into the graph)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, inputs: list, out: Ref) -> None:
+        self.lines: list[str] = []
+        self.count = self.bytes = 0
+        env: dict = {}
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        for node, value in zip(placeholders, inputs):
+            env[node] = value
+        for node in gm.graph.nodes:
+            if node.op == "call_function":
+                env[node] = self.node(node, env)
+            elif node.op == "output":
+                result = node.args[0]
+                result = result[0] if isinstance(result, (tuple, list)) and len(result) == 1 else result
+                ref = env.get(result) if isinstance(result, torch.fx.Node) else None
+                if not isinstance(ref, Ref) or ref.shape != out.shape:
+                    raise Unsupported("the step's output is not one tensor of the state's shape")
+                self.pointwise(out, [ref], lambda x: x, out.dtype)
+            elif node.op != "placeholder":
+                raise Unsupported(f"graph node {node.op} {node.target}")
+        self.body = "\n".join(self.lines)
+
+    # buffers and loops -------------------------------------------------------------------------
+    def alloc(self, shape, dtype) -> Ref:
+        if dtype not in CTYPE:
+            raise Unsupported(f"dtype {dtype}")
+        numel = math.prod(shape)
+        self.bytes += max(numel, 1) * torch.empty((), dtype=dtype).element_size()
+        if self.bytes > MAX_STEP_BYTES:
+            raise Unsupported(f"the step's intermediates exceed {MAX_STEP_BYTES} bytes")
+        name = f"t{self.count}"
+        self.count += 1
+        self.lines.append(f"{CTYPE[dtype]} {name}[{max(numel, 1)}];")
+        return Ref(name, dtype, tuple(shape), contiguous_strides(shape))
+
+    def loops(self, shape, prefix: str, body: list) -> None:
+        idx = [f"{prefix}{d}" if n != 1 else "0" for d, n in enumerate(shape)]
+        opened = [d for d, n in enumerate(shape) if n != 1]
+        for d in opened:
+            self.lines.append(f"for (int64_t {idx[d]} = 0; {idx[d]} < {shape[d]}; ++{idx[d]}) {{")
+        self.lines.extend(body)
+        self.lines.append("}" * len(opened))
+
+    def pointwise(self, out: Ref, args: list, fn: Callable, compute: torch.dtype) -> Ref:
+        """``out[i] = fn(args[i]...)``, args Refs broadcast to ``out.shape`` or Python scalars, read as ``compute``."""
+        if not out.writable:
+            raise Unsupported("an in-place op on an input of the step")
+        for a in args:
+            if isinstance(a, Ref) and a.buf == out.buf and (a.offset, a.strides, a.shape) != \
+                    (out.offset, out.strides, out.shape) and _elements(a) & _elements(out):
+                raise Unsupported("an in-place op whose operands overlap its output differently")
+        idx = [f"i{d}" if n != 1 else "0" for d, n in enumerate(out.shape)]
+        ct = CTYPE[compute]
+        vals = [f"static_cast<{ct}>({a.at(idx)})" if isinstance(a, Ref) else literal(a, compute) for a in args]
+        self.loops(out.shape, "i", [f"{out.at(idx)} = {fn(*vals)};"])
+        return out
+
+    # one node ------------------------------------------------------------------------------------
+    def node(self, node: torch.fx.Node, env: dict):
+        if node.target is operator.getitem:
+            return env[node.args[0]][node.args[1]]
+        if not isinstance(node.target, torch._ops.OpOverload):
+            raise Unsupported(f"call of {node.target}")
+        name = node.target.overloadpacket.__name__
+        base, inplace = (name[:-1], True) if name.endswith("_") and not name.startswith("_") else (name, False)
+        args = [_lookup(a, env) for a in node.args]
+        kw = {k: _lookup(v, env) for k, v in node.kwargs.items()}
+        val = node.meta.get("val")
+        if base in VIEWS:
+            out = self.view(base, node.target, args, kw)
+        else:
+            if not isinstance(val, (torch.Tensor, tuple, list)):
+                raise Unsupported(f"{node.target} without a tensor result")
+            out = self.compute(base, inplace, node.target, args, kw, val)
+        self.check(node, out, val)
+        return out
+
+    @staticmethod
+    def check(node, out, val) -> None:
+        outs, vals = (out, val) if isinstance(out, (tuple, list)) else ((out,), (val,))
+        for o, v in zip(outs, vals):
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != o.shape or v.dtype != o.dtype:
+                raise Unsupported(f"{node.target}: shape or dtype differs from the traced one")
+
+    def compute(self, base, inplace, target, args, kw, val):
+        x = args[0]
+        dtype = (val if isinstance(val, torch.Tensor) else val[0]).dtype
+        if dtype not in CTYPE:
+            raise Unsupported(f"{target} with dtype {dtype}")
+        out = (lambda: x) if inplace else (lambda: self.alloc(val.shape, dtype))
+        if base in UNARY and len(args) == 1:
+            return self.pointwise(out(), [x], UNARY[base], dtype)
+        if base in BINARY or base in ("add", "sub", "rsub"):
+            if len(args) != 2 or set(kw) - {"alpha"} or target._overloadname not in ("Tensor", "Scalar", "default"):
+                raise Unsupported(f"{target} {kw}")
+            a, b = args
+            alpha = kw.get("alpha", 1)
+            if base == "rsub":
+                a, b = b, a
+            if base in ("add", "sub", "rsub"):
+                sign = "+" if base == "add" else "-"
+                scale = "" if alpha == 1 else f"{literal(alpha, dtype)}*"
+                return self.pointwise(out(), [a, b], lambda p, q: f"({p} {sign} {scale}{q})", dtype)
+            return self.pointwise(out(), [a, b], BINARY[base], dtype)
+        if base == "clamp" and not kw:
+            lo, hi = (args + [None, None])[1:3]
+            ref = self.pointwise(out(), [x], lambda v: v, dtype)
+            if lo is not None:
+                self.pointwise(ref, [ref, lo], BINARY["clamp_min"], dtype)
+            if hi is not None:
+                self.pointwise(ref, [ref, hi], BINARY["clamp_max"], dtype)
+            return ref
+        if base == "pow" and target._overloadname == "Tensor_Scalar" and not isinstance(args[1], Ref):
+            return self.pointwise(out(), [x], lambda v: _pow(v, args[1]), dtype)
+        if base in COMPARE and not inplace:
+            compute = torch.result_type(*(torch.empty(a.shape, dtype=a.dtype) if isinstance(a, Ref) else a
+                                          for a in args))
+            if compute not in CTYPE:
+                raise Unsupported(f"{target} in {compute}")
+            return self.pointwise(out(), args, lambda p, q: f"({p} {COMPARE[base]} {q})", compute)
+        if base == "where" and target._overloadname == "self":
+            return self.pointwise(out(), args, lambda c, p, q: f"({c} ? {p} : {q})", dtype)
+        if base in ("logical_not", "logical_and", "logical_or") and not inplace:
+            op = {"logical_not": lambda p: f"(!{p})", "logical_and": lambda p, q: f"({p} && {q})",
+                  "logical_or": lambda p, q: f"({p} || {q})"}[base]
+            return self.pointwise(out(), args, op, torch.bool)
+        if (base == "convert_element_type" or base == "_to_copy" and set(kw) <= {"dtype", "layout", "device"}
+                and kw.get("device") in (None, torch.device("cpu"))) and not inplace:
+            return self.pointwise(out(), [x], lambda v: v, dtype)
+        if base in ("copy",) and not kw:
+            return self.pointwise(x if inplace else self.alloc(val.shape, dtype), [args[1]], lambda v: v, dtype)
+        if base in ("full", "scalar_tensor") and not inplace:
+            return self.pointwise(self.alloc(val.shape, dtype), [args[-1] if base == "full" else x], lambda v: v, dtype)
+        if base in ("mm", "addmm", "bmm", "mv", "dot") and not inplace:
+            return self.matmul(base, args, kw, val)
+        if base in ("sum", "mean", "amax", "amin") and not inplace:
+            return self.reduce(base, x, args[1] if len(args) > 1 else kw.get("dim"), val)
+        if base == "var_mean" and target._overloadname == "correction" and not inplace:
+            return self.var_mean(x, args[1] if len(args) > 1 else kw.get("dim"), kw.get("correction", 1), val)
+        if base == "cat" and not inplace:
+            return self.cat(args[0], args[1] if len(args) > 1 else kw.get("dim", 0), val)
+        raise Unsupported(f"op {target}")
+
+    # matmul, reductions, cat -------------------------------------------------------------------
+    def matmul(self, base, args, kw, val) -> Ref:
+        if base == "addmm":
+            bias, a, b = args[:3]
+            beta, alpha = kw.get("beta", 1), kw.get("alpha", 1)
+        else:
+            (a, b), bias, beta, alpha = args[:2], None, 0, 1
+        if base == "mv":
+            b = b.view(b.shape + (1,), b.strides + (0,))
+        if base == "dot":
+            a, b = a.view((1,) + a.shape, (0,) + a.strides), b.view(b.shape + (1,), b.strides + (0,))
+        out = self.alloc(val.shape, val.dtype)
+        full = out.view(tuple(a.shape[:-1]) + (b.shape[-1],), contiguous_strides(a.shape[:-1] + b.shape[-1:]))
+        batch = len(a.shape) == 3
+        K, ct = a.shape[-1], CTYPE[val.dtype]
+        idx = [f"i{d}" if n != 1 else "0" for d, n in enumerate(full.shape)]
+        ia = idx[:-1] + ["p"]
+        ib = (idx[:1] if batch else []) + ["p", idx[-1]]
+        acc = f"acc = acc + static_cast<{ct}>({a.at(ia)}) * static_cast<{ct}>({b.at(ib)});"
+        result = "acc" if alpha == 1 else f"{literal(alpha, val.dtype)} * acc"
+        if bias is not None and beta != 0:
+            bterm = bias.at(idx) if isinstance(bias, Ref) else literal(bias, val.dtype)
+            scaled = f"static_cast<{ct}>({bterm})" if beta == 1 else f"{literal(beta, val.dtype)} * {bterm}"
+            result = f"{scaled} + {result}"
+        body = [f"{ct} acc = 0;", f"for (int64_t p = 0; p < {K}; ++p) {{ {acc} }}", f"{full.at(idx)} = {result};"]
+        self.loops(full.shape, "i", ["{"] + body + ["}"])
+        return out
+
+    def reduce(self, base, x: Ref, dims, val) -> Ref:
+        rank = len(x.shape)
+        dims = sorted({_dim(d, rank) for d in dims}) if dims else list(range(rank))
+        dtype = val.dtype
+        if x.dtype != dtype or dtype == torch.bool:
+            raise Unsupported(f"{base} from {x.dtype} to {dtype}")
+        out = self.alloc(val.shape, dtype)
+        kept = [d for d in range(rank) if d not in dims]
+        kept_shape = [x.shape[d] for d in kept]
+        target = out.view(kept_shape, contiguous_strides(kept_shape))
+        ct = CTYPE[dtype]
+        idx = [f"i{d}" if n != 1 else "0" for d, n in enumerate(x.shape)]
+        idx = [f"r{d}" if d in dims and x.shape[d] != 1 else v for d, v in enumerate(idx)]
+        init = {"sum": "0", "mean": "0", "amax": "-INFINITY", "amin": "INFINITY"}[base]
+        step = {"sum": "acc = acc + v;", "mean": "acc = acc + v;", "amax": "acc = max_(acc, v);",
+                "amin": "acc = min_(acc, v);"}[base]
+        inner = [f"for (int64_t r{d} = 0; r{d} < {x.shape[d]}; ++r{d}) {{" for d in dims if x.shape[d] != 1]
+        count = math.prod(x.shape[d] for d in dims)
+        final = f"acc / static_cast<{ct}>({count})" if base == "mean" else "acc"
+        body = [f"{ct} acc = {init};", *inner, f"{ct} v = {x.at(idx)}; {step}", "}" * len(inner),
+                f"{target.at([idx[d] for d in kept])} = {final};"]
+        self.lines.extend(f"for (int64_t i{d} = 0; i{d} < {x.shape[d]}; ++i{d}) {{" for d in kept if x.shape[d] != 1)
+        self.lines.extend(["{", *body, "}"])
+        self.lines.append("}" * sum(1 for d in kept if x.shape[d] != 1))
+        return out
+
+    def var_mean(self, x: Ref, dims, correction, val):
+        mean = self.reduce("mean", x, dims, val[1])
+        rank = len(x.shape)
+        dims = sorted({_dim(d, rank) for d in dims}) if dims else list(range(rank))
+        bshape = tuple(1 if d in dims else n for d, n in enumerate(x.shape))
+        m = mean.view(bshape, contiguous_strides(bshape))
+        sq = self.alloc(x.shape, x.dtype)
+        self.pointwise(sq, [x, m], lambda p, q: f"(({p} - {q})*({p} - {q}))", x.dtype)
+        total = self.reduce("sum", sq, dims, val[0])
+        count = math.prod(x.shape[d] for d in dims) - correction
+        self.pointwise(total, [total], lambda p: f"({p} / {literal(max(count, 0), x.dtype)})", x.dtype)
+        return total, mean
+
+    def cat(self, parts: list, dim: int, val) -> Ref:
+        out = self.alloc(val.shape, val.dtype)
+        dim = _dim(dim, len(val.shape))
+        at = 0
+        for p in parts:
+            if not isinstance(p, Ref):
+                raise Unsupported("cat of a non-tensor")
+            if p.shape == (0,):
+                continue
+            sub = out.view(p.shape, out.strides, out.offset + at * out.strides[dim])
+            self.pointwise(sub, [p], lambda v: v, val.dtype)
+            at += p.shape[dim]
+        return out
+
+    # views ---------------------------------------------------------------------------------------
+    def view(self, base, target, args, kw):
+        x, rank = args[0], len(args[0].shape)
+        if base in ("view", "_unsafe_view", "reshape"):
+            return self.reshape(x, list(args[1]))
+        if base == "permute":
+            dims = [_dim(d, rank) for d in args[1]]
+            return x.view([x.shape[d] for d in dims], [x.strides[d] for d in dims])
+        if base in ("t", "transpose"):
+            d0, d1 = (0, 1) if base == "t" else (_dim(args[1], rank), _dim(args[2], rank))
+            if rank < 2:
+                return x
+            order = list(range(rank))
+            order[d0], order[d1] = order[d1], order[d0]
+            return x.view([x.shape[d] for d in order], [x.strides[d] for d in order])
+        if base == "unsqueeze":
+            d = _dim(args[1], rank + 1)
+            return x.view(x.shape[:d] + (1,) + x.shape[d:], x.strides[:d] + (0,) + x.strides[d:])
+        if base == "squeeze":
+            dims = range(rank) if len(args) == 1 else [args[1]] if isinstance(args[1], int) else args[1]
+            drop = {_dim(d, rank) for d in dims if x.shape[_dim(d, rank)] == 1}
+            keep = [d for d in range(rank) if d not in drop]
+            return x.view([x.shape[d] for d in keep], [x.strides[d] for d in keep])
+        if base == "expand":
+            sizes = list(args[1])
+            lead = len(sizes) - rank
+            shape, strides = [], []
+            for i, n in enumerate(sizes):
+                old = x.shape[i - lead] if i >= lead else 1
+                n = old if n == -1 else n
+                shape.append(n)
+                strides.append(x.strides[i - lead] if i >= lead and old == n else 0)
+            return x.view(shape, strides)
+        if base == "slice":
+            dim, start, end, step = list(args[1:]) + [0, None, None, 1][len(args) - 1:]
+            dim = _dim(dim, rank)
+            n = x.shape[dim]
+            start, end, step = slice(start, end, step).indices(n)
+            shape, strides = list(x.shape), list(x.strides)
+            shape[dim] = max(0, (end - start + step - 1) // step)
+            strides[dim] *= step
+            return x.view(shape, strides, x.offset + start * x.strides[dim])
+        if base == "select":
+            dim = _dim(args[1], rank)
+            i = args[2] + x.shape[dim] if args[2] < 0 else args[2]
+            return x.view(x.shape[:dim] + x.shape[dim + 1:], x.strides[:dim] + x.strides[dim + 1:],
+                          x.offset + i * x.strides[dim])
+        if base in ("split", "split_with_sizes", "chunk", "unbind"):
+            if base == "unbind":
+                dim = _dim(args[1] if len(args) > 1 else kw.get("dim", 0), rank)
+                return [self.view("select", None, [x, dim, i], {}) for i in range(x.shape[dim])]
+            dim = _dim(args[2] if len(args) > 2 else kw.get("dim", 0), rank)
+            n = x.shape[dim]
+            if base == "split_with_sizes":
+                sizes = list(args[1])
+            else:
+                size = args[1] if base == "split" else -(-n // args[1])
+                sizes = [min(size, n - s) for s in range(0, n, size)] if size > 0 else [n]
+            out, at = [], 0
+            for s in sizes:
+                out.append(self.view("slice", None, [x, dim, at, at + s], {}))
+                at += s
+            return out
+        if base == "alias":
+            return x
+        raise Unsupported(f"view {target}")
+
+    def reshape(self, x: Ref, shape: list) -> Ref:
+        numel = math.prod(x.shape)
+        if -1 in shape:
+            known = math.prod(n for n in shape if n != -1)
+            shape[shape.index(-1)] = numel // known if known else 0
+        strides = _view_strides(x.shape, x.strides, shape)
+        if strides is None:  # not expressible as a view of x: copy to a contiguous buffer first
+            x = self.pointwise(self.alloc(x.shape, x.dtype), [x], lambda v: v, x.dtype)
+            strides = contiguous_strides(shape)
+        return x.view(shape, strides)
+
+
+def _elements(ref: Ref) -> set:
+    """The buffer offsets ``ref`` covers (small: a step's arrays are at most MAX_STEP_BYTES)."""
+    out = {ref.offset}
+    for n, s in zip(ref.shape, ref.strides):
+        out = {o + i * s for o in out for i in range(n)}
+    return out
+
+
+def _lookup(a, env):
+    if isinstance(a, torch.fx.Node):
+        return env[a]
+    return type(a)(_lookup(v, env) for v in a) if isinstance(a, (list, tuple)) else a
+
+
+def _view_strides(old_shape, old_strides, shape) -> Optional[tuple]:
+    """The strides of ``x.view(shape)`` (PyTorch's ``computeStride``), or None when it needs a copy."""
+    if math.prod(old_shape) == 0:
+        return contiguous_strides(shape)
+    new = [0] * len(shape)
+    view_d = len(shape) - 1
+    chunk_base = old_strides[-1] if old_strides else 1
+    tensor_numel, view_numel = 1, 1
+    for d in range(len(old_shape) - 1, -1, -1):
+        tensor_numel *= old_shape[d]
+        if d == 0 or (old_shape[d - 1] != 1 and old_strides[d - 1] != tensor_numel * chunk_base):
+            while view_d >= 0 and (view_numel < tensor_numel or shape[view_d] == 1):
+                new[view_d] = view_numel * chunk_base
+                view_numel *= shape[view_d]
+                view_d -= 1
+            if view_numel != tensor_numel:
+                return None
+            if d > 0:
+                chunk_base = old_strides[d - 1]
+                tensor_numel, view_numel = 1, 1
+    if view_d != -1:
+        return None
+    return tuple(new)
