@@ -92,7 +92,7 @@ BINARY = {
 }
 COMPARE = {"gt": ">", "lt": "<", "ge": ">=", "le": "<=", "eq": "==", "ne": "!="}
 VIEWS = {"view", "_unsafe_view", "reshape", "permute", "t", "transpose", "unsqueeze", "squeeze", "expand", "slice",
-         "select", "split", "split_with_sizes", "unbind", "alias", "chunk"}
+         "select", "split", "split_with_sizes", "unbind", "alias", "chunk", "rev", "flip"}
 
 HELPERS = """
 template <typename T> static inline T relu_(T x) { return (x != x || x > T(0)) ? x : T(0); }
@@ -241,8 +241,11 @@ class StepCodegen:
             return self.matmul(base, args, kw, val)
         if base in ("sum", "mean", "amax", "amin") and not inplace:
             return self.reduce(base, x, args[1] if len(args) > 1 else kw.get("dim"), val)
-        if base == "var_mean" and target._overloadname == "correction" and not inplace:
-            return self.var_mean(x, args[1] if len(args) > 1 else kw.get("dim"), kw.get("correction", 1), val)
+        if base in ("var_mean", "var") and target._overloadname == "correction" and not inplace:
+            mean_val = val[1] if base == "var_mean" else torch.empty(val.shape, dtype=val.dtype)
+            var, mean = self.var_mean(x, args[1] if len(args) > 1 else kw.get("dim"), kw.get("correction", 1),
+                                      (val if base == "var" else val[0], mean_val))
+            return (var, mean) if base == "var_mean" else var
         if base == "cat" and not inplace:
             return self.cat(args[0], args[1] if len(args) > 1 else kw.get("dim", 0), val)
         raise Unsupported(f"op {target}")
@@ -393,6 +396,10 @@ class StepCodegen:
             return out
         if base == "alias":
             return x
+        if base in ("rev", "flip"):  # negative strides from the last element
+            dims = {_dim(d, rank) for d in args[1]}
+            offset = x.offset + sum((x.shape[d] - 1) * x.strides[d] for d in dims if x.shape[d] > 0)
+            return x.view(x.shape, [-s if d in dims else s for d, s in enumerate(x.strides)], offset)
         raise Unsupported(f"view {target}")
 
     def reshape(self, x: Ref, shape: list) -> Ref:
@@ -400,7 +407,7 @@ class StepCodegen:
         if -1 in shape:
             known = math.prod(n for n in shape if n != -1)
             shape[shape.index(-1)] = numel // known if known else 0
-        strides = _view_strides(x.shape, x.strides, shape)
+        strides = None if any(s < 0 for s in x.strides) else _view_strides(x.shape, x.strides, shape)
         if strides is None:  # not expressible as a view of x: copy to a contiguous buffer first
             x = self.pointwise(self.alloc(x.shape, x.dtype), [x], lambda v: v, x.dtype)
             strides = contiguous_strides(shape)
