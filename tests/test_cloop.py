@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import deeppcr_fx as deeppcr
 from chains import PROBLEMS, Chain
@@ -16,8 +17,9 @@ from deeppcr_fx.runtime.state import StateSpec
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 
 
-def gru(L, n=4, B=1, dtype=torch.float64, seed=4) -> Chain:
-    """A GRU cell over time: per-step inputs x_t, shared weights (``torch.gru_cell``'s equations)."""
+def gru(L, n=4, B=1, dtype=torch.float64, seed=4, aten=False) -> Chain:
+    """A GRU cell over time: per-step inputs x_t, shared weights (``torch.gru_cell``'s equations; with
+    ``aten`` the op itself, whose decomposition updates slices of intermediates in place)."""
     g = torch.Generator().manual_seed(seed)
     w_ih, w_hh = ((torch.randn(3 * n, n, generator=g) / n ** 0.5).to(dtype) for _ in range(2))
     b_ih, b_hh = ((torch.randn(3 * n, generator=g) * 0.1).to(dtype) for _ in range(2))
@@ -30,7 +32,8 @@ def gru(L, n=4, B=1, dtype=torch.float64, seed=4) -> Chain:
         c = torch.tanh(i_n + r * h_n)
         return c + z * (h - c)
 
-    return Chain("gru", step, torch.randn(B, n, generator=g).to(dtype), (xs,), (w_ih, w_hh, b_ih, b_hh))
+    cell = (lambda h, x, *w: torch.ops.aten.gru_cell(x, h, *w)) if aten else step
+    return Chain("gru", cell, torch.randn(B, n, generator=g).to(dtype), (xs,), (w_ih, w_hh, b_ih, b_hh))
 
 
 def zoo(L, n=4, B=3, dtype=torch.float64, seed=5) -> Chain:
@@ -46,6 +49,7 @@ def zoo(L, n=4, B=3, dtype=torch.float64, seed=5) -> Chain:
              + torch.cos(y) / 3 + torch.maximum(y, z) + torch.relu(y) + F.layer_norm(y, (n,)) + F.softmax(y, -1)
              + torch.atan(y) + torch.erf(y) + F.hardtanh(y) - y.mean(0, keepdim=True) + y.amax(-1, keepdim=True))
         a = a + y.var(-1, keepdim=True) + torch.cat([a[1:], a[:1]], 0) + a.flip(0)  # slices and cat along dim 0
+        a = a + torch.add(y, z, alpha=0.5) - torch.sub(y, z, alpha=2) + torch.rsub(y, 1.5)  # alpha, scalar first
         pair = torch.stack([a[:, :n // 2], a[:, n // 2:]]).transpose(1, 2)  # (2, n/2, B)
         mixed = torch.bmm(M[:, :n // 2, :n // 2], pair).transpose(1, 2)  # (2, B, n/2)
         b = torch.cat([mixed[0], mixed[1]], dim=-1).reshape(B, n)
@@ -68,6 +72,7 @@ CASES = {  # name: (chain factory, dtype, B)
     "gru-f32-B3": (lambda L, d, B: gru(L, n=2, dtype=d, B=B), torch.float32, 3),
     "lstm-tuple-f64-B2": (lstm, torch.float64, 2),
     "lstm-tuple-f32-B1": (lstm, torch.float32, 1),
+    "aten-gru-cell-f32-B2": (lambda L, d, B: gru(L, n=3, dtype=d, B=B, aten=True), torch.float32, 2),  # in-place ops
     "ddim-shared-f64": (lambda L, d, B: PROBLEMS["ddim"](L, dtype=d, B=B), torch.float64, 3),
     "zoo-f64-B3": (lambda L, d, B: zoo(L, dtype=d, B=B), torch.float64, 3),
 }
@@ -139,6 +144,15 @@ def test_an_op_outside_the_set_is_refused_with_the_reason():
     big = torch.zeros(8, 200, 200, dtype=torch.float64)  # a (200, 200) intermediate per step: over the limit
     with pytest.raises(Unsupported, match="exceed"):
         cloop.compile_loop(lambda z, A: z + (A @ A).sum(), spec, (big,), (), spec.flatten(chain.x0))
+    def overlapping(z):  # in place over a shifted view of itself (make_fx without functionalize keeps add_)
+        t = z * 1
+        t[:, 1:].add_(t[:, :-1])
+        return t
+
+    gm = make_fx(overlapping)(torch.zeros(2, 3))
+    with pytest.raises(Unsupported, match="overlap"):
+        StepCodegen(gm, [Ref("z", torch.float32, (2, 3), (3, 1), writable=False)],
+                    Ref("o", torch.float32, (2, 3), (3, 1)))
     with pytest.raises(Unsupported, match="in-place"):  # writing into an input
         StepCodegen(backend.trace(lambda z: z.add_(1), (torch.zeros(2, 2),)),
                     [Ref("z", torch.float32, (2, 2), (2, 1), writable=False)], Ref("o", torch.float32, (2, 2), (2, 1)))
