@@ -194,7 +194,7 @@ class StepCodegen:
         if dtype not in CTYPE:
             raise Unsupported(f"{target} with dtype {dtype}")
         out = (lambda: x) if inplace else (lambda: self.alloc(val.shape, dtype))
-        if base in UNARY and len(args) == 1:
+        if base in UNARY and len(args) == 1 and set(kw) <= {"memory_format"}:
             return self.pointwise(out(), [x], UNARY[base], dtype)
         if base in BINARY or base in ("add", "sub", "rsub"):
             if len(args) != 2 or set(kw) - {"alpha"} or target._overloadname not in ("Tensor", "Scalar", "default"):
