@@ -11,7 +11,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import deeppcr_fx as deeppcr
 from chains import PROBLEMS, Chain
 from deeppcr_fx.runtime import backend, cloop
-from deeppcr_fx.runtime.cloop_codegen import Ref, StepCodegen, Unsupported, _view_strides
+from deeppcr_fx.runtime.cloop_codegen import Ref, StepCodegen, Unsupported
+from deeppcr_fx.runtime.cloop_views import view_strides
 from deeppcr_fx.runtime.state import StateSpec
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
@@ -132,7 +133,7 @@ def test_view_strides_follow_torch():
                 want = t.view(shape).stride()
             except RuntimeError:
                 want = None
-            assert _view_strides(tuple(t.shape), t.stride(), list(shape)) == want, (t.stride(), shape)
+            assert view_strides(tuple(t.shape), t.stride(), list(shape)) == want, (t.stride(), shape)
 
 
 def test_an_op_outside_the_set_is_refused_with_the_reason():

@@ -7,12 +7,13 @@ finish ran 17-80x slower than a jitted ``jax.lax.scan``. Here the loop itself is
 
     trace      one step, ``(z, *per_step rows, *shared) -> z'`` (flat state), with ``backend.trace``:
                the functional aten graph with inductor's decompositions, static shapes
-    generate   ``cloop_codegen.StepCodegen``: the step as C++ statements on fixed-size local arrays
+    generate   ``cloop_codegen.StepCodegen``: the step as C++ statements on fixed-size local arrays (views:
+               ``cloop_views``, no code)
     wrap       for (k = lo; k < hi; ++k) { a_i = per_step_i + k * row_i; <step: z -> o = out + k*B*n>; z = o; }
     compile    inductor's ``CppPythonBindingsCodeCache`` (its compiler and flags; the .so is cached on disk by
                source hash, so a later process only loads it); called with tensors as inductor calls its kernels
 
-A step the generator does not translate raises ``cloop_codegen.Unsupported`` (the caller keeps the
+A step the generator does not translate raises ``Unsupported`` (the caller keeps the
 inductor chunks and records why).
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Callable
 import torch
 
 from . import backend
-from .cloop_codegen import CTYPE, HELPERS, Ref, StepCodegen, Unsupported, contiguous_strides
+from .cloop_codegen import CTYPE, HELPERS, StepCodegen
+from .cloop_views import Ref, Unsupported, contiguous_strides
 from .state import StateSpec
 
 __all__ = ["SequentialLoop", "compile_loop", "Unsupported"]

@@ -1,9 +1,9 @@
 """One step's functional aten graph -> the C++ body of a sequential loop (``cloop.py`` compiles and runs it).
 
-Every tensor of the step is a ``Ref``: a C pointer, a dtype and a static (shape, strides, offset).
-Views (view, permute, expand, slice, select, split, ...) only make new Refs; every other op writes a
-fresh, contiguous local array ``T tN[numel]`` with nested loops of constant bounds, which the C++
-compiler unrolls. Per step the body reads the state ``z``, the per-step rows ``a0, a1, ...`` and the
+Every tensor of the step is a ``Ref`` (``cloop_views``): a C pointer, a dtype and a static (shape,
+strides, offset). Views (view, permute, expand, slice, select, split, ...) only make new Refs; every
+other op writes a fresh, contiguous local array ``T tN[numel]`` with nested loops of constant bounds,
+which the C++ compiler unrolls. Per step the body reads the state ``z``, the per-step rows ``a0, a1, ...`` and the
 shared inputs ``s0, s1, ...`` and writes the next state to ``o``. Arithmetic runs in the op's result
 dtype, the scalars of an op are cast to it, as PyTorch's CPU kernels do; mm and reductions accumulate
 in order, in the tensor's dtype.
@@ -15,49 +15,15 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
+
+from .cloop_views import VIEWS, Ref, Unsupported, contiguous_strides, dim_of, elements, view
 
 aten, prims = torch.ops.aten, torch.ops.prims
 CTYPE = {torch.float32: "float", torch.float64: "double", torch.bool: "bool"}
 MAX_STEP_BYTES = 64 * 1024  # a step's intermediates live on the stack
-
-
-class Unsupported(Exception):
-    """The graph holds something this generator does not translate (the message says what)."""
-
-
-@dataclass(frozen=True)
-class Ref:
-    buf: str
-    dtype: torch.dtype
-    shape: tuple
-    strides: tuple
-    offset: int = 0
-    writable: bool = True
-
-    def at(self, idx: list) -> str:
-        """``buf[offset + sum idx_d * stride_d]`` for index expressions ``idx`` (broadcast from the right)."""
-        idx = idx[len(idx) - len(self.shape):]
-        terms = [str(self.offset)] if self.offset else []
-        for i, n, s in zip(idx, self.shape, self.strides):
-            if n != 1 and s != 0 and i != "0":
-                terms.append(i if s == 1 else f"{i}*{s}")
-        return f"{self.buf}[{' + '.join(terms) or '0'}]"
-
-    def view(self, shape, strides, offset: Optional[int] = None) -> "Ref":
-        return Ref(self.buf, self.dtype, tuple(shape), tuple(strides), self.offset if offset is None else offset,
-                   self.writable)
-
-
-def contiguous_strides(shape) -> tuple:
-    out, s = [], 1
-    for n in reversed(shape):
-        out.append(s)
-        s *= max(n, 1)
-    return tuple(reversed(out))
 
 
 def literal(value, dtype: torch.dtype) -> str:
@@ -66,10 +32,6 @@ def literal(value, dtype: torch.dtype) -> str:
     v = float(value)
     text = "INFINITY" if v == math.inf else "(-INFINITY)" if v == -math.inf else "NAN" if v != v else repr(v)
     return f"static_cast<{CTYPE[dtype]}>({text})"
-
-
-def _dim(d: int, rank: int) -> int:
-    return d + rank if d < 0 else d
 
 
 def _pow(x: str, e) -> str:
@@ -91,9 +53,6 @@ BINARY = {
     "clamp_max": lambda a, b: f"min_({a}, {b})",
 }
 COMPARE = {"gt": ">", "lt": "<", "ge": ">=", "le": "<=", "eq": "==", "ne": "!="}
-VIEWS = {"view", "_unsafe_view", "reshape", "permute", "t", "transpose", "unsqueeze", "squeeze", "expand", "slice",
-         "select", "split", "split_with_sizes", "unbind", "alias", "chunk", "rev", "flip"}
-
 HELPERS = """
 template <typename T> static inline T relu_(T x) { return (x != x || x > T(0)) ? x : T(0); }
 template <typename T> static inline T max_(T a, T b) { return a != a ? a : b != b ? b : a > b ? a : b; }
@@ -139,6 +98,9 @@ class StepCodegen:
         self.lines.append(f"{CTYPE[dtype]} {name}[{max(numel, 1)}];")
         return Ref(name, dtype, tuple(shape), contiguous_strides(shape))
 
+    def copy(self, x: Ref) -> Ref:
+        return self.pointwise(self.alloc(x.shape, x.dtype), [x], lambda v: v, x.dtype)
+
     def loops(self, shape, prefix: str, body: list) -> None:
         idx = [f"{prefix}{d}" if n != 1 else "0" for d, n in enumerate(shape)]
         opened = [d for d, n in enumerate(shape) if n != 1]
@@ -153,7 +115,7 @@ class StepCodegen:
             raise Unsupported("an in-place op on an input of the step")
         for a in args:
             if isinstance(a, Ref) and a.buf == out.buf and (a.offset, a.strides, a.shape) != \
-                    (out.offset, out.strides, out.shape) and _elements(a) & _elements(out):
+                    (out.offset, out.strides, out.shape) and elements(a) & elements(out):
                 raise Unsupported("an in-place op whose operands overlap its output differently")
         idx = [f"i{d}" if n != 1 else "0" for d, n in enumerate(out.shape)]
         ct = CTYPE[compute]
@@ -173,7 +135,7 @@ class StepCodegen:
         kw = {k: _lookup(v, env) for k, v in node.kwargs.items()}
         val = node.meta.get("val")
         if base in VIEWS:
-            out = self.view(base, node.target, args, kw)
+            out = view(base, node.target, args, kw, self.copy)
         else:
             if not isinstance(val, (torch.Tensor, tuple, list)):
                 raise Unsupported(f"{node.target} without a tensor result")
@@ -280,7 +242,7 @@ class StepCodegen:
 
     def reduce(self, base, x: Ref, dims, val) -> Ref:
         rank = len(x.shape)
-        dims = sorted({_dim(d, rank) for d in dims}) if dims else list(range(rank))
+        dims = sorted({dim_of(d, rank) for d in dims}) if dims else list(range(rank))
         dtype = val.dtype
         if x.dtype != dtype or dtype == torch.bool:
             raise Unsupported(f"{base} from {x.dtype} to {dtype}")
@@ -307,7 +269,7 @@ class StepCodegen:
     def var_mean(self, x: Ref, dims, correction, val):
         mean = self.reduce("mean", x, dims, val[1])
         rank = len(x.shape)
-        dims = sorted({_dim(d, rank) for d in dims}) if dims else list(range(rank))
+        dims = sorted({dim_of(d, rank) for d in dims}) if dims else list(range(rank))
         bshape = tuple(1 if d in dims else n for d, n in enumerate(x.shape))
         m = mean.view(bshape, contiguous_strides(bshape))
         sq = self.alloc(x.shape, x.dtype)
@@ -319,7 +281,7 @@ class StepCodegen:
 
     def cat(self, parts: list, dim: int, val) -> Ref:
         out = self.alloc(val.shape, val.dtype)
-        dim = _dim(dim, len(val.shape))
+        dim = dim_of(dim, len(val.shape))
         at = 0
         for p in parts:
             if not isinstance(p, Ref):
@@ -331,123 +293,7 @@ class StepCodegen:
             at += p.shape[dim]
         return out
 
-    # views ---------------------------------------------------------------------------------------
-    def view(self, base, target, args, kw):
-        x, rank = args[0], len(args[0].shape)
-        if base in ("view", "_unsafe_view", "reshape"):
-            return self.reshape(x, list(args[1]))
-        if base == "permute":
-            dims = [_dim(d, rank) for d in args[1]]
-            return x.view([x.shape[d] for d in dims], [x.strides[d] for d in dims])
-        if base in ("t", "transpose"):
-            d0, d1 = (0, 1) if base == "t" else (_dim(args[1], rank), _dim(args[2], rank))
-            if rank < 2:
-                return x
-            order = list(range(rank))
-            order[d0], order[d1] = order[d1], order[d0]
-            return x.view([x.shape[d] for d in order], [x.strides[d] for d in order])
-        if base == "unsqueeze":
-            d = _dim(args[1], rank + 1)
-            return x.view(x.shape[:d] + (1,) + x.shape[d:], x.strides[:d] + (0,) + x.strides[d:])
-        if base == "squeeze":
-            dims = range(rank) if len(args) == 1 else [args[1]] if isinstance(args[1], int) else args[1]
-            drop = {_dim(d, rank) for d in dims if x.shape[_dim(d, rank)] == 1}
-            keep = [d for d in range(rank) if d not in drop]
-            return x.view([x.shape[d] for d in keep], [x.strides[d] for d in keep])
-        if base == "expand":
-            sizes = list(args[1])
-            lead = len(sizes) - rank
-            shape, strides = [], []
-            for i, n in enumerate(sizes):
-                old = x.shape[i - lead] if i >= lead else 1
-                n = old if n == -1 else n
-                shape.append(n)
-                strides.append(x.strides[i - lead] if i >= lead and old == n else 0)
-            return x.view(shape, strides)
-        if base == "slice":
-            dim, start, end, step = list(args[1:]) + [0, None, None, 1][len(args) - 1:]
-            dim = _dim(dim, rank)
-            n = x.shape[dim]
-            start, end, step = slice(start, end, step).indices(n)
-            shape, strides = list(x.shape), list(x.strides)
-            shape[dim] = max(0, (end - start + step - 1) // step)
-            strides[dim] *= step
-            return x.view(shape, strides, x.offset + start * x.strides[dim])
-        if base == "select":
-            dim = _dim(args[1], rank)
-            i = args[2] + x.shape[dim] if args[2] < 0 else args[2]
-            return x.view(x.shape[:dim] + x.shape[dim + 1:], x.strides[:dim] + x.strides[dim + 1:],
-                          x.offset + i * x.strides[dim])
-        if base in ("split", "split_with_sizes", "chunk", "unbind"):
-            if base == "unbind":
-                dim = _dim(args[1] if len(args) > 1 else kw.get("dim", 0), rank)
-                return [self.view("select", None, [x, dim, i], {}) for i in range(x.shape[dim])]
-            dim = _dim(args[2] if len(args) > 2 else kw.get("dim", 0), rank)
-            n = x.shape[dim]
-            if base == "split_with_sizes":
-                sizes = list(args[1])
-            else:
-                size = args[1] if base == "split" else -(-n // args[1])
-                sizes = [min(size, n - s) for s in range(0, n, size)] if size > 0 else [n]
-            out, at = [], 0
-            for s in sizes:
-                out.append(self.view("slice", None, [x, dim, at, at + s], {}))
-                at += s
-            return out
-        if base == "alias":
-            return x
-        if base in ("rev", "flip"):  # negative strides from the last element
-            dims = {_dim(d, rank) for d in args[1]}
-            offset = x.offset + sum((x.shape[d] - 1) * x.strides[d] for d in dims if x.shape[d] > 0)
-            return x.view(x.shape, [-s if d in dims else s for d, s in enumerate(x.strides)], offset)
-        raise Unsupported(f"view {target}")
-
-    def reshape(self, x: Ref, shape: list) -> Ref:
-        numel = math.prod(x.shape)
-        if -1 in shape:
-            known = math.prod(n for n in shape if n != -1)
-            shape[shape.index(-1)] = numel // known if known else 0
-        strides = None if any(s < 0 for s in x.strides) else _view_strides(x.shape, x.strides, shape)
-        if strides is None:  # not expressible as a view of x: copy to a contiguous buffer first
-            x = self.pointwise(self.alloc(x.shape, x.dtype), [x], lambda v: v, x.dtype)
-            strides = contiguous_strides(shape)
-        return x.view(shape, strides)
-
-
-def _elements(ref: Ref) -> set:
-    """The buffer offsets ``ref`` covers (small: a step's arrays are at most MAX_STEP_BYTES)."""
-    out = {ref.offset}
-    for n, s in zip(ref.shape, ref.strides):
-        out = {o + i * s for o in out for i in range(n)}
-    return out
-
-
 def _lookup(a, env):
     if isinstance(a, torch.fx.Node):
         return env[a]
     return type(a)(_lookup(v, env) for v in a) if isinstance(a, (list, tuple)) else a
-
-
-def _view_strides(old_shape, old_strides, shape) -> Optional[tuple]:
-    """The strides of ``x.view(shape)`` (PyTorch's ``computeStride``), or None when it needs a copy."""
-    if math.prod(old_shape) == 0:
-        return contiguous_strides(shape)
-    new = [0] * len(shape)
-    view_d = len(shape) - 1
-    chunk_base = old_strides[-1] if old_strides else 1
-    tensor_numel, view_numel = 1, 1
-    for d in range(len(old_shape) - 1, -1, -1):
-        tensor_numel *= old_shape[d]
-        if d == 0 or (old_shape[d - 1] != 1 and old_strides[d - 1] != tensor_numel * chunk_base):
-            while view_d >= 0 and (view_numel < tensor_numel or shape[view_d] == 1):
-                new[view_d] = view_numel * chunk_base
-                view_numel *= shape[view_d]
-                view_d -= 1
-            if view_numel != tensor_numel:
-                return None
-            if d > 0:
-                chunk_base = old_strides[d - 1]
-                tensor_numel, view_numel = 1, 1
-    if view_d != -1:
-        return None
-    return tuple(new)
