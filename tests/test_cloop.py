@@ -51,6 +51,7 @@ def zoo(L, n=4, B=3, dtype=torch.float64, seed=5) -> Chain:
              + torch.atan(y) + torch.erf(y) + F.hardtanh(y) - y.mean(0, keepdim=True) + y.amax(-1, keepdim=True))
         a = a + y.var(-1, keepdim=True) + torch.cat([a[1:], a[:1]], 0) + a.flip(0)  # slices and cat along dim 0
         a = a + torch.add(y, z, alpha=0.5) - torch.sub(y, z, alpha=2) + torch.rsub(y, 1.5)  # alpha, scalar first
+        a = a + torch.full((B, n), 0.25, dtype=z.dtype) * torch.scalar_tensor(0.5, dtype=z.dtype)
         pair = torch.stack([a[:, :n // 2], a[:, n // 2:]]).transpose(1, 2)  # (2, n/2, B)
         mixed = torch.bmm(M[:, :n // 2, :n // 2], pair).transpose(1, 2)  # (2, B, n/2)
         b = torch.cat([mixed[0], mixed[1]], dim=-1).reshape(B, n)

@@ -52,6 +52,7 @@ BINARY = {
     "minimum": lambda a, b: f"min_({a}, {b})", "clamp_min": lambda a, b: f"max_({a}, {b})",
     "clamp_max": lambda a, b: f"min_({a}, {b})",
 }
+FILLS = {"full": lambda args: args[-1], "scalar_tensor": lambda args: args[0]}  # new tensors of one value
 COMPARE = {"gt": ">", "lt": "<", "ge": ">=", "le": "<=", "eq": "==", "ne": "!="}
 HELPERS = """
 template <typename T> static inline T relu_(T x) { return (x != x || x > T(0)) ? x : T(0); }
@@ -197,8 +198,8 @@ class StepCodegen:
             return self.pointwise(out(), [x], lambda v: v, dtype)
         if base in ("copy",) and not kw:
             return self.pointwise(x if inplace else self.alloc(val.shape, dtype), [args[1]], lambda v: v, dtype)
-        if base in ("full", "scalar_tensor") and not inplace:
-            return self.pointwise(self.alloc(val.shape, dtype), [args[-1] if base == "full" else x], lambda v: v, dtype)
+        if base in FILLS and not inplace:
+            return self.pointwise(self.alloc(val.shape, dtype), [FILLS[base](args)], lambda v: v, dtype)
         if base in ("mm", "addmm", "bmm", "mv", "dot") and not inplace:
             return self.matmul(base, args, kw, val)
         if base in ("sum", "mean", "amax", "amin") and not inplace:
