@@ -3,6 +3,8 @@ alternating, fresh input per call, medians; one intra-op thread, float32.
 
     python benchmarks/_fused_perf.py finish --L 4096 16384 --w 2 4     # compiled sequential finish: torch.stack
         chunk (before) vs one output buffer (now), and jitted lax.scan; solve(max_iter=1) as peers.py's seqfinish
+    python benchmarks/_fused_perf.py cloop --L 4096 16384 --w 2 4 --T 10000 --n 2 4  # the finish: C++ loop,
+        inductor chunk, eager, lax.scan (and solve(max_iter=1)), benchmarks/results/finish_cloop_cpu.txt
     python benchmarks/_fused_perf.py flush --L 4096 --w 4 [--gain1]    # compiled solve (fwd), flush_denormals off/on
     python benchmarks/_fused_perf.py record                            # the old per-iteration stats record's ops
     python benchmarks/_fused_perf.py scans --L 4096 16384 --w 2 4      # compiled solve: PCR, cyclic reduction,
@@ -22,6 +24,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -89,6 +92,75 @@ def finish(args):
                   f"buffer {t['buffer'] * 1e3:.2f}  lax.scan {t['lax.scan'] * 1e3:.3f}  stack/buffer "
                   f"{t['stack'] / t['buffer']:.2f}x  buffer/scan {t['buffer'] / t['lax.scan']:.0f}x  "
                   f"[load {l0:.1f}-{load():.1f}]", flush=True)
+
+
+def finish_cloop(args):
+    """The sequential finish of the whole chain (start 0) per call, in one process: the generated C++ loop
+    (runtime/cloop.py), the compiled inductor chunk (fused.SequentialChunk, finish_chunk(L) steps per call),
+    the eager loop (solve.py's finish), jitted lax.scan (_peers_jax.py's "scan"); and solve(max_iter=1), which
+    finishes with the C++ loop, for context. Every variant is checked against the eager loop first."""
+    import _peers_jax as pj
+    from _peers_torch import gru_step
+
+    from deeppcr_fx.runtime import backend, cloop
+    from deeppcr_fx.runtime.state import StateSpec
+    rows = [("mlp", L, w) for L in args.L for w in args.w] + [("gru", T, n) for T in args.T for n in args.n]
+    for kind, L, w in rows:
+        prob = Problem(kind, L, w, 1)
+        weights, shared = prob.weights()
+        step = mlp_step if kind == "mlp" else gru_step
+
+        def ins(i):  # fresh input per call: x0 and, for the GRU, the per-step inputs x_t
+            return prob.inputs[i][0], weights + tuple(prob.inputs[i][1:])
+        x0, ps = ins(0)
+        spec = StateSpec.of(x0, None)
+        t0 = time.perf_counter()
+        loop = cloop.compile_loop(step, spec, ps, shared, x0)
+        cloop_s = time.perf_counter() - t0
+        chunk = fused.finish_chunk(L)
+        t0 = time.perf_counter()
+        chunk_args = fused.finish_args(x0, ps, shared, 0, chunk)
+        chunk_fn = backend.compile_traced(fused.SequentialChunk(step, spec, len(ps), chunk), chunk_args)
+        chunk_fn(*chunk_args)
+        chunk_s = time.perf_counter() - t0
+        U = {n: torch.empty(L, 1, w) for n in ("cloop", "inductor", "eager")}
+
+        def eager(i):
+            x0, ps = ins(i)
+            with torch.no_grad():
+                z = x0
+                for l in range(L):
+                    z = U["eager"][l] = spec.flatten(step(spec.unflatten(z), *(p[l] for p in ps), *shared))
+
+        def solve1(i):
+            x0, ps = ins(i)
+            with torch.no_grad():
+                res = deeppcr.solve(step_s, x0, per_step=ps, shared=shared, jacobian="full", backend="inductor",
+                                    max_iter=1)
+            assert res.stats.forward.finish_backend == "cloop", res.stats.forward.finish_error
+        step_s = lambda *a: step(*a)  # noqa: E731 - its own cache entries
+        t0 = time.perf_counter()
+        solve1(0)
+        solve_s = time.perf_counter() - t0
+        sh_j = tuple(pj.to_jax(t) for t in shared)
+        jin = [(pj.to_jax(inp[0]), tuple(pj.to_jax(t) for t in ins(i)[1]), sh_j) for i, inp in enumerate(prob.inputs)]
+        exe = pj.compile_fn(pj.build(kind, "scan", False, max_iter=64), *jin[0])
+        fn = {"cloop": lambda i: loop(0, U["cloop"], *ins(i), shared),
+              "inductor": lambda i: fused.run_finish(chunk_fn, chunk, 0, U["inductor"], *ins(i), shared),
+              "eager": eager, "lax.scan": lambda i: pj.block(exe(*jin[i])), "solve1": solve1}
+        for n in fn:
+            fn[n](INPUTS - 1)
+        err = {n: float((U[n] - U["eager"]).abs().max()) for n in ("cloop", "inductor")}
+        err["lax.scan"] = float(abs(torch.from_numpy(np.array(fn["lax.scan"](INPUTS - 1))) - U["eager"][-1]).max())
+        l0 = load()
+        t = timed(fn, args.rounds, list(fn))
+        name = f"MLP L={L} w={w}" if kind == "mlp" else f"GRU T={L} n={w}"
+        print(f"{name} B=1: finish ms cloop {t['cloop'] * 1e3:.3f}  inductor(K={chunk}) {t['inductor'] * 1e3:.2f}  "
+              f"eager {t['eager'] * 1e3:.1f}  lax.scan {t['lax.scan'] * 1e3:.3f}  | cloop/lax.scan "
+              f"{t['cloop'] / t['lax.scan']:.2f}x  inductor/cloop {t['inductor'] / t['cloop']:.0f}x  eager/cloop "
+              f"{t['eager'] / t['cloop']:.0f}x  | solve(max_iter=1) {t['solve1'] * 1e3:.2f} ms  | compile s cloop "
+              f"{cloop_s:.1f} inductor {chunk_s:.1f} solve {solve_s:.1f}  | max|diff| vs eager "
+              + " ".join(f"{k} {v:.1e}" for k, v in err.items()) + f"  [load {l0:.1f}-{load():.1f}]", flush=True)
 
 
 def flush(args):
@@ -161,14 +233,16 @@ def scans(args):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["finish", "flush", "record", "scans"])
-    ap.add_argument("--L", type=int, nargs="+", default=[4096])
+    ap.add_argument("what", choices=["finish", "cloop", "flush", "record", "scans"])
+    ap.add_argument("--L", type=int, nargs="*", default=[4096])
     ap.add_argument("--w", type=int, nargs="+", default=[4])
+    ap.add_argument("--T", type=int, nargs="*", default=[], help="cloop: GRU lengths")
+    ap.add_argument("--n", type=int, nargs="+", default=[2, 4], help="cloop: GRU widths")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--gain1", action="store_true")
     ap.add_argument("--flush", action="store_true")
     a = ap.parse_args()
     print(f"$ python benchmarks/_fused_perf.py {' '.join(sys.argv[1:])}\nstart {time.strftime('%H:%M:%S')} "
           f"load {load():.2f}", flush=True)
-    {"finish": finish, "flush": flush, "record": record, "scans": scans}[a.what](a)
+    {"finish": finish, "cloop": finish_cloop, "flush": flush, "record": record, "scans": scans}[a.what](a)
 

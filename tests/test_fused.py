@@ -103,8 +103,9 @@ def test_non_finite_and_max_iter_finish_sequentially():
     eager = _solve(chain, "full", "eager", max_iter=2)
     assert capped.stats.forward.sequential_from == eager.stats.forward.sequential_from
     _close(capped.states, chain.sequential(), rtol=1e-9, atol=1e-9)
-    finishes = [e for (_, key), e in backend._CACHE[chain.step].items() if key[0] == "finish"]
-    assert finishes and all(e.fn is not None for e in finishes)  # the finish ran as compiled chunks of steps
+    finishes = [e for (_, key), e in backend._CACHE[chain.step].items() if key[0] == "cloop"]
+    assert finishes and all(e.fn is not None for e in finishes)  # the finish ran as the generated C++ loop
+    assert capped.stats.forward.finish_backend == "cloop"
     x0 = chain.x0.clone()
     x0[0, 0] = math.inf  # the sequential answer holds inf/nan too: equal where finite, same pattern
     res = deeppcr.solve(chain.step, x0, per_step=chain.per_step, jacobian="full", backend="inductor")

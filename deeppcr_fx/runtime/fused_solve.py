@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from ..results import FinishCause
-from . import backend
+from . import backend, cloop
 from .fused import (CONVERGED, NON_FINITE, FullAdjoint, NewtonIteration, SequentialChunk,
                     finish_args, finish_chunk, run_finish, run_newton)
 from .newton import _finish
@@ -72,20 +72,49 @@ class CompiledForward:
         return U
 
     def _finish(self, start: int, U: torch.Tensor, x0_flat: torch.Tensor, eager: Callable, cuda_graphs: bool) -> None:
-        """The sequential finish, ``finish_chunk(L)`` steps per call of a compiled function (eager if it fails)."""
+        """The sequential finish: on CPU one call of a generated C++ loop (``cloop``), else (or where the
+        step is outside its op set) ``finish_chunk(L)`` steps per call of a compiled function, else eager.
+        ``stats.forward.finish_backend`` says which ran, ``finish_error`` why the C++ loop did not."""
         p = self.problem
-        steps, length = p.steps, p.stats.length
+        steps, length, f = p.steps, p.stats.length, p.stats.forward
         chunk = finish_chunk(length)
         if length - start <= chunk:  # one chunk's worth: not worth a compile
+            f.finish_backend = "eager"
             return eager(start, U)
+        if U.device.type == "cpu" and self._cloop(start, U, x0_flat):
+            f.finish_backend = "cloop"
+            return None
         found = backend.entry(self.user_step, ("finish", chunk) + self.key + (U.device.type,))
         if found is not None and found.fn is None and found.error is None:
             z = x0_flat if start == 0 else U[start - 1]
             fn = SequentialChunk(steps.step, p.spec, len(steps.per_step), chunk)
             backend.build(found, fn, finish_args(z, steps.per_step, steps.shared, start, chunk), cuda_graphs)
         if found is None or found.fn is None:
+            f.finish_backend = "eager"
             return eager(start, U)
+        f.finish_backend = "inductor"
         run_finish(found.fn, chunk, start, U, x0_flat, steps.per_step, steps.shared)
+
+    def _cloop(self, start: int, U: torch.Tensor, x0_flat: torch.Tensor) -> bool:
+        """Run the finish as the step's C++ loop (generated and compiled on first use, cached like the
+        other entries); False where it cannot be (the reason in ``stats.forward.finish_error``)."""
+        p = self.problem
+        steps = p.steps
+        found = backend.entry(self.user_step, ("cloop",) + self.key + ("cpu",))
+        if found is None:
+            return False
+        if found.fn is None and found.error is None:
+            t0 = time.perf_counter()
+            try:
+                found.fn = cloop.compile_loop(steps.step, p.spec, steps.per_step, steps.shared, x0_flat)
+                found.compile_s = time.perf_counter() - t0
+            except Exception as exc:  # noqa: BLE001 - any failure to translate or compile: the inductor chunks
+                found.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"
+        p.stats.forward.finish_error = found.error
+        if found.fn is None or not U.is_contiguous() or U.dtype != x0_flat.dtype:
+            return False
+        found.fn(start, U, x0_flat, steps.per_step, steps.shared)
+        return True
 
     def _build(self, x0_flat, U, state, inputs, cuda_graphs):
         p = self.problem

@@ -21,6 +21,10 @@ class PassStats:
     prefix: int = 0  # leading steps computed sequentially until they met a warm start's guess
     guess_met: Optional[bool] = None  # whether that prefix met the guess (None: no warm start)
     backend: str = "eager"  # "inductor": the iterations ran as one compiled function (runtime/fused.py)
+    # how the compiled backend's sequential finish ran: "cloop" (one generated C++ loop, runtime/cloop.py),
+    # "inductor" (compiled chunks of steps) or "eager"; why the C++ loop was not used, if it was not
+    finish_backend: Optional[str] = None
+    finish_error: Optional[str] = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
