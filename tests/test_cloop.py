@@ -10,7 +10,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import deeppcr_fx as deeppcr
 from chains import PROBLEMS, Chain
-from deeppcr_fx.runtime import backend, cloop
+from deeppcr_fx.runtime import backend, cloop, fused_solve
 from deeppcr_fx.runtime.cloop_codegen import Ref, StepCodegen, Unsupported
 from deeppcr_fx.runtime.cloop_views import view_strides
 from deeppcr_fx.runtime.state import StateSpec
@@ -187,5 +187,19 @@ def test_solve_with_a_step_outside_the_op_set_finishes_with_inductor_chunks():
     f = res.stats.forward
     assert res.stats.backend == "inductor" and f.sequential_from is not None and f.sequential_from < L - 16
     assert f.finish_backend == "inductor" and "cumsum" in f.finish_error
+    torch.testing.assert_close(res.states, Chain("c", step, chain.x0, chain.per_step).sequential(),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_a_short_tail_runs_the_loop_once_it_is_compiled_and_eagerly_before(monkeypatch):
+    chain = PROBLEMS["tanh"](L)
+    step = lambda z, W, b: torch.tanh(F.linear(z, W, b))  # noqa: E731 - its own cache entries
+    monkeypatch.setattr(fused_solve, "finish_chunk", lambda length: 2 * length)  # every finish is short
+    assert _solve(step, chain).stats.forward.finish_backend == "eager"  # not worth compiling a loop for
+    monkeypatch.undo()
+    assert _solve(step, chain).stats.forward.finish_backend == "cloop"  # a long finish compiles it
+    monkeypatch.setattr(fused_solve, "finish_chunk", lambda length: 2 * length)
+    res = _solve(step, chain)
+    assert res.stats.forward.finish_backend == "cloop"  # the short one now runs it too
     torch.testing.assert_close(res.states, Chain("c", step, chain.x0, chain.per_step).sequential(),
                                rtol=1e-12, atol=1e-12)

@@ -78,12 +78,13 @@ class CompiledForward:
         p = self.problem
         steps, length, f = p.steps, p.stats.length, p.stats.forward
         chunk = finish_chunk(length)
-        if length - start <= chunk:  # one chunk's worth: not worth a compile
-            f.finish_backend = "eager"
-            return eager(start, U)
-        if U.device.type == "cpu" and self._cloop(start, U, x0_flat):
+        short = length - start <= chunk  # one chunk's worth: not worth a compile, but a compiled loop runs it
+        if U.device.type == "cpu" and self._cloop(start, U, x0_flat, compile=not short):
             f.finish_backend = "cloop"
             return None
+        if short:
+            f.finish_backend = "eager"
+            return eager(start, U)
         found = backend.entry(self.user_step, ("finish", chunk) + self.key + (U.device.type,))
         if found is not None and found.fn is None and found.error is None:
             z = x0_flat if start == 0 else U[start - 1]
@@ -95,15 +96,16 @@ class CompiledForward:
         f.finish_backend = "inductor"
         run_finish(found.fn, chunk, start, U, x0_flat, steps.per_step, steps.shared)
 
-    def _cloop(self, start: int, U: torch.Tensor, x0_flat: torch.Tensor) -> bool:
-        """Run the finish as the step's C++ loop (generated and compiled on first use, cached like the
-        other entries); False where it cannot be (the reason in ``stats.forward.finish_error``)."""
+    def _cloop(self, start: int, U: torch.Tensor, x0_flat: torch.Tensor, compile: bool = True) -> bool:
+        """Run the finish as the step's C++ loop (generated and compiled on first use unless ``compile`` is
+        False, cached like the other entries); False where it cannot be (the reason in
+        ``stats.forward.finish_error``)."""
         p = self.problem
         steps = p.steps
         found = backend.entry(self.user_step, ("cloop",) + self.key + ("cpu",))
         if found is None:
             return False
-        if found.fn is None and found.error is None:
+        if found.fn is None and found.error is None and compile:
             t0 = time.perf_counter()
             try:
                 found.fn = cloop.compile_loop(steps.step, p.spec, steps.per_step, steps.shared, x0_flat)
