@@ -88,11 +88,11 @@ def test_compile_failure_on_one_rank_falls_back_everywhere(two):
 @pytest.mark.parametrize("mode_name", ["full", "diag"])
 @pytest.mark.parametrize("length,chunk", [(13, 4), (16, 4), (9, 0), (7, 16)])
 def test_scan_products_and_propagate_match_a_loop(mode_name, length, chunk):
-    """The last rank's early scan (distributed_fused.scan_products / propagate), incl. the chunked path
+    """The last rank's early scan (distributed_products.scan_products / propagate), incl. the chunked path
     that only slices of 8192+ steps take in a solve: rows for a zero input plus Phi_l x equal the loop
     z_l = A_l z_{l-1} + r_l from z_{-1} = x."""
     import torch
-    from deeppcr_fx.runtime.distributed_fused import propagate, scan_products
+    from deeppcr_fx.runtime.distributed_products import propagate, scan_products
     from deeppcr_fx.runtime.modes import mode_of
 
     mode = mode_of(mode_name)

@@ -6,7 +6,7 @@ order is reversed: the group's last rank comes first):
     local(Zprev, G, *inputs) -> (flag row, d[, P, Q])   the per-sample Jacobians (vmap'd pullback), the
         reversed transposed system, its scan for a zero input; the first logical rank sends its map
         E d_last (E = its first J^T), the other keeps the products that add its input later
-        (``distributed_fused.scan_products``)
+        (``distributed_products.scan_products``)
     comm.gather                                        eager
     apply(Zprev, d[, P, Q, x_in], *inputs) -> (a, dZprev, *dinputs)   a = d (+ Phi x_in), one pullback
     the adjoint equations checked on every row and across the boundary (``_residual_ok_everywhere``,
@@ -28,7 +28,7 @@ from torch.func import vjp
 
 from . import backend, fused_scan, jacobians
 from .distributed_adjoint import _residual_ok_everywhere
-from .distributed_fused import propagate, rank_chunk, scan_products
+from .distributed_products import propagate, rank_chunk, scan_products
 from .fused import batched_step
 
 
