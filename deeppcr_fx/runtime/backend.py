@@ -56,15 +56,17 @@ def owner_of(step: Callable) -> Any:
     return getattr(step, "__self__", None) or step
 
 
-def entry(step: Callable, key: tuple) -> Optional[Entry]:
-    """The cache entry of ``step`` for ``key`` (created on first use); None when neither the step nor
-    the key can be cached (an unhashable non-tensor value, a step that takes no weak reference)."""
+def entry(step: Callable, key: tuple, create: bool = True) -> Optional[Entry]:
+    """The cache entry of ``step`` for ``key`` (created on first use unless ``create`` is False); None when
+    there is none or neither the step nor the key can be cached (an unhashable non-tensor value, a step
+    that takes no weak reference)."""
     try:
         hash(key)
-        table = _CACHE.setdefault(owner_of(step), {})
+        table = _CACHE.setdefault(owner_of(step), {}) if create else _CACHE.get(owner_of(step), {})
     except TypeError:
         return None
-    return table.setdefault((getattr(step, "__func__", None), key), Entry())
+    full_key = (getattr(step, "__func__", None), key)
+    return table.setdefault(full_key, Entry()) if create else table.get(full_key)
 
 
 def use_compiled(backend: str, found: Optional[Entry], device: torch.device, chunked: bool = False) -> bool:

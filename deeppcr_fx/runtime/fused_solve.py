@@ -102,7 +102,7 @@ class CompiledForward:
         ``stats.forward.finish_error``)."""
         p = self.problem
         steps = p.steps
-        found = backend.entry(self.user_step, ("cloop",) + self.key + ("cpu",))
+        found = backend.entry(self.user_step, ("cloop",) + self.key + ("cpu",), create=compile)
         if found is None:
             return False
         if found.fn is None and found.error is None and compile:
