@@ -196,7 +196,8 @@ def test_compiled_functions_are_called_without_dynamo(monkeypatch):
     assert res.stats.backend == "inductor", res.stats.backend_error
     _close(res.states, fresh.sequential(), rtol=1e-9, atol=1e-9)
     entries = [e for (_, key), e in backend._CACHE[fresh.step].items() if key[0] == "newton"]
-    assert entries and all(isinstance(e.fn, backend.DirectCall) for e in entries)
+    # on CPU the iteration is rowloop's C++ row loop plus the compiled rest (a DirectCall too)
+    assert entries and all(isinstance(getattr(e.fn, "graph", e.fn), backend.DirectCall) for e in entries)
     assert dict(counters["frames"]) == frames  # TorchDynamo evaluated no frame
 
 

@@ -85,9 +85,14 @@ class NewtonIteration:
         return vals, jacobians.jacobian_from_pullback(lambda c: pullback(c)[0], vals, self.mode)
 
     def __call__(self, U, x0, start, previous, status, count, *inputs):
-        L = U.shape[0]
         Zprev = torch.cat([x0.unsqueeze(0), U[:-1]])
         vals, A = self.linearise(Zprev, inputs)
+        return self.update(U, start, previous, status, count, vals, A)
+
+    def update(self, U, start, previous, status, count, vals, A):
+        """The iteration after the linearise: residual, window, scan, update (the steps ``vals`` at Zprev and
+        their Jacobians ``A`` given)."""
+        L = U.shape[0]
         residual = vals - U
         ratio = scaled_norm(residual, U, self.atol, self.rtol)
         rows = torch.arange(L, device=U.device)
@@ -111,6 +116,15 @@ class NewtonIteration:
                                  status).to(status.dtype)
         record = torch.stack([start.to(U.dtype), worst, status.to(U.dtype)])  # run_newton's per-iteration stats
         return U_out, start_out, previous_out, status_out, count + running.to(count.dtype), record
+
+
+class RowNewtonIteration(NewtonIteration):
+    """The iteration without its linearise: ``(U, start, previous, status, count, vals, A)``, the steps and
+    their Jacobians at Zprev computed before the call (on CPU by ``rowloop``'s generated C++ loop over the
+    rows, ``rowloop.RowCall``)."""
+
+    def __call__(self, U, start, previous, status, count, vals, A):
+        return self.update(U, start, previous, status, count, vals, A)
 
 
 def run_newton(call: Callable, U: torch.Tensor, x0: torch.Tensor, inputs: tuple, start: int, max_iter: int,
