@@ -93,3 +93,34 @@ def test_a_step_outside_the_op_set_solves_through_the_one_graph_iteration():
     assert res.stats.backend == "inductor" and f.linearise_backend == "inductor" and "cumsum" in f.linearise_error
     torch.testing.assert_close(res.states, Chain("c", step, chain.x0, chain.per_step).sequential(),
                                rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("problem", ["tanh", "gru"])
+def test_the_compiled_adjoint_takes_its_jacobians_from_the_row_loop(problem, monkeypatch):
+    chain = PROBLEMS["tanh"](L) if problem == "tanh" else gru(L, n=3, B=2)
+
+    def grads(step):
+        x0 = chain.x0.clone().requires_grad_()
+        ps = tuple(p.clone().requires_grad_() for p in chain.per_step)
+        sh = tuple(s.clone().requires_grad_() for s in chain.shared)
+        res = deeppcr.solve(step, x0, per_step=ps, shared=sh, jacobian="full", backend="inductor")
+        return res, torch.autograd.grad(res.states.sin().sum(), (x0, *ps, *sh))
+
+    res, got = grads(lambda *a: chain.step(*a))
+    b = res.stats.backward
+    assert b.backend == "inductor" and b.converged and b.linearise_backend == "rows"
+    x0 = chain.x0.clone().requires_grad_()
+    ps = tuple(p.clone().requires_grad_() for p in chain.per_step)
+    sh = tuple(s.clone().requires_grad_() for s in chain.shared)
+    z, states = x0, []
+    for l in range(L):
+        z = chain.step(z, *(p[l] for p in ps), *sh)
+        states.append(z)
+    want = torch.autograd.grad(torch.stack(states).sin().sum(), (x0, *ps, *sh))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-8)
+    monkeypatch.setattr(fused_solve, "ROW_LOOP", False)
+    old, old_got = grads(lambda *a: chain.step(*a))
+    assert old.stats.backward.linearise_backend == "inductor"
+    for g, w in zip(got, old_got):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)

@@ -180,6 +180,12 @@ class FullAdjoint:
         self.wrt, self.mode, self.atol, self.rtol, self.chunk = wrt, mode, atol, rtol, chunk
 
     def __call__(self, Zprev, G, *inputs):
+        vals, state_pullback = vjp(lambda Z: self.f(Z, *inputs), Zprev)
+        J = jacobians.jacobian_from_pullback(lambda c: state_pullback(c)[0], vals, self.mode)
+        return self.solve(Zprev, G, J, inputs)
+
+    def solve(self, Zprev, G, J, inputs):
+        """The adjoint given the Jacobians ``J`` at Zprev: scan, refinement, the pullback's gradients, the check."""
         def g(Z, *diff):
             args = list(inputs)
             for i, t in zip(self.wrt, diff):
@@ -187,8 +193,6 @@ class FullAdjoint:
             return self.f(Z, *args)
 
         vals, pullback = vjp(g, Zprev, *(inputs[i] for i in self.wrt))
-        _, state_pullback = vjp(lambda Z: self.f(Z, *inputs), Zprev)
-        J = jacobians.jacobian_from_pullback(lambda c: state_pullback(c)[0], vals, self.mode)
         a = fused_scan.scan(J, G, self.mode, transpose=True, chunk=self.chunk)
         grads = pullback(a)
         # One step of iterative refinement: PCR's round-off in float32 grows with its log2 L rounds of
@@ -203,6 +207,14 @@ class FullAdjoint:
         scale = a[:-1].abs() + G[:-1].abs() + products[1:].abs()
         ok = (scaled_norm(a[:-1] - rhs, scale, self.atol, self.rtol) <= 1).all()
         return (ok, *grads)
+
+
+class RowFullAdjoint(FullAdjoint):
+    """``FullAdjoint`` with the Jacobians at Zprev as an input, ``(Zprev, G, J, *inputs)``: on CPU from
+    ``rowloop``'s C++ loop over the rows (``rowloop.AdjointRowCall``)."""
+
+    def __call__(self, Zprev, G, J, *inputs):
+        return self.solve(Zprev, G, J, inputs)
 
 
 # Steps per call of the compiled sequential finish: L / K calls of one compiled function that runs K

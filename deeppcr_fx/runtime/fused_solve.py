@@ -13,8 +13,8 @@ import torch
 
 from ..results import FinishCause
 from . import backend, cloop, rowloop
-from .fused import (CONVERGED, NON_FINITE, FullAdjoint, NewtonIteration, RowNewtonIteration, SequentialChunk,
-                    finish_args, finish_chunk, run_finish, run_newton)
+from .fused import (CONVERGED, NON_FINITE, FullAdjoint, NewtonIteration, RowFullAdjoint, RowNewtonIteration,
+                    SequentialChunk, finish_args, finish_chunk, run_finish, run_newton)
 from .newton import _finish
 
 
@@ -189,16 +189,32 @@ class CompiledAdjoint:
             return None
         args = (Zprev, G, *steps.inputs)
         if self.entry.fn is None:
-            fn = FullAdjoint(steps.step, p.spec, len(steps.per_step), len(steps.shared), tuple(wrt), p.mode,
-                             p.adjoint_atol, p.adjoint_rtol, self.forward.chunk)
-            out = backend.build(self.entry, fn, args, cfg.cuda_graphs and device.type == "cuda")
+            out = self._build(steps, Zprev, args, wrt, cfg.cuda_graphs and device.type == "cuda")
         else:
             out = self.entry.fn(*args)
         if out is None or not bool(out[0]):  # not compiled, or samples coupled: the eager adjoint iterates
             return None
         b = p.stats.backward
         b.iterations, b.converged, b.jacobian, b.backend = 1, True, p.mode.name, "inductor"
+        b.linearise_backend = getattr(self.entry.fn, "linearise_backend", "inductor")
         return tuple(out[1:])
+
+    def _build(self, steps, Zprev, args, wrt, cuda_graphs):
+        """Compile the adjoint: on CPU with the forward's row loop for its Jacobians where there is one
+        (``rowloop.AdjointRowCall``), else the one graph."""
+        p = self.problem
+        rows = self.forward._rows(Zprev[0], Zprev) if ROW_LOOP else None
+        cls = RowFullAdjoint if rows is not None else FullAdjoint
+        fn = cls(steps.step, p.spec, len(steps.per_step), len(steps.shared), tuple(wrt), p.mode,
+                 p.adjoint_atol, p.adjoint_rtol, self.forward.chunk)
+        if rows is None:
+            return backend.build(self.entry, fn, args, cuda_graphs)
+        call = rowloop.AdjointRowCall(rows, None, len(steps.per_step))
+        out = backend.build(self.entry, fn, (Zprev, args[1], call.jacobians(Zprev, args[2:]), *args[2:]),
+                            cuda_graphs)
+        if out is not None:
+            call.graph, self.entry.fn = self.entry.fn, call
+        return out
 
     def record_eager(self, seconds: float) -> None:
         if self.entry is not None:

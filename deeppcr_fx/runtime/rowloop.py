@@ -19,7 +19,8 @@ compiler unrolls its constant loops) does it in one pass over memory.
 
 The iteration is then split (``RowCall``): this loop, then the compiled graph of the rest
 (``fused.RowNewtonIteration``: residual, window, scan, update), which takes (vals, A) as inputs.
-Anything the generator refuses, another device, dtype or mode raises ``Unsupported``; the caller then
+The compiled adjoint (full mode) takes its Jacobians at Zprev from the same loop (``AdjointRowCall``,
+``fused.RowFullAdjoint``). Anything the generator refuses, another device, dtype or mode raises ``Unsupported``; the caller then
 keeps the one-graph iteration (``fused_solve.CompiledForward._build``) and records why.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .cloop_views import Ref, Unsupported, contiguous_strides
 from .modes import Mode
 from .state import StateSpec
 
-__all__ = ["RowLoop", "RowCall", "compile_rows", "Unsupported", "MODES"]
+__all__ = ["RowLoop", "RowCall", "AdjointRowCall", "compile_rows", "Unsupported", "MODES"]
 
 MODES = ("full", "diag")  # the linearised modes whose A the row loop forms
 # inductor compiles with -fno-tree-loop-vectorize; the row body's loops over (n, 3n) products vectorise without
@@ -70,8 +71,18 @@ class RowLoop:
 
     def __call__(self, U: torch.Tensor, x0: torch.Tensor, per_step: tuple, shared: tuple,
                  vals: torch.Tensor, A: torch.Tensor) -> None:
-        tensors = [p.contiguous() for p in per_step] + [shared[i].contiguous() for i in self.shared_tensors]
-        self.kernel(x0.contiguous(), U.contiguous(), vals, A, U.shape[0], self.eye, *tensors)
+        """Rows at Zprev = (x0, U[0], ..., U[L-2]); ``vals``, ``A`` contiguous, from ``empty``."""
+        self._run(x0, U, U.shape[0], per_step, shared, vals, A)
+
+    def at(self, Zprev: torch.Tensor, per_step: tuple, shared: tuple, vals: torch.Tensor, A: torch.Tensor) -> None:
+        """Rows at a given Zprev (L, B, n) (the adjoint's)."""
+        Zprev = Zprev.detach().contiguous()
+        self._run(Zprev[0], Zprev[1:], Zprev.shape[0], per_step, shared, vals, A)
+
+    def _run(self, x0, U, length, per_step, shared, vals, A) -> None:
+        tensors = [p.detach().contiguous() for p in per_step]
+        tensors += [shared[i].detach().contiguous() for i in self.shared_tensors]
+        self.kernel(x0.detach().contiguous(), U.detach().contiguous(), vals, A, length, self.eye, *tensors)
 
 
 class RowCall:
@@ -92,6 +103,25 @@ class RowCall:
     def __call__(self, U, x0, start, previous, status, count, *inputs):
         vals, A = self.linearise(U, x0, inputs)
         return self.graph(U, start, previous, status, count, vals, A)
+
+
+class AdjointRowCall:
+    """The compiled adjoint split in two: ``self(Zprev, G, *inputs)`` as ``fused.FullAdjoint`` takes it; the row
+    loop forms the Jacobians at Zprev (its step values are not used), ``graph`` (the compiled
+    ``fused.RowFullAdjoint``) does the rest."""
+
+    linearise_backend = "rows"
+
+    def __init__(self, rows: RowLoop, graph: Callable, n_per_step: int) -> None:
+        self.rows, self.graph, self.n_per_step = rows, graph, n_per_step
+
+    def jacobians(self, Zprev, inputs) -> torch.Tensor:
+        vals, A = self.rows.empty(Zprev)
+        self.rows.at(Zprev, inputs[:self.n_per_step], inputs[self.n_per_step:], vals, A)
+        return A
+
+    def __call__(self, Zprev, G, *inputs):
+        return self.graph(Zprev, G, self.jacobians(Zprev, inputs), *inputs)
 
 
 def compile_rows(step: Callable, spec: StateSpec, mode: Mode, per_step: tuple, shared: tuple,
