@@ -266,6 +266,9 @@ def rows(args):
                 res.stats.forward.linearise_error
             fn[name] = call
         fused_solve.ROW_LOOP = True
+        if args.train:
+            train_rows(kind, L, w, base, ins, shared, args.rounds)
+            continue
         sh_j = tuple(pj.to_jax(t) for t in shared)
         jin = [(pj.to_jax(inp[0]), tuple(pj.to_jax(t) for t in ins(i)[1]), sh_j) for i, inp in enumerate(prob.inputs)]
         exe = pj.compile_fn(pj.build(kind, "newton", False, max_iter=min(L, 64)), *jin[0])
@@ -298,6 +301,34 @@ def rows(args):
               f"{diff_j:.1e}  [load {l0:.1f}-{load():.1f}]", flush=True)
 
 
+def train_rows(kind, L, w, base, ins, shared, rounds):
+    """``rows --train``: forward + backward (full, the compiled adjoint) per call, the row loop for the Jacobians
+    of both vs the one-graph iteration and adjoint; the gradients checked against each other first."""
+    fn, out = {}, {}
+    for name in ("rows", "graph"):
+        step = (lambda *a: base(*a))
+
+        def call(i, step=step, name=name):
+            x0, ps = ins(i)
+            x0 = x0.clone().requires_grad_()
+            ps = tuple(p.clone().requires_grad_() for p in ps)
+            sh = tuple(t.clone().requires_grad_() for t in shared)
+            res = deeppcr.solve(step, x0, per_step=ps, shared=sh, jacobian="full", backend="inductor")
+            out[name] = torch.autograd.grad(res.states.sin().sum(), (x0, *ps, *sh))
+            assert res.stats.backward.linearise_backend == ("rows" if name == "rows" else "inductor")
+        fused_solve.ROW_LOOP = name == "rows"
+        call(0)
+        fn[name] = call
+    fused_solve.ROW_LOOP = True
+    diff = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(out["rows"], out["graph"]))
+    l0 = load()
+    t = timed(fn, rounds, list(fn))
+    name = f"MLP L={L} w={w}" if kind == "mlp" else f"GRU T={L} n={w}"
+    print(f"{name} B=1 fwd+bwd: rows {t['rows'] * 1e3:.2f} ms  graph {t['graph'] * 1e3:.2f} ms  graph/rows "
+          f"{t['graph'] / t['rows']:.2f}x  | max rel diff of the gradients {diff:.1e}  [load {l0:.1f}-{load():.1f}]",
+          flush=True)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     ap = argparse.ArgumentParser()
@@ -309,6 +340,7 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--gain1", action="store_true")
     ap.add_argument("--flush", action="store_true")
+    ap.add_argument("--train", action="store_true", help="rows: forward + backward, row loop vs one graph")
     a = ap.parse_args()
     print(f"$ python benchmarks/_fused_perf.py {' '.join(sys.argv[1:])}\nstart {time.strftime('%H:%M:%S')} "
           f"load {load():.2f}", flush=True)
