@@ -151,7 +151,7 @@ class CompiledForward:
         cache entry's error, reported as ``stats.forward.linearise_error``)."""
         p = self.problem
         found = backend.entry(self.user_step, ("rows",) + self.key + (U.device.type,))
-        if found is None or U.device.type != "cpu" or p.mode.name not in rowloop.MODES:
+        if found is None or U.device.type != "cpu" or not p.mode.linearised:
             return None
         if found.fn is None and found.error is None:
             t0 = time.perf_counter()

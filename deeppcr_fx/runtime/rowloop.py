@@ -36,9 +36,8 @@ from .cloop_views import Ref, Unsupported, contiguous_strides
 from .modes import Mode
 from .state import StateSpec
 
-__all__ = ["RowLoop", "RowCall", "AdjointRowCall", "compile_rows", "Unsupported", "MODES"]
+__all__ = ["RowLoop", "RowCall", "AdjointRowCall", "compile_rows", "Unsupported"]
 
-MODES = ("full", "diag")  # the linearised modes whose A the row loop forms
 # inductor compiles with -fno-tree-loop-vectorize; the row body's loops over (n, 3n) products vectorise without
 # changing a result (GCC keeps the order of floating-point sums): GRU n = 4, 213 -> 186 ns per row, bitwise equal.
 # (ATen's vectorised SLEEF exp/tanh per array instead of std:: per element was no faster on 2-4 lanes: GRU n = 2
@@ -128,8 +127,8 @@ def compile_rows(step: Callable, spec: StateSpec, mode: Mode, per_step: tuple, s
                  z: torch.Tensor) -> RowLoop:
     """Generate and compile the row loop for ``step`` in ``mode`` at these inputs' shapes and dtypes (``z``:
     a flat (B, n) state). Raises ``Unsupported`` where it cannot (the reason in the message)."""
-    if mode.name not in MODES:
-        raise Unsupported(f"mode {mode.name}")
+    if not mode.linearised:  # the modes that form matrices (full, diag): A is ``mode.structure`` of J
+        raise Unsupported(f"mode {mode.name} forms no matrices")
     if z.device.type != "cpu" or any(isinstance(t, torch.Tensor) and t.device.type != "cpu"
                                      for t in (*per_step, *shared)):
         raise Unsupported("not on CPU")
