@@ -9,6 +9,8 @@ alternating, fresh input per call, medians; one intra-op thread, float32.
     python benchmarks/_fused_perf.py record                            # the old per-iteration stats record's ops
     python benchmarks/_fused_perf.py scans --L 4096 16384 --w 2 4      # compiled solve: PCR, cyclic reduction,
         PCR across 16-row chunks (benchmarks/results/scans_cpu.txt)
+    python benchmarks/_fused_perf.py rows --L 4096 16384 --w 2 4 --T 10000 --n 2 4  # compiled solve: linearise
+        as rowloop.py's C++ row loop vs inside the inductor graph, and JAX Newton (benchmarks/results/rows_cpu.txt)
 """
 from __future__ import annotations
 
@@ -230,10 +232,107 @@ def scans(args):
                   f"  [load {l0:.1f}-{load():.1f}]", flush=True)
 
 
+def rows(args):
+    """Compiled forward solve (full) with the linearise as rowloop.py's C++ row loop ("rows") vs inside the one
+    inductor graph ("graph", fused_solve.ROW_LOOP off at build), and the jitted JAX Newton (_peers_jax.py's
+    "newton", as peers.py calls it): alternating rounds, fresh input per call, medians of ms per solve and per
+    iteration (each call's time / its own iteration count); results checked against each other first."""
+    import _peers_jax as pj
+    from _peers_torch import gru_step
+    cases = [("mlp", L, w) for L in args.L for w in args.w] + [("gru", T, n) for T in args.T for n in args.n]
+    for kind, L, w in cases:
+        prob = Problem(kind, L, w, 1)
+        weights, shared = prob.weights()
+        base = mlp_step if kind == "mlp" else gru_step
+
+        def ins(i):
+            return prob.inputs[i][0], weights + tuple(prob.inputs[i][1:])
+        fn, its, first = {}, {}, {}
+        for name in ("rows", "graph"):
+            step = (lambda *a: base(*a))  # its own cache entries per variant
+
+            def call(i, step=step, name=name):
+                x0, ps = ins(i)
+                with torch.no_grad():
+                    res = deeppcr.solve(step, x0, per_step=ps, shared=shared, jacobian="full", backend="inductor")
+                its[name].append(res.stats.forward.iterations)
+                return res
+            its[name] = []
+            fused_solve.ROW_LOOP = name == "rows"
+            t0 = time.perf_counter()
+            res = call(0)
+            first[name] = time.perf_counter() - t0
+            assert res.stats.forward.linearise_backend == ("rows" if name == "rows" else "inductor"), \
+                res.stats.forward.linearise_error
+            fn[name] = call
+        fused_solve.ROW_LOOP = True
+        if args.train:
+            train_rows(kind, L, w, base, ins, shared, args.rounds)
+            continue
+        sh_j = tuple(pj.to_jax(t) for t in shared)
+        jin = [(pj.to_jax(inp[0]), tuple(pj.to_jax(t) for t in ins(i)[1]), sh_j) for i, inp in enumerate(prob.inputs)]
+        exe = pj.compile_fn(pj.build(kind, "newton", False, max_iter=min(L, 64)), *jin[0])
+        its["jax"] = []
+
+        def jax_call(i):
+            out = pj.block(exe(*jin[i]))
+            its["jax"].append(int(out[1]))
+            return out
+        fn["jax"] = jax_call
+        a, b, j = fn["rows"](INPUTS - 1), fn["graph"](INPUTS - 1), fn["jax"](INPUTS - 1)
+        diff = float((a.states[-1] - b.states[-1]).abs().max())
+        diff_j = float((a.states[-1] - torch.from_numpy(np.array(j[0]))).abs().max())
+        for v in its.values():
+            v.clear()
+        times = {n: [] for n in fn}
+        l0 = load()
+        for r in range(args.rounds):
+            for n in (list(fn) if r % 2 == 0 else list(fn)[::-1]):
+                t0 = time.perf_counter()
+                fn[n](r % INPUTS)
+                times[n].append(time.perf_counter() - t0)
+        med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
+        per = {n: statistics.median(t * 1e3 / max(k, 1) for t, k in zip(times[n], its[n])) for n in fn}
+        name = f"MLP L={L} w={w}" if kind == "mlp" else f"GRU T={L} n={w}"
+        cells = "  ".join(f"{n} {med[n]:.2f} ms ({statistics.median(its[n]):g} it, {per[n]:.3f}/it)" for n in fn)
+        print(f"{name} B=1: {cells}  | per it: rows/jax {per['rows'] / per['jax']:.2f}x  graph/jax "
+              f"{per['graph'] / per['jax']:.2f}x  graph/rows {per['graph'] / per['rows']:.2f}x  | first s rows "
+              f"{first['rows']:.1f} graph {first['graph']:.1f}  | max|diff| rows-graph {diff:.1e} rows-jax "
+              f"{diff_j:.1e}  [load {l0:.1f}-{load():.1f}]", flush=True)
+
+
+def train_rows(kind, L, w, base, ins, shared, rounds):
+    """``rows --train``: forward + backward (full, the compiled adjoint) per call, the row loop for the Jacobians
+    of both vs the one-graph iteration and adjoint; the gradients checked against each other first."""
+    fn, out = {}, {}
+    for name in ("rows", "graph"):
+        step = (lambda *a: base(*a))
+
+        def call(i, step=step, name=name):
+            x0, ps = ins(i)
+            x0 = x0.clone().requires_grad_()
+            ps = tuple(p.clone().requires_grad_() for p in ps)
+            sh = tuple(t.clone().requires_grad_() for t in shared)
+            res = deeppcr.solve(step, x0, per_step=ps, shared=sh, jacobian="full", backend="inductor")
+            out[name] = torch.autograd.grad(res.states.sin().sum(), (x0, *ps, *sh))
+            assert res.stats.backward.linearise_backend == ("rows" if name == "rows" else "inductor")
+        fused_solve.ROW_LOOP = name == "rows"
+        call(0)
+        fn[name] = call
+    fused_solve.ROW_LOOP = True
+    diff = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(out["rows"], out["graph"]))
+    l0 = load()
+    t = timed(fn, rounds, list(fn))
+    name = f"MLP L={L} w={w}" if kind == "mlp" else f"GRU T={L} n={w}"
+    print(f"{name} B=1 fwd+bwd: rows {t['rows'] * 1e3:.2f} ms  graph {t['graph'] * 1e3:.2f} ms  graph/rows "
+          f"{t['graph'] / t['rows']:.2f}x  | max rel diff of the gradients {diff:.1e}  [load {l0:.1f}-{load():.1f}]",
+          flush=True)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["finish", "cloop", "flush", "record", "scans"])
+    ap.add_argument("what", choices=["finish", "cloop", "flush", "record", "scans", "rows"])
     ap.add_argument("--L", type=int, nargs="*", default=[4096])
     ap.add_argument("--w", type=int, nargs="+", default=[4])
     ap.add_argument("--T", type=int, nargs="*", default=[], help="cloop: GRU lengths")
@@ -241,8 +340,10 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--gain1", action="store_true")
     ap.add_argument("--flush", action="store_true")
+    ap.add_argument("--train", action="store_true", help="rows: forward + backward, row loop vs one graph")
     a = ap.parse_args()
     print(f"$ python benchmarks/_fused_perf.py {' '.join(sys.argv[1:])}\nstart {time.strftime('%H:%M:%S')} "
           f"load {load():.2f}", flush=True)
-    {"finish": finish, "cloop": finish_cloop, "flush": flush, "record": record, "scans": scans}[a.what](a)
+    {"finish": finish, "cloop": finish_cloop, "flush": flush, "record": record, "scans": scans,
+     "rows": rows}[a.what](a)
 

@@ -103,7 +103,8 @@ def test_non_finite_and_max_iter_finish_sequentially():
     eager = _solve(chain, "full", "eager", max_iter=2)
     assert capped.stats.forward.sequential_from == eager.stats.forward.sequential_from
     _close(capped.states, chain.sequential(), rtol=1e-9, atol=1e-9)
-    finishes = [e for (_, key), e in backend._CACHE[chain.step].items() if key[0] == "cloop"]
+    # the full mode's finish entry (other tests' modes on this chain may hold one never compiled: a short tail)
+    finishes = [e for (_, key), e in backend._CACHE[chain.step].items() if key[:3] == ("cloop", "newton", "full")]
     assert finishes and all(e.fn is not None for e in finishes)  # the finish ran as the generated C++ loop
     assert capped.stats.forward.finish_backend == "cloop"
     x0 = chain.x0.clone()
@@ -196,7 +197,8 @@ def test_compiled_functions_are_called_without_dynamo(monkeypatch):
     assert res.stats.backend == "inductor", res.stats.backend_error
     _close(res.states, fresh.sequential(), rtol=1e-9, atol=1e-9)
     entries = [e for (_, key), e in backend._CACHE[fresh.step].items() if key[0] == "newton"]
-    assert entries and all(isinstance(e.fn, backend.DirectCall) for e in entries)
+    # on CPU the iteration is rowloop's C++ row loop plus the compiled rest (a DirectCall too)
+    assert entries and all(isinstance(getattr(e.fn, "graph", e.fn), backend.DirectCall) for e in entries)
     assert dict(counters["frames"]) == frames  # TorchDynamo evaluated no frame
 
 

@@ -62,10 +62,12 @@ template <typename T> static inline T min_(T a, T b) { return a != a ? a : b != 
 
 
 class StepCodegen:
-    """``StepCodegen(gm, inputs).body``: the C++ statements of one step of ``gm``; ``inputs`` are the
-    placeholders' Refs (or Python values baked into the graph)."""
+    """``StepCodegen(gm, inputs, out).body``: the C++ statements of one step of ``gm``; ``inputs`` are the
+    placeholders' Refs (or Python values baked into the graph), ``out`` the Ref the output is written to (a
+    tuple of Refs for a graph with several outputs: ``rowloop``'s values and Jacobians)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, inputs: list, out: Ref) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, inputs: list, out) -> None:
+        outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)  # the graph's outputs, in order
         self.lines: list[str] = []
         self.count = self.bytes = 0
         env: dict = {}
@@ -76,12 +78,15 @@ class StepCodegen:
             if node.op == "call_function":
                 env[node] = self.node(node, env)
             elif node.op == "output":
-                result = node.args[0]
-                result = result[0] if isinstance(result, (tuple, list)) and len(result) == 1 else result
-                ref = env.get(result) if isinstance(result, torch.fx.Node) else None
-                if not isinstance(ref, Ref) or ref.shape != out.shape:
-                    raise Unsupported("the step's output is not one tensor of the state's shape")
-                self.pointwise(out, [ref], lambda x: x, out.dtype)
+                results = node.args[0]
+                results = tuple(results) if isinstance(results, (tuple, list)) else (results,)
+                if len(results) != len(outs):
+                    raise Unsupported(f"the graph has {len(results)} outputs, not {len(outs)}")
+                for result, o in zip(results, outs):
+                    ref = env.get(result) if isinstance(result, torch.fx.Node) else None
+                    if not isinstance(ref, Ref) or ref.shape != o.shape:
+                        raise Unsupported("the step's output is not one tensor of the state's shape")
+                    self.pointwise(o, [ref], lambda x: x, o.dtype)
             elif node.op != "placeholder":
                 raise Unsupported(f"graph node {node.op} {node.target}")
         self.body = "\n".join(self.lines)

@@ -61,7 +61,7 @@ def elements(ref: Ref) -> set:
 
 
 VIEWS = {"view", "_unsafe_view", "reshape", "permute", "t", "transpose", "unsqueeze", "squeeze", "expand", "slice",
-         "select", "split", "split_with_sizes", "unbind", "alias", "chunk", "rev", "flip"}
+         "select", "split", "split_with_sizes", "unbind", "alias", "chunk", "rev", "flip", "diagonal"}
 
 
 def view(base: str, target, args: list, kw: dict, copy: Callable[[Ref], Ref]):
@@ -134,6 +134,15 @@ def view(base: str, target, args: list, kw: dict, copy: Callable[[Ref], Ref]):
         dims = {dim_of(d, rank) for d in args[1]}
         offset = x.offset + sum((x.shape[d] - 1) * x.strides[d] for d in dims if x.shape[d] > 0)
         return x.view(x.shape, [-s if d in dims else s for d, s in enumerate(x.strides)], offset)
+    if base == "diagonal":  # offset 0 only: the diagonal mode's A (rowloop.py)
+        offset, d1, d2 = (list(args[1:]) + [0, 0, 1][len(args) - 1:])[:3]
+        offset, d1, d2 = kw.get("offset", offset), kw.get("dim1", d1), kw.get("dim2", d2)
+        d1, d2 = dim_of(d1, rank), dim_of(d2, rank)
+        if offset != 0 or d1 == d2:
+            raise Unsupported(f"{target} offset {offset}, dims {d1}, {d2}")
+        keep = [d for d in range(rank) if d not in (d1, d2)]
+        return x.view([x.shape[d] for d in keep] + [min(x.shape[d1], x.shape[d2])],
+                      [x.strides[d] for d in keep] + [x.strides[d1] + x.strides[d2]])
     raise Unsupported(f"view {target}")
 
 def reshape(x: Ref, shape: list, copy: Callable[[Ref], Ref]) -> Ref:

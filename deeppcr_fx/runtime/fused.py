@@ -85,9 +85,14 @@ class NewtonIteration:
         return vals, jacobians.jacobian_from_pullback(lambda c: pullback(c)[0], vals, self.mode)
 
     def __call__(self, U, x0, start, previous, status, count, *inputs):
-        L = U.shape[0]
         Zprev = torch.cat([x0.unsqueeze(0), U[:-1]])
         vals, A = self.linearise(Zprev, inputs)
+        return self.update(U, start, previous, status, count, vals, A)
+
+    def update(self, U, start, previous, status, count, vals, A):
+        """The iteration after the linearise: residual, window, scan, update (the steps ``vals`` at Zprev and
+        their Jacobians ``A`` given)."""
+        L = U.shape[0]
         residual = vals - U
         ratio = scaled_norm(residual, U, self.atol, self.rtol)
         rows = torch.arange(L, device=U.device)
@@ -111,6 +116,15 @@ class NewtonIteration:
                                  status).to(status.dtype)
         record = torch.stack([start.to(U.dtype), worst, status.to(U.dtype)])  # run_newton's per-iteration stats
         return U_out, start_out, previous_out, status_out, count + running.to(count.dtype), record
+
+
+class RowNewtonIteration(NewtonIteration):
+    """The iteration without its linearise: ``(U, start, previous, status, count, vals, A)``, the steps and
+    their Jacobians at Zprev computed before the call (on CPU by ``rowloop``'s generated C++ loop over the
+    rows, ``rowloop.RowCall``)."""
+
+    def __call__(self, U, start, previous, status, count, vals, A):
+        return self.update(U, start, previous, status, count, vals, A)
 
 
 def run_newton(call: Callable, U: torch.Tensor, x0: torch.Tensor, inputs: tuple, start: int, max_iter: int,
@@ -166,6 +180,12 @@ class FullAdjoint:
         self.wrt, self.mode, self.atol, self.rtol, self.chunk = wrt, mode, atol, rtol, chunk
 
     def __call__(self, Zprev, G, *inputs):
+        vals, state_pullback = vjp(lambda Z: self.f(Z, *inputs), Zprev)
+        J = jacobians.jacobian_from_pullback(lambda c: state_pullback(c)[0], vals, self.mode)
+        return self.solve(Zprev, G, J, inputs)
+
+    def solve(self, Zprev, G, J, inputs):
+        """The adjoint given the Jacobians ``J`` at Zprev: scan, refinement, the pullback's gradients, the check."""
         def g(Z, *diff):
             args = list(inputs)
             for i, t in zip(self.wrt, diff):
@@ -173,8 +193,6 @@ class FullAdjoint:
             return self.f(Z, *args)
 
         vals, pullback = vjp(g, Zprev, *(inputs[i] for i in self.wrt))
-        _, state_pullback = vjp(lambda Z: self.f(Z, *inputs), Zprev)
-        J = jacobians.jacobian_from_pullback(lambda c: state_pullback(c)[0], vals, self.mode)
         a = fused_scan.scan(J, G, self.mode, transpose=True, chunk=self.chunk)
         grads = pullback(a)
         # One step of iterative refinement: PCR's round-off in float32 grows with its log2 L rounds of
@@ -189,6 +207,14 @@ class FullAdjoint:
         scale = a[:-1].abs() + G[:-1].abs() + products[1:].abs()
         ok = (scaled_norm(a[:-1] - rhs, scale, self.atol, self.rtol) <= 1).all()
         return (ok, *grads)
+
+
+class RowFullAdjoint(FullAdjoint):
+    """``FullAdjoint`` with the Jacobians at Zprev as an input, ``(Zprev, G, J, *inputs)``: on CPU from
+    ``rowloop``'s C++ loop over the rows (``rowloop.AdjointRowCall``)."""
+
+    def __call__(self, Zprev, G, J, *inputs):
+        return self.solve(Zprev, G, J, inputs)
 
 
 # Steps per call of the compiled sequential finish: L / K calls of one compiled function that runs K

@@ -12,10 +12,15 @@ from typing import Callable, Optional
 import torch
 
 from ..results import FinishCause
-from . import backend, cloop
-from .fused import (CONVERGED, NON_FINITE, FullAdjoint, NewtonIteration, SequentialChunk,
-                    finish_args, finish_chunk, run_finish, run_newton)
+from . import backend, cloop, rowloop
+from .fused import (CONVERGED, NON_FINITE, FullAdjoint, NewtonIteration, RowFullAdjoint, RowNewtonIteration,
+                    SequentialChunk, finish_args, finish_chunk, run_finish, run_newton)
 from .newton import _finish
+
+
+# Whether the compiled forward's linearise runs as ``rowloop``'s C++ loop where it can (CPU, full or diag
+# mode, a step the generator translates); False: always the one inductor graph (benchmarks compare both).
+ROW_LOOP = True
 
 
 class CompiledForward:
@@ -64,12 +69,20 @@ class CompiledForward:
         U, status, first = run_newton(self.entry.fn, U, x0_flat, inputs, start, cfg.iteration_cap(p.stats.length),
                                       cfg.checks_every(device), p.stats.forward, cfg.record_stats, p.on_iteration)
         p.stats.forward.jacobian, p.stats.forward.backend = p.mode.name, "inductor"
+        self._record_linearise(device)
         if status == CONVERGED:
             p.stats.forward.converged = True
         else:
             _finish(lambda lo, U: self._finish(lo, U, x0_flat, finish, cuda_graphs), first, U, p.stats.forward,
                     FinishCause.NON_FINITE if status == NON_FINITE else FinishCause.MAX_ITER)
         return U
+
+    def _record_linearise(self, device: torch.device) -> None:
+        f = self.problem.stats.forward
+        f.linearise_backend = getattr(self.entry.fn, "linearise_backend", "inductor")
+        if f.linearise_backend != "rows":
+            found = backend.entry(self.user_step, ("rows",) + self.key + (device.type,))
+            f.linearise_error = found.error if found is not None else None
 
     def _finish(self, start: int, U: torch.Tensor, x0_flat: torch.Tensor, eager: Callable, cuda_graphs: bool) -> None:
         """The sequential finish: on CPU one call of a generated C++ loop (``cloop``), else (or where the
@@ -119,10 +132,36 @@ class CompiledForward:
         return True
 
     def _build(self, x0_flat, U, state, inputs, cuda_graphs):
+        """Compile the iteration: on CPU, where ``rowloop`` translates the step (``ROW_LOOP``), its C++ row loop
+        plus the compiled rest (``rowloop.RowCall``), else the one graph with the vmap'd linearise."""
         p = self.problem
-        it = NewtonIteration(p.steps.step, p.spec, len(p.steps.per_step), len(p.steps.shared), p.mode,
-                             p.atol, p.rtol, self.chunk)
-        return backend.build(self.entry, it, (U, x0_flat, *state, *inputs), cuda_graphs)
+        rows = self._rows(x0_flat, U) if ROW_LOOP else None
+        cls = RowNewtonIteration if rows is not None else NewtonIteration
+        it = cls(p.steps.step, p.spec, len(p.steps.per_step), len(p.steps.shared), p.mode, p.atol, p.rtol, self.chunk)
+        if rows is None:
+            return backend.build(self.entry, it, (U, x0_flat, *state, *inputs), cuda_graphs)
+        call = rowloop.RowCall(rows, None, len(p.steps.per_step))
+        out = backend.build(self.entry, it, (U, *state, *call.linearise(U, x0_flat, inputs)), cuda_graphs)
+        if out is not None:
+            call.graph, self.entry.fn = self.entry.fn, call
+        return out
+
+    def _rows(self, x0_flat, U) -> Optional[rowloop.RowLoop]:
+        """The compiled row loop for this signature, or None where it cannot be (why: in the ("rows", ...)
+        cache entry's error, reported as ``stats.forward.linearise_error``)."""
+        p = self.problem
+        found = backend.entry(self.user_step, ("rows",) + self.key + (U.device.type,))
+        if found is None or U.device.type != "cpu" or not p.mode.linearised:
+            return None
+        if found.fn is None and found.error is None:
+            t0 = time.perf_counter()
+            try:
+                found.fn = rowloop.compile_rows(p.steps.step, p.spec, p.mode, p.steps.per_step, p.steps.shared,
+                                                x0_flat)
+                found.compile_s = time.perf_counter() - t0
+            except Exception as exc:  # noqa: BLE001 - any failure to translate or compile: the one-graph iteration
+                found.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"
+        return found.fn
 
     def record_eager(self, seconds: float) -> None:
         if self.entry is not None:
@@ -150,16 +189,32 @@ class CompiledAdjoint:
             return None
         args = (Zprev, G, *steps.inputs)
         if self.entry.fn is None:
-            fn = FullAdjoint(steps.step, p.spec, len(steps.per_step), len(steps.shared), tuple(wrt), p.mode,
-                             p.adjoint_atol, p.adjoint_rtol, self.forward.chunk)
-            out = backend.build(self.entry, fn, args, cfg.cuda_graphs and device.type == "cuda")
+            out = self._build(steps, Zprev, args, wrt, cfg.cuda_graphs and device.type == "cuda")
         else:
             out = self.entry.fn(*args)
         if out is None or not bool(out[0]):  # not compiled, or samples coupled: the eager adjoint iterates
             return None
         b = p.stats.backward
         b.iterations, b.converged, b.jacobian, b.backend = 1, True, p.mode.name, "inductor"
+        b.linearise_backend = getattr(self.entry.fn, "linearise_backend", "inductor")
         return tuple(out[1:])
+
+    def _build(self, steps, Zprev, args, wrt, cuda_graphs):
+        """Compile the adjoint: on CPU with the forward's row loop for its Jacobians where there is one
+        (``rowloop.AdjointRowCall``), else the one graph."""
+        p = self.problem
+        rows = self.forward._rows(Zprev[0], Zprev) if ROW_LOOP else None
+        cls = RowFullAdjoint if rows is not None else FullAdjoint
+        fn = cls(steps.step, p.spec, len(steps.per_step), len(steps.shared), tuple(wrt), p.mode,
+                 p.adjoint_atol, p.adjoint_rtol, self.forward.chunk)
+        if rows is None:
+            return backend.build(self.entry, fn, args, cuda_graphs)
+        call = rowloop.AdjointRowCall(rows, None, len(steps.per_step))
+        out = backend.build(self.entry, fn, (Zprev, args[1], call.jacobians(Zprev, args[2:]), *args[2:]),
+                            cuda_graphs)
+        if out is not None:
+            call.graph, self.entry.fn = self.entry.fn, call
+        return out
 
     def record_eager(self, seconds: float) -> None:
         if self.entry is not None:

@@ -25,6 +25,10 @@ class PassStats:
     # "inductor" (compiled chunks of steps) or "eager"; why the C++ loop was not used, if it was not
     finish_backend: Optional[str] = None
     finish_error: Optional[str] = None
+    # how the compiled backend's forward iteration formed the steps and Jacobians: "rows" (one generated C++
+    # loop over the rows, runtime/rowloop.py) or "inductor" (inside the iteration's graph); why not "rows"
+    linearise_backend: Optional[str] = None
+    linearise_error: Optional[str] = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
