@@ -27,7 +27,7 @@ from .cloop_codegen import CTYPE, HELPERS, StepCodegen
 from .cloop_views import Ref, Unsupported, contiguous_strides
 from .state import StateSpec
 
-__all__ = ["SequentialLoop", "compile_loop", "Unsupported"]
+__all__ = ["SequentialLoop", "compile_loop", "check_inputs", "loop_inputs", "load", "Unsupported"]
 
 
 class SequentialLoop:
@@ -48,12 +48,7 @@ class SequentialLoop:
 def compile_loop(step: Callable, spec: StateSpec, per_step: tuple, shared: tuple, z: torch.Tensor) -> SequentialLoop:
     """Generate and compile the loop for ``step`` at these inputs' shapes and dtypes (``z``: a flat (B, n)
     state). Raises ``Unsupported`` for a step outside the generator's op set."""
-    if z.device.type != "cpu" or any(isinstance(t, torch.Tensor) and t.device.type != "cpu"
-                                     for t in (*per_step, *shared)):
-        raise Unsupported("not on CPU")
-    dtypes = {z.dtype, *(t.dtype for t in (*per_step, *shared) if isinstance(t, torch.Tensor))}
-    if not dtypes <= {torch.float32, torch.float64}:
-        raise Unsupported(f"input dtypes {sorted(map(str, dtypes))}")
+    check_inputs(z, per_step, shared)
     ct = CTYPE[z.dtype]
 
     def one(z, *args):
@@ -65,20 +60,10 @@ def compile_loop(step: Callable, spec: StateSpec, per_step: tuple, shared: tuple
         gm = backend.trace(one, (z.detach(), *rows, *consts))
 
     # the placeholders' Refs: the state z, per-step rows a_i (at row k), shared tensors s_i
-    inputs = [Ref("z", z.dtype, tuple(z.shape), contiguous_strides(z.shape), writable=False)]
-    params, prologue = [f"const {ct}* z0", f"{ct}* out", "int64_t lo", "int64_t hi"], []
-    for i, p in enumerate(per_step):
-        t = CTYPE[p.dtype]
-        params.append(f"const {t}* in{i}")
-        prologue.append(f"const {t}* a{i} = in{i} + k * {p[0].numel()};")
-        inputs.append(Ref(f"a{i}", p.dtype, tuple(p.shape[1:]), contiguous_strides(p.shape[1:]), writable=False))
-    shared_tensors = tuple(i for i, s in enumerate(shared) if isinstance(s, torch.Tensor))
-    for i, s in enumerate(shared):
-        if isinstance(s, torch.Tensor):
-            params.append(f"const {CTYPE[s.dtype]}* s{i}")
-            inputs.append(Ref(f"s{i}", s.dtype, tuple(s.shape), contiguous_strides(s.shape), writable=False))
-        else:
-            inputs.append(s)
+    state = Ref("z", z.dtype, tuple(z.shape), contiguous_strides(z.shape), writable=False)
+    params, prologue, refs, shared_tensors = loop_inputs(per_step, shared)
+    params = [f"const {ct}* z0", f"{ct}* out", "int64_t lo", "int64_t hi", *params]
+    inputs = [state, *refs]
     out = Ref("o", z.dtype, tuple(z.shape), contiguous_strides(z.shape))
     body = StepCodegen(gm, inputs, out).body
 
@@ -91,8 +76,44 @@ def compile_loop(step: Callable, spec: StateSpec, per_step: tuple, shared: tuple
         f"{ct}* o = out + k * {z.numel()};",
         body,
         "z = o;", "}", "}", ""])
+    return SequentialLoop(load(params, source), source, shared_tensors)
+
+
+def check_inputs(z: torch.Tensor, per_step: tuple, shared: tuple) -> None:
+    """``Unsupported`` unless the state and every tensor input are float32/float64 on CPU."""
+    if z.device.type != "cpu" or any(isinstance(t, torch.Tensor) and t.device.type != "cpu"
+                                     for t in (*per_step, *shared)):
+        raise Unsupported("not on CPU")
+    dtypes = {z.dtype, *(t.dtype for t in (*per_step, *shared) if isinstance(t, torch.Tensor))}
+    if not dtypes <= {torch.float32, torch.float64}:
+        raise Unsupported(f"input dtypes {sorted(map(str, dtypes))}")
+
+
+def loop_inputs(per_step: tuple, shared: tuple) -> tuple:
+    """``(params, prologue, refs, shared_tensors)`` of a loop over rows k: a C parameter per per-step tensor
+    (``in_i``, its row k read as ``a_i``) and per shared tensor (``s_i``), the prologue lines that point
+    ``a_i`` at row k, the generator's Refs for them (a non-tensor shared value stays a Python value), and the
+    indices of the shared values that are tensors (passed to the kernel)."""
+    params, prologue, refs = [], [], []
+    for i, p in enumerate(per_step):
+        t = CTYPE[p.dtype]
+        params.append(f"const {t}* in{i}")
+        prologue.append(f"const {t}* a{i} = in{i} + k * {p[0].numel()};")
+        refs.append(Ref(f"a{i}", p.dtype, tuple(p.shape[1:]), contiguous_strides(p.shape[1:]), writable=False))
+    shared_tensors = tuple(i for i, s in enumerate(shared) if isinstance(s, torch.Tensor))
+    for i, s in enumerate(shared):
+        if isinstance(s, torch.Tensor):
+            params.append(f"const {CTYPE[s.dtype]}* s{i}")
+            refs.append(Ref(f"s{i}", s.dtype, tuple(s.shape), contiguous_strides(s.shape), writable=False))
+        else:
+            refs.append(s)
+    return params, prologue, refs, shared_tensors
+
+
+def load(params: list, source: str) -> Callable:
+    """Compile ``source``'s ``kernel(params...)`` with inductor's C++ toolchain (cached on disk by source hash)
+    and return it, called with tensors and ints as inductor calls its kernels."""
     from torch._inductor.codecache import CppPythonBindingsCodeCache
 
     argtypes = [p.rsplit(" ", 1)[0] for p in params]
-    kernel = CppPythonBindingsCodeCache.load_pybinding(argtypes, source, needs_vec_isa=False)
-    return SequentialLoop(kernel, source, shared_tensors)
+    return CppPythonBindingsCodeCache.load_pybinding(argtypes, source, needs_vec_isa=False)

@@ -31,6 +31,7 @@ import torch
 from torch.func import vjp, vmap
 
 from . import backend
+from .cloop import check_inputs, load, loop_inputs
 from .cloop_codegen import CTYPE, HELPERS, StepCodegen
 from .cloop_views import Ref, Unsupported, contiguous_strides
 from .modes import Mode
@@ -129,12 +130,9 @@ def compile_rows(step: Callable, spec: StateSpec, mode: Mode, per_step: tuple, s
     a flat (B, n) state). Raises ``Unsupported`` where it cannot (the reason in the message)."""
     if not mode.linearised:  # the modes that form matrices (full, diag): A is ``mode.structure`` of J
         raise Unsupported(f"mode {mode.name} forms no matrices")
-    if z.device.type != "cpu" or any(isinstance(t, torch.Tensor) and t.device.type != "cpu"
-                                     for t in (*per_step, *shared)):
-        raise Unsupported("not on CPU")
-    dtypes = {z.dtype, *(t.dtype for t in (*per_step, *shared) if isinstance(t, torch.Tensor))}
-    if not dtypes <= {torch.float32, torch.float64} or z.dim() != 2:
-        raise Unsupported(f"input dtypes {sorted(map(str, dtypes))}, state of rank {z.dim()}")
+    check_inputs(z, per_step, shared)
+    if z.dim() != 2:
+        raise Unsupported(f"state of rank {z.dim()}")
     ct = CTYPE[z.dtype]
     B, n = z.shape
     eye = torch.eye(n, dtype=z.dtype)
@@ -150,20 +148,10 @@ def compile_rows(step: Callable, spec: StateSpec, mode: Mode, per_step: tuple, s
         a_numel *= d
     inputs = [Ref("z", z.dtype, (B, n), contiguous_strides((B, n)), writable=False),
               Ref("e", z.dtype, (n, n), contiguous_strides((n, n)), writable=False)]
-    params = [f"const {ct}* x0", f"const {ct}* U", f"{ct}* vals", f"{ct}* jac", "int64_t L", f"const {ct}* e"]
-    prologue = []
-    for i, p in enumerate(per_step):
-        t = CTYPE[p.dtype]
-        params.append(f"const {t}* in{i}")
-        prologue.append(f"const {t}* a{i} = in{i} + k * {p[0].numel()};")
-        inputs.append(Ref(f"a{i}", p.dtype, tuple(p.shape[1:]), contiguous_strides(p.shape[1:]), writable=False))
-    shared_tensors = tuple(i for i, s in enumerate(shared) if isinstance(s, torch.Tensor))
-    for i, s in enumerate(shared):
-        if isinstance(s, torch.Tensor):
-            params.append(f"const {CTYPE[s.dtype]}* s{i}")
-            inputs.append(Ref(f"s{i}", s.dtype, tuple(s.shape), contiguous_strides(s.shape), writable=False))
-        else:
-            inputs.append(s)
+    step_params, prologue, refs, shared_tensors = loop_inputs(per_step, shared)
+    params = [f"const {ct}* x0", f"const {ct}* U", f"{ct}* vals", f"{ct}* jac", "int64_t L", f"const {ct}* e",
+              *step_params]
+    inputs += refs
     outs = (Ref("ov", z.dtype, (B, n), contiguous_strides((B, n))),
             Ref("oa", z.dtype, a_shape, contiguous_strides(a_shape)))
     body = StepCodegen(gm, inputs, outs).body
@@ -178,8 +166,4 @@ def compile_rows(step: Callable, spec: StateSpec, mode: Mode, per_step: tuple, s
         f"{ct}* oa = jac + k * {a_numel};",
         body,
         "}", "}", ""])
-    from torch._inductor.codecache import CppPythonBindingsCodeCache
-
-    argtypes = [p.rsplit(" ", 1)[0] for p in params]
-    kernel = CppPythonBindingsCodeCache.load_pybinding(argtypes, source, needs_vec_isa=False)
-    return RowLoop(kernel, source, shared_tensors, eye, a_shape)
+    return RowLoop(load(params, source), source, shared_tensors, eye, a_shape)
