@@ -119,6 +119,8 @@ def test_the_compiled_adjoint_takes_its_jacobians_from_the_row_loop(problem, mon
     want = torch.autograd.grad(torch.stack(states).sin().sum(), (x0, *ps, *sh))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-8)
+    if problem != "gru":  # the one-graph adjoint's compile costs ~14 s on an empty cache: compared once
+        return
     monkeypatch.setattr(fused_solve, "ROW_LOOP", False)
     old, old_got = grads(lambda *a: chain.step(*a))
     assert old.stats.backward.linearise_backend == "inductor"
