@@ -44,11 +44,7 @@ def step_functions(steps: Steps, Zprev: torch.Tensor, wrt: Sequence[int]) -> tup
     f = steps.batched_with_params(0, Zprev.shape[0])
     inputs = list(steps.inputs)
 
-    def g(Z, *diff):
-        args = list(inputs)
-        for i, t in zip(wrt, diff):
-            args[i] = t
-        return f(Z, *args)
+    g = with_replaced(f, inputs, wrt)
 
     state_vjp = None
 
@@ -145,3 +141,14 @@ def _iterate(steps: Steps, state_pullback, Zprev, G, mode, atol, rtol, max_iter,
     U = torch.zeros_like(G_rev) if initial is None else initial.flip(0).clone()
     triangular_newton(evaluate, finish, U, mode, atol, rtol, max_iter, stats, record=True)
     return U.flip(0)
+
+
+def with_replaced(f, inputs, wrt):
+    """``g(Z, *diff)``: ``f(Z, *inputs)`` with the inputs at positions ``wrt`` replaced by ``diff`` (what the
+    parameter pullback differentiates)."""
+    def g(Z, *diff):
+        args = list(inputs)
+        for i, t in zip(wrt, diff):
+            args[i] = t
+        return f(Z, *args)
+    return g

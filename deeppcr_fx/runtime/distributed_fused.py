@@ -44,7 +44,7 @@ import torch
 from ..results import FinishCause
 from . import backend, fused_scan
 from .distributed_comm import Comm, DistributedSolveError
-from .distributed_newton import _FAILED, _NON_FINITE, _SETUP, _finish, read_decision, record_iteration
+from .distributed_newton import _FAILED, _NON_FINITE, _SETUP, _finish, done, read_decision, record_iteration
 from .distributed_scan import Packing, fold
 from .distributed_setup import _hash
 from .distributed_products import rank_chunk
@@ -357,10 +357,7 @@ class CompiledRank:
                 return _finish(comm, order, offsets, finish, U, g, stats, FinishCause.NON_FINITE, "forward")
             g_new, worst = decision
             converged, remainder = record_iteration(stats, record, g, worst, previous, mode)
-            if converged and not remainder:
-                if on_iteration is not None:
-                    on_iteration(stats.iterations, total, worst)
-                stats.converged = True
+            if done(stats, converged, remainder, on_iteration, total, worst):
                 return U
             w1 = min(max(g_new - lo, 0), m)
             x_in, new_last = fold(packing, rows, order, offsets, g_new, decided=False)

@@ -27,6 +27,7 @@ import torch
 from torch.func import vjp
 
 from . import backend, fused_scan, jacobians
+from .adjoint import with_replaced
 from .distributed_adjoint import _residual_ok_everywhere
 from .distributed_products import propagate, rank_chunk, scan_products
 from .fused import batched_step
@@ -66,13 +67,7 @@ class AdjointApply:
             a_rev, inputs = d + propagate(P, Q, x_in, self.mode, d.shape[0]), args[k:]
         a = a_rev.flip(0)
 
-        def g(Z, *diff):
-            values = list(inputs)
-            for i, t in zip(self.wrt, diff):
-                values[i] = t
-            return self.f(Z, *values)
-
-        _, pullback = vjp(g, Zprev, *(inputs[i] for i in self.wrt))
+        _, pullback = vjp(with_replaced(self.f, inputs, self.wrt), Zprev, *(inputs[i] for i in self.wrt))
         return (a, *pullback(a))
 
 

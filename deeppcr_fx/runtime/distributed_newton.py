@@ -133,10 +133,7 @@ def distributed_newton(comm: Comm, order: list, offsets: list, evaluate: Callabl
             return _finish(comm, order, offsets, finish, U, g, stats, FinishCause.NON_FINITE, what)
         g_new, worst = decision
         converged, remainder = record_iteration(stats, record, g, worst, previous, mode)
-        if converged and not remainder:
-            if on_iteration is not None:
-                on_iteration(stats.iterations, total, worst)
-            stats.converged = True
+        if done(stats, converged, remainder, on_iteration, total, worst):
             return U
         # update the window g_new.. (g_new < total: some row has ratio > COHERENT)
         w1 = min(max(g_new - lo, 0), m)
@@ -204,6 +201,18 @@ def record_iteration(stats: PassStats, record: bool, g: int, worst: float, previ
     converged = worst <= COHERENT or (mode.exact and worst <= 1)
     remainder = converged and worst > COHERENT and previous > 1 / COHERENT and stats.iterations > 1
     return converged, remainder
+
+
+def done(stats: PassStats, converged: bool, remainder: bool, on_iteration: Optional[Callable], total: int,
+         worst: float) -> bool:
+    """Whether the solve ends here (converged, no remainder update due): then the last progress report is
+    made and the stats marked converged."""
+    if not converged or remainder:
+        return False
+    if on_iteration is not None:
+        on_iteration(stats.iterations, total, worst)
+    stats.converged = True
+    return True
 
 
 def _maps(packing: Packing, buf: torch.Tensor, pos: int, P: int, jac: Callable, residual: torch.Tensor, w0: int,

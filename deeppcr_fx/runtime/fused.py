@@ -32,6 +32,7 @@ from torch.func import vjp, vmap
 
 from . import fused_scan, jacobians
 from .modes import Mode
+from .adjoint import with_replaced
 from .newton import COHERENT, scaled_norm
 from .state import StateSpec
 from .stats import PassStats
@@ -186,16 +187,11 @@ class FullAdjoint:
 
     def solve(self, Zprev, G, J, inputs):
         """The adjoint given the Jacobians ``J`` at Zprev: scan, refinement, the pullback's gradients, the check."""
-        def g(Z, *diff):
-            args = list(inputs)
-            for i, t in zip(self.wrt, diff):
-                args[i] = t
-            return self.f(Z, *args)
-
+        g = with_replaced(self.f, inputs, self.wrt)
         vals, pullback = vjp(g, Zprev, *(inputs[i] for i in self.wrt))
         a = fused_scan.scan(J, G, self.mode, transpose=True, chunk=self.chunk)
         grads = pullback(a)
-        # One step of iterative refinement: PCR's round-off in float32 grows with its log2 L rounds of
+        # One step of iterative refinement: the scan's round-off in float32 grows with its log2 L levels of
         # matrix products (L = 256: 5x the tolerance), the exact products J_k^T a_k of the pullback give
         # the defect of the adjoint equations, and the same scan solves for its correction.
         products = grads[0]
