@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from . import vecmath
 from .cloop_views import VIEWS, Ref, Unsupported, contiguous_strides, dim_of, elements, view
 
 aten, prims = torch.ops.aten, torch.ops.prims
@@ -66,10 +67,14 @@ class StepCodegen:
     placeholders' Refs (or Python values baked into the graph), ``out`` the Ref the output is written to (a
     tuple of Refs for a graph with several outputs: ``rowloop``'s values and Jacobians)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, inputs: list, out) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, inputs: list, out, vector_math: bool = False) -> None:
         outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)  # the graph's outputs, in order
         self.lines: list[str] = []
         self.count = self.bytes = 0
+        # vector_math (``rowloop``'s blocks of rows): no local arrays are declared, each is listed in ``temps``
+        # as (name, C type, numel) for the caller to place; a float32 exp/tanh/sigmoid becomes a copy of its
+        # input into its output array and a ``vecmath.mark`` line, applied by the caller to a block's rows.
+        self.vector_math, self.temps = vector_math, []
         env: dict = {}
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         for node, value in zip(placeholders, inputs):
@@ -101,7 +106,10 @@ class StepCodegen:
             raise Unsupported(f"the step's intermediates exceed {MAX_STEP_BYTES} bytes")
         name = f"t{self.count}"
         self.count += 1
-        self.lines.append(f"{CTYPE[dtype]} {name}[{max(numel, 1)}];")
+        if self.vector_math:
+            self.temps.append((name, CTYPE[dtype], max(numel, 1)))
+        else:
+            self.lines.append(f"{CTYPE[dtype]} {name}[{max(numel, 1)}];")
         return Ref(name, dtype, tuple(shape), contiguous_strides(shape))
 
     def copy(self, x: Ref) -> Ref:
@@ -163,6 +171,10 @@ class StepCodegen:
             raise Unsupported(f"{target} with dtype {dtype}")
         out = (lambda: x) if inplace else (lambda: self.alloc(val.shape, dtype))
         if base in UNARY and len(args) == 1 and set(kw) <= {"memory_format"}:
+            if self.vector_math and base in vecmath.VECTOR_UNARY and dtype in vecmath.VECTOR_DTYPES and not inplace:
+                o = self.pointwise(out(), [x], lambda v: v, dtype)
+                self.lines.append(vecmath.mark(vecmath.VECTOR_UNARY[base], o.buf, math.prod(o.shape)))
+                return o
             return self.pointwise(out(), [x], UNARY[base], dtype)
         if base in BINARY or base in ("add", "sub", "rsub"):
             if len(args) != 2 or set(kw) - {"alpha"} or target._overloadname not in ("Tensor", "Scalar", "default"):
