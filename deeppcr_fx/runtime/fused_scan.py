@@ -24,6 +24,7 @@ from typing import Optional, Union
 
 import torch
 
+from . import cscan
 from .modes import Mode, mode_of
 from .scan import reversed_system, rounds
 
@@ -90,7 +91,7 @@ def chunked_with_products(A: torch.Tensor, r: torch.Tensor, mode: Mode, chunk: i
 def scan(A: Optional[torch.Tensor], r: torch.Tensor, mode: Union[Mode, str], transpose: bool = False,
          chunk: int = 0) -> torch.Tensor:
     """``scan.affine_scan`` for tracing, for a ``modes.Mode`` or its name; ``chunk`` > 1 uses the chunked
-    scan, else plain PCR."""
+    scan, else cyclic reduction (on CPU as ``cscan``'s C++ kernel, one node of the traced graph)."""
     mode = mode_of(mode)
     if not mode.linearised:
         return mode.closed_scan(r, transpose, copy=False)
@@ -99,4 +100,6 @@ def scan(A: Optional[torch.Tensor], r: torch.Tensor, mode: Union[Mode, str], tra
         return scan(A, r, mode, False, chunk).flip(0)
     if 1 < chunk < r.shape[0]:
         return chunked(A, r, mode, chunk)
+    if cscan.ENABLED and cscan.supported(A, r, mode):
+        return cscan.cyclic_reduction(A, r, mode)
     return cyclic_reduction(A, r, mode)

@@ -58,6 +58,10 @@ class Mode:
         """The mode's A from dense Jacobians (..., n, n) (linearised modes only)."""
         raise InvalidInput(f"Jacobian mode {self.name!r} forms no matrices")
 
+    def c_products(self, n: int) -> Optional[dict]:
+        """C++ of the mode's products for ``cscan`` (linearised modes), None where there is none."""
+        return None
+
     def closed_scan(self, r: torch.Tensor, transpose: bool = False, copy: bool = True) -> torch.Tensor:
         """The recurrence's solution where the mode holds no matrices (``scan.affine_scan``'s module docstring);
         ``transpose``: the adjoint recurrence; ``copy=False`` may return ``r`` itself (traced code)."""
@@ -154,6 +158,15 @@ class Full(_Linearised):
     def fused_apply(self, A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return (A * v.unsqueeze(-2)).sum(-1)
 
+    def c_products(self, n: int) -> dict:
+        """``cscan``'s C++ for one sample's blocks (N = n): ``y = r + a x`` and ``c = ao ae``."""
+        return dict(a_numel=n * n,
+                    apply="T acc[N] = {}; for (int q = 0; q < N; ++q) for (int p = 0; p < N; ++p) "
+                          "acc[p] += a[p * N + q] * x[q]; for (int p = 0; p < N; ++p) y[p] = r[p] + acc[p];",
+                    compose="for (int p = 0; p < N; ++p) { T acc[N] = {}; for (int k = 0; k < N; ++k) "
+                            "for (int q = 0; q < N; ++q) acc[q] += ao[p * N + k] * ae[k * N + q]; "
+                            "for (int q = 0; q < N; ++q) c[p * N + q] = acc[q]; }")
+
     def fused_compose(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return (A.unsqueeze(-1) * B.unsqueeze(-3)).sum(-2)
 
@@ -203,6 +216,10 @@ class Diag(_Linearised):
 
     def fused_compose(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return A * B
+
+    def c_products(self, n: int) -> dict:
+        return dict(a_numel=n, apply="for (int p = 0; p < N; ++p) y[p] = r[p] + a[p] * x[p];",
+                    compose="for (int p = 0; p < N; ++p) c[p] = ao[p] * ae[p];")
 
     def _scan_products(self, N, SB, JB, R, K) -> dict:
         return dict(bytes=12 * SB) if K is not None else dict(bytes=7 * R * SB)
