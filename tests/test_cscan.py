@@ -60,3 +60,13 @@ def test_the_traced_scan_is_one_node_on_cpu(mode, expected, monkeypatch):
     assert ("deeppcr.cyclic_reduction.default" in targets(fn)) == expected
     monkeypatch.setattr(cscan, "ENABLED", False)
     assert "deeppcr.cyclic_reduction.default" not in targets(fn)
+
+
+def test_wide_states_keep_the_whole_tensor_form():
+    """Above MAX_WIDTH the C++ loops were slower than inductor's (cscan's comment): the traced scan keeps its form."""
+    for n, expected in ((cscan.MAX_WIDTH, True), (cscan.MAX_WIDTH + 2, False)):
+        A, r = _system("full", 9, 1, n, torch.float32, seed=n)
+        assert cscan.supported(A, r, mode_of("full")) == expected
+        gm = backend.trace(lambda A, r: fused_scan.scan(A, r, "full"), (A, r))
+        found = any(str(node.target) == "deeppcr.cyclic_reduction.default" for node in gm.graph.nodes)
+        assert found == expected

@@ -26,18 +26,22 @@ from .cloop_codegen import CTYPE
 from .modes import Mode, mode_of
 
 # False: the whole-tensor ``fused_scan.cyclic_reduction`` inside inductor's graph (benchmarks compare both).
-# L = 16384, n = 4, alone: 0.40 vs 0.83 ms; n = 2: 0.18 vs 0.37 ms (one thread).
+# L = 16384 alone, one thread, full mode: n = 2 0.18 vs 0.37 ms, n = 4 0.40 vs 0.83, n = 6 1.4 vs 2.5; but
+# n = 8 10.1 vs 3.3 ms and n = 16 103 vs 18 ms (these loops over (n, n) blocks run at ~1 GFLOP/s there;
+# n = 12 was 7.2 vs 13.3), so only states of up to MAX_WIDTH elements per sample take it.
 ENABLED = True
+MAX_WIDTH = 6
 
 _KERNELS: dict = {}
 _LOCK = threading.Lock()
 
 
 def supported(A: torch.Tensor, r: torch.Tensor, mode: Mode) -> bool:
-    """Whether ``cyclic_reduction`` runs these (CPU, float32/64, a mode with C++ products, (L, B, n) rows)."""
+    """Whether ``cyclic_reduction`` runs these (CPU, float32/64, a mode with C++ products, (L, B, n) rows with
+    n <= MAX_WIDTH)."""
     return (r.device.type == "cpu" and A.device.type == "cpu" and r.dtype in (torch.float32, torch.float64)
-            and A.dtype == r.dtype and r.dim() == 3 and mode.c_products(r.shape[-1]) is not None
-            and r.shape[0] > 1)
+            and A.dtype == r.dtype and r.dim() == 3 and r.shape[-1] <= MAX_WIDTH
+            and mode.c_products(r.shape[-1]) is not None and r.shape[0] > 1)
 
 
 def cyclic_reduction(A: torch.Tensor, r: torch.Tensor, mode: Mode) -> torch.Tensor:
