@@ -13,7 +13,8 @@ Row 0's A is never read on any level (its products only reach row 0 of the halve
 never read either). The function is an operator of our own (``deeppcr::cyclic_reduction``, a CPU and a Meta
 kernel), so ``make_fx`` keeps it as one node and inductor calls it between its own kernels;
 one kernel per (dtype, n, mode), compiled by inductor's ``CppPythonBindingsCodeCache`` (cached on disk).
-CPU only: ``fused_scan.scan`` keeps the whole-tensor form on other devices and for other modes.
+CPU only: ``fused_scan.scan`` keeps the whole-tensor form on other devices, for other modes and for states
+wider than ``MAX_WIDTH`` (where these loops were slower).
 """
 from __future__ import annotations
 
