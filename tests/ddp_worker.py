@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import deeppcr_fx as deeppcr  # noqa: E402
+from distributed_helpers import leave_process  # noqa: E402
 
 
 def _mlp() -> nn.Sequential:
@@ -49,3 +50,4 @@ def run(rank: int, world: int, store: str, out: str) -> None:
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    leave_process()  # the results are on disk: no interpreter teardown (distributed_helpers.leave_process)

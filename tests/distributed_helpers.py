@@ -326,6 +326,16 @@ def _worker(rank: int, nprocs: int, init: str, out_dir: str, entry: str, args: t
         dist.destroy_process_group()
     except Exception:  # a peer died on purpose (the fault cases)
         pass
+    leave_process()
+
+
+def leave_process() -> None:
+    """End a worker whose results are on disk without the interpreter's teardown: gloo's threads can still be
+    joinable when C++ statics are destroyed, which aborts (SIGABRT, "terminate called without an active
+    exception") after a run that passed (CI, 2026-12-02, under torchrun; pytorch/pytorch#179291)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn_group(entry: str, nprocs: int, tmp_path, *args, timeout_s: float = 30.0) -> list:
@@ -451,12 +461,7 @@ if __name__ == "__main__":  # python -m torch.distributed.run --nproc-per-node 2
     torch.save(run_cases(rank, dist.get_world_size(), CASES_TORCHRUN), os.path.join(sys.argv[1], f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
-    # Skip the interpreter's teardown: gloo's worker threads can still be joinable when C++ statics are
-    # destroyed, which aborts ("terminate called without an active exception", SIGABRT) after a run
-    # that succeeded (CI, 2026-12-02; pytorch/pytorch#179291 describes the same teardown race).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_process()
 
 
 def run_compiled_cases(rank: int, nprocs: int, cases: list) -> dict:
