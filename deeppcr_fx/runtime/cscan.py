@@ -98,12 +98,13 @@ static inline void apply_(T* y, const T* r, const T* a, const T* x) {{ {products
 static inline void compose_(T* c, const T* ao, const T* ae) {{ {products['compose']} }}
 extern "C" void kernel(const T* A, const T* r, T* out, T* work_a, T* work_r, int64_t L, int64_t B) {{
   const int64_t sa = B * AN, sr = B * N;  // one row of A, of r
-  const T* As[{levels}]; const T* rs[{levels}]; T* zs[{levels}]; int64_t ms[{levels}];
+  // level j: its A, its rows (level 0: the input r; the others in work_r, solved there in place), its length
+  const T* As[{levels}]; T* zs[{levels}]; int64_t ms[{levels}];
   int depth = 0;
-  As[0] = A; rs[0] = r; ms[0] = L;
+  As[0] = A; zs[0] = out; ms[0] = L;
   T* wa = work_a; T* wr = work_r;
   while (ms[depth] > 1) {{  // down: pair each odd row with the even row before it
-    const T* Aj = As[depth]; const T* rj = rs[depth];
+    const T* Aj = As[depth]; const T* rj = depth == 0 ? r : zs[depth];
     const int64_t half = ms[depth] / 2;
     for (int64_t i = 0; i < half; ++i) {{
       for (int64_t b = 0; b < B; ++b) {{
@@ -112,15 +113,13 @@ extern "C" void kernel(const T* A, const T* r, T* out, T* work_a, T* work_r, int
         if (half > 1) compose_(wa + i * sa + b * AN, ao, Aj + 2 * i * sa + b * AN);
       }}
     }}
-    zs[depth + 1] = wr;
-    As[depth + 1] = wa; rs[depth + 1] = wr; ms[depth + 1] = half;
+    As[depth + 1] = wa; zs[depth + 1] = wr; ms[depth + 1] = half;
     wa += half * sa; wr += half * sr;
     ++depth;
   }}
-  zs[0] = out;
   if (depth == 0) {{ for (int64_t e = 0; e < sr; ++e) out[e] = r[e]; return; }}
   for (int j = depth - 1; j >= 0; --j) {{  // up: the odd rows from the level below, then the even rows
-    const T* Aj = As[j]; const T* rj = rs[j]; const T* zn = zs[j + 1]; T* z = zs[j];
+    const T* Aj = As[j]; const T* rj = j == 0 ? r : zs[j]; const T* zn = zs[j + 1]; T* z = zs[j];
     const int64_t m = ms[j], half = m / 2;
     for (int64_t i = 0; i < half; ++i)  // on levels >= 1, z is r itself (in place); row 0 is final there
       for (int64_t e = 0; e < sr; ++e) z[(2 * i + 1) * sr + e] = zn[i * sr + e];
